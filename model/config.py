@@ -1,0 +1,186 @@
+"""Model configuration and the presets `tiny`, `small` and `k25`.
+
+Every size of the network lives here, in typed dataclasses validated in one
+place (`ModelConfig.validate`). The presets are the only named sizes; a job
+config picks one with `--model.preset` and may override single fields.
+
+`k25` carries the published Kimi K2 / K2.5 sizes. It is only ever counted
+(`model.param_count`), never instantiated on CPU.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message says what to change."""
+
+
+@dataclass
+class VisionConfig:
+    """MoonViT-3D encoder (SigLIP-style ViT with NaViT packing) and its projector."""
+
+    patch_size: int = 14
+    in_channels: int = 3
+    hidden: int = 128
+    layers: int = 2
+    heads: int = 4
+    mlp_hidden: int = 512
+    # learnable 2D position embedding grid, interpolated (bicubic) to each image's grid
+    pos_emb_height: int = 16
+    pos_emb_width: int = 16
+    max_frames: int = 4  # frames per spatiotemporal chunk
+    merge_kernel: int = 2  # 2x2 spatial patch merger
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+
+    @property
+    def patch_dim(self) -> int:
+        return self.in_channels * self.patch_size * self.patch_size
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+
+@dataclass
+class LMConfig:
+    """Kimi K2 / DeepSeek-V3 style MoE language model with MLA attention."""
+
+    vocab_size: int = 2048
+    hidden: int = 256
+    layers: int = 4
+    heads: int = 4
+    # MLA
+    q_lora_rank: int = 96
+    kv_lora_rank: int = 64
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16
+    v_head_dim: int = 32
+    rope_theta: float = 50000.0
+    # YaRN (0 disables): context extension factor over `yarn_original_max_position`
+    yarn_factor: float = 0.0
+    yarn_original_max_position: int = 4096
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    yarn_mscale: float = 1.0
+    yarn_mscale_all_dim: float = 1.0
+    # FFN / MoE
+    first_k_dense: int = 1
+    dense_hidden: int = 768
+    num_experts: int = 16
+    top_k: int = 4
+    num_shared_experts: int = 1
+    expert_hidden: int = 128
+    routed_scaling_factor: float = 2.5
+    bias_update_rate: float = 1e-3  # aux-loss-free balancing: bias step per update
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.layers - self.first_k_dense
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"
+    lm: LMConfig = field(default_factory=LMConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    # token id of the media placeholder in the LM vocabulary
+    media_token_id: int = 1
+
+    def validate(self) -> None:
+        """Refuse sizes that cannot build, each with what to change."""
+        lm, v = self.lm, self.vision
+        positive = {
+            "model.lm.vocab_size": lm.vocab_size, "model.lm.hidden": lm.hidden,
+            "model.lm.layers": lm.layers, "model.lm.heads": lm.heads,
+            "model.lm.q_lora_rank": lm.q_lora_rank, "model.lm.kv_lora_rank": lm.kv_lora_rank,
+            "model.lm.qk_nope_head_dim": lm.qk_nope_head_dim,
+            "model.lm.qk_rope_head_dim": lm.qk_rope_head_dim, "model.lm.v_head_dim": lm.v_head_dim,
+            "model.lm.dense_hidden": lm.dense_hidden, "model.lm.expert_hidden": lm.expert_hidden,
+            "model.lm.top_k": lm.top_k, "model.vision.hidden": v.hidden,
+            "model.vision.layers": v.layers, "model.vision.heads": v.heads,
+            "model.vision.mlp_hidden": v.mlp_hidden, "model.vision.patch_size": v.patch_size,
+        }
+        for key, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"{key} must be positive, got {value}")
+        if lm.qk_rope_head_dim % 2:
+            raise ConfigError(
+                f"model.lm.qk_rope_head_dim={lm.qk_rope_head_dim} must be even (RoPE rotates pairs)")
+        if not 0 <= lm.first_k_dense <= lm.layers:
+            raise ConfigError(
+                f"model.lm.first_k_dense={lm.first_k_dense} must lie in [0, model.lm.layers={lm.layers}]")
+        if lm.num_moe_layers > 0 and lm.num_experts < lm.top_k:
+            raise ConfigError(
+                f"model.lm.num_experts={lm.num_experts} is smaller than model.lm.top_k={lm.top_k}: "
+                "raise num_experts or lower top_k")
+        if lm.num_shared_experts < 0:
+            raise ConfigError("model.lm.num_shared_experts must be >= 0")
+        if not 0 <= self.media_token_id < lm.vocab_size:
+            raise ConfigError(
+                f"model.media_token_id={self.media_token_id} must be a token id below "
+                f"model.lm.vocab_size={lm.vocab_size}")
+        if v.hidden % v.heads:
+            raise ConfigError(
+                f"model.vision.hidden={v.hidden} is not divisible by model.vision.heads={v.heads}")
+        if v.head_dim % 4:
+            raise ConfigError(
+                f"model.vision head dim {v.head_dim} (hidden/heads) must be divisible by 4 "
+                "for 2D RoPE (half for rows, half for columns, in pairs)")
+        if v.hidden % 2:
+            raise ConfigError("model.vision.hidden must be even (sinusoidal time embedding)")
+        if not 1 <= v.max_frames <= 4:
+            raise ConfigError(f"model.vision.max_frames={v.max_frames} must be in 1..4")
+        if v.merge_kernel != 2:
+            raise ConfigError("model.vision.merge_kernel must be 2 (the 2x2 patch merger)")
+
+
+def _tiny() -> ModelConfig:
+    return ModelConfig(preset="tiny", lm=LMConfig(), vision=VisionConfig())
+
+
+def _small() -> ModelConfig:
+    """A few hundred million parameters: for GPU benchmarks."""
+    lm = LMConfig(
+        vocab_size=32768, hidden=1024, layers=12, heads=16, q_lora_rank=384, kv_lora_rank=256,
+        qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, first_k_dense=1,
+        dense_hidden=4096, num_experts=32, top_k=4, num_shared_experts=1, expert_hidden=512,
+    )
+    vision = VisionConfig(hidden=512, layers=6, heads=8, mlp_hidden=2048,
+                          pos_emb_height=32, pos_emb_width=32)
+    return ModelConfig(preset="small", lm=lm, vision=vision)
+
+
+def _k25() -> ModelConfig:
+    """Published Kimi K2 LM sizes and the MoonViT (SigLIP-SO-400M) encoder."""
+    lm = LMConfig(
+        vocab_size=163840, hidden=7168, layers=61, heads=64, q_lora_rank=1536, kv_lora_rank=512,
+        qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, first_k_dense=1,
+        dense_hidden=18432, num_experts=384, top_k=8, num_shared_experts=1, expert_hidden=2048,
+        routed_scaling_factor=2.827, yarn_factor=32.0, yarn_original_max_position=4096,
+        yarn_beta_fast=1.0, yarn_beta_slow=1.0,
+    )
+    vision = VisionConfig(hidden=1152, layers=27, heads=16, mlp_hidden=4304,
+                          pos_emb_height=64, pos_emb_width=64)
+    return ModelConfig(preset="k25", lm=lm, vision=vision, media_token_id=163605)
+
+
+PRESETS = {"tiny": _tiny, "small": _small, "k25": _k25}
+
+
+def preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"model.preset={name!r} is unknown; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]()
+
+
+def replace(cfg: ModelConfig, **changes) -> ModelConfig:
+    return dataclasses.replace(cfg, **changes)

@@ -1,0 +1,26 @@
+"""Package metadata.
+
+Install the CPU build of torch first (``pip install torch==2.13.0``): the
+dependency below is a range that 2.13.0 satisfies, so pip installs nothing more.
+On a GPU machine install the CUDA build of torch first, then ``pip install -e '.[gpu]'``.
+"""
+from setuptools import setup
+
+setup(
+    name="k25train",
+    version="0.1.0",
+    description="Pretraining system for Kimi K2.5-style vision-language MoE models",
+    python_requires=">=3.11",
+    packages=["model", "parallel", "dataloader", "trainer", "launch"],
+    install_requires=[
+        "torch>=2.6,<=2.14.1",
+        "numpy",
+        "megatron-core==0.16.1",
+    ],
+    extras_require={
+        "s3": ["boto3"],
+        "gpu": ["transformer-engine[pytorch]"],
+        "test": ["pytest", "pytest-timeout"],
+    },
+    entry_points={"console_scripts": ["k25-train=launch.train:main"]},
+)

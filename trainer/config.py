@@ -1,0 +1,252 @@
+"""Job configuration: TOML file + command-line overrides, validated in one place.
+
+    torchrun ... -m launch.train --config configs/tiny.toml --train.steps 20 --parallel.pp 2
+
+Every leaf of `JobConfig` is addressable as `--section.key value` (nested
+sections too: `--model.lm.layers 8`). Unknown keys and values of the wrong type
+are refused with a message naming the key. `JobConfig.validate` is the one
+place where combinations are checked, before anything large is allocated.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from model.config import ConfigError, ModelConfig, preset
+
+
+@dataclass
+class JobSection:
+    run_dir: str = "runs/demo"
+    log_every: int = 1  # console line every N steps (metrics.jsonl gets every step)
+
+
+@dataclass
+class TrainSection:
+    steps: int = 30
+    seed: int = 0
+    global_batch: int = 8  # sequences per optimizer step, over all data-parallel replicas
+    micro_batch: int = 1  # sequences per microbatch
+
+
+@dataclass
+class OptimSection:
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 5
+    decay_steps: int = 0  # cosine decay length after warm-up; 0 means until train.steps
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+
+
+@dataclass
+class DataSection:
+    uri: str = "synthetic"  # "synthetic" (built-in generator) or a dataset path / s3:// URI
+    seq_len: int = 128
+    # synthetic generator only: media per sequence and the largest image side in patches
+    media_per_seq: int = 1
+    max_image_patches_side: int = 8
+
+
+@dataclass
+class ParallelSection:
+    pp: int = 1
+    vpp: int = 1
+    ep: int = 1
+    dp: int = 1
+    encoder: str = "colocated"  # "colocated" (vision encoder on pipeline stage 0) or "dep"
+
+
+@dataclass
+class CheckpointSection:
+    interval: int = 0  # steps between checkpoints; 0 disables
+    keep: int = 2
+
+
+@dataclass
+class JobConfig:
+    job: JobSection = field(default_factory=JobSection)
+    model: ModelConfig = field(default_factory=lambda: preset("tiny"))
+    train: TrainSection = field(default_factory=TrainSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    data: DataSection = field(default_factory=DataSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    resume: str = "none"  # "none", "auto" or a checkpoint path
+
+    @property
+    def microbatches_per_replica(self) -> int:
+        return self.train.global_batch // (self.parallel.dp * self.train.micro_batch)
+
+    def validate(self, world_size: int | None = None) -> None:
+        """Refuse every combination that cannot run, naming what to change."""
+        self.model.validate()
+        t, p, o, d = self.train, self.parallel, self.optim, self.data
+        for key, value in {"train.steps": t.steps, "train.global_batch": t.global_batch,
+                           "train.micro_batch": t.micro_batch, "data.seq_len": d.seq_len,
+                           "parallel.pp": p.pp, "parallel.vpp": p.vpp, "parallel.ep": p.ep,
+                           "parallel.dp": p.dp, "job.log_every": self.job.log_every}.items():
+            if value <= 0:
+                raise ConfigError(f"{key} must be positive, got {value}")
+        if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
+            raise ConfigError(f"need 0 <= optim.min_lr <= optim.lr and optim.lr > 0 "
+                              f"(got lr={o.lr}, min_lr={o.min_lr})")
+        if o.warmup_steps < 0 or o.decay_steps < 0 or o.grad_clip < 0 or o.weight_decay < 0:
+            raise ConfigError("optim.warmup_steps, optim.decay_steps, optim.grad_clip and "
+                              "optim.weight_decay must be >= 0")
+        if t.global_batch % (p.dp * t.micro_batch):
+            raise ConfigError(
+                f"train.global_batch={t.global_batch} must be divisible by parallel.dp x "
+                f"train.micro_batch = {p.dp} x {t.micro_batch}")
+        if p.encoder not in ("colocated", "dep"):
+            raise ConfigError(f"parallel.encoder={p.encoder!r}: choose 'dep' or 'colocated'")
+        if p.encoder == "dep":
+            raise ConfigError("parallel.encoder='dep' (Decoupled Encoder Process) is not "
+                              "implemented yet; use --parallel.encoder colocated")
+        if d.uri != "synthetic":
+            raise ConfigError(f"data.uri={d.uri!r}: only the built-in 'synthetic' generator "
+                              "exists until the streaming data loader lands")
+        if d.media_per_seq < 0 or d.max_image_patches_side < 2:
+            raise ConfigError("data.media_per_seq must be >= 0 and "
+                              "data.max_image_patches_side >= 2")
+        if self.checkpoint.interval != 0:
+            raise ConfigError("checkpoint.interval: checkpoints are not implemented yet; "
+                              "leave it at 0")
+        if self.resume != "none":
+            raise ConfigError(f"resume={self.resume!r}: resuming is not implemented yet; "
+                              "use --resume none")
+        if self.model.preset == "k25":
+            raise ConfigError("model.preset='k25' is the full 1T-parameter model: it is only "
+                              "counted (python -m launch.plan --model k25), not trained here")
+        if p.pp * p.vpp > 1 or p.ep > 1 or p.dp > 1:
+            raise ConfigError(
+                "parallel.pp/vpp/ep/dp > 1: backbone parallelism is not implemented yet; "
+                "leave them at 1")
+        if world_size is not None and world_size != p.pp * p.dp:
+            raise ConfigError(
+                f"the job has {world_size} ranks but parallel.pp x parallel.dp = "
+                f"{p.pp} x {p.dp} = {p.pp * p.dp}: launch that many ranks or change pp/dp")
+
+
+# ---------------------------------------------------------------- loading
+
+def _is_section(value) -> bool:
+    return dataclasses.is_dataclass(value) and not isinstance(value, type)
+
+
+def _coerce(key: str, raw, kind):
+    """Turn a TOML or command-line value into the field's type, or refuse."""
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return raw.lower() in ("true", "1", "yes")
+    elif kind is int:
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str):
+            try:
+                return int(raw)
+            except ValueError:
+                pass
+    elif kind is float:
+        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            return float(raw)
+        if isinstance(raw, str):
+            try:
+                return float(raw)
+            except ValueError:
+                pass
+    elif kind is str:
+        if isinstance(raw, str):
+            return raw
+    raise ConfigError(f"{key}: expected {kind.__name__}, got {raw!r}")
+
+
+def _set(cfg, dotted: str, raw) -> None:
+    *path, leaf = dotted.split(".")
+    node = cfg
+    for i, part in enumerate(path):
+        child = getattr(node, part, None) if part in _field_names(node) else None
+        if not _is_section(child):
+            raise ConfigError(f"unknown config key {dotted!r} (no section "
+                              f"{'.'.join(path[:i + 1])!r})")
+        node = child
+    if leaf not in _field_names(node) or _is_section(getattr(node, leaf)):
+        known = ", ".join(sorted(n for n in _field_names(node)
+                                 if not _is_section(getattr(node, n))))
+        raise ConfigError(f"unknown config key {dotted!r}; keys here: {known}")
+    kind = typing.get_type_hints(type(node))[leaf]
+    setattr(node, leaf, _coerce(dotted, raw, kind))
+
+
+def _field_names(node) -> set[str]:
+    return {f.name for f in dataclasses.fields(node)}
+
+
+def _flatten(table: dict, prefix: str = "") -> list[tuple[str, object]]:
+    items = []
+    for key, value in table.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            items.extend(_flatten(value, dotted + "."))
+        else:
+            items.append((dotted, value))
+    return items
+
+
+def parse_overrides(argv: list[str]) -> tuple[str | None, list[tuple[str, str]]]:
+    """Split `--config PATH --a.b value --c=value` into the path and the overrides."""
+    config_path, overrides, i = None, [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}: options look like --section.key value")
+        key, has_value, value = arg[2:].partition("=")
+        if not has_value:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"{arg} needs a value")
+            value = argv[i + 1]
+            i += 1
+        i += 1
+        if key == "config":
+            config_path = value
+        else:
+            overrides.append((key, value))
+    return config_path, overrides
+
+
+def load_config(argv: list[str]) -> JobConfig:
+    """Build the job config from `--config FILE` and overrides; validated by the caller."""
+    config_path, overrides = parse_overrides(argv)
+    table: dict = {}
+    if config_path is not None:
+        path = Path(config_path)
+        if not path.is_file():
+            raise ConfigError(f"--config {config_path}: no such file")
+        with path.open("rb") as f:
+            try:
+                table = tomllib.load(f)
+            except tomllib.TOMLDecodeError as e:
+                raise ConfigError(f"--config {config_path}: not valid TOML: {e}") from None
+    items = _flatten(table) + overrides
+    # the preset decides the defaults of every other model field, so it goes first
+    preset_name = "tiny"
+    for key, value in items:
+        if key == "model.preset":
+            preset_name = _coerce(key, value, str)
+    cfg = JobConfig(model=preset(preset_name))
+    for key, value in items:
+        if key != "model.preset":
+            _set(cfg, key, value)
+    return cfg
+
+
+def to_dict(cfg: JobConfig) -> dict:
+    return dataclasses.asdict(cfg)
