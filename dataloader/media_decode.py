@@ -1,0 +1,79 @@
+"""Decoding of native-format media bytes (JPEG/PNG/... with Pillow, MP4/WebM with PyAV).
+
+Errors surface as `BadMedia` so the loader's bad-data policy can name the object key.
+Video frames are sampled evenly (the same indices on every run) up to a cap.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+
+class BadMedia(ValueError):
+    pass
+
+
+def probe_image(data: bytes) -> tuple[int, int]:
+    """(width, height), decoding the whole image so that truncation is caught at write time."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            return im.size
+    except Exception as e:  # Pillow raises many types for bad bytes
+        raise BadMedia(f"undecodable image: {e}") from e
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """[1, H, W, 3] float32 in [0, 1]."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            rgb = np.asarray(im.convert("RGB"), dtype=np.float32)
+    except Exception as e:
+        raise BadMedia(f"undecodable image: {e}") from e
+    return (rgb / 255.0)[None]
+
+
+def sample_frame_indices(num_frames: int, max_frames: int) -> list[int]:
+    if num_frames <= max_frames:
+        return list(range(num_frames))
+    return [int((i + 0.5) * num_frames / max_frames) for i in range(max_frames)]
+
+
+def _video_frames(data: bytes) -> list[np.ndarray]:
+    import av
+
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    except Exception as e:
+        raise BadMedia(f"undecodable video: {e}") from e
+
+
+def probe_video(data: bytes) -> tuple[int, int, int]:
+    """(width, height, frames)."""
+    frames = _video_frames(data)
+    if not frames:
+        raise BadMedia("video has no frames")
+    h, w, _ = frames[0].shape
+    return w, h, len(frames)
+
+
+def decode_video(data: bytes, max_frames: int) -> np.ndarray:
+    """[T, H, W, 3] float32 in [0, 1] with T = min(frames, max_frames)."""
+    frames = _video_frames(data)
+    if not frames:
+        raise BadMedia("video has no frames")
+    picked = [frames[i] for i in sample_frame_indices(len(frames), max_frames)]
+    return np.stack(picked).astype(np.float32) / 255.0
+
+
+def video_chunks(num_frames: int, max_frames: int, chunk: int = 4) -> list[int]:
+    """Frame counts of the spatiotemporal chunks of a video (each 1..4 frames)."""
+    t = min(num_frames, max_frames)
+    return [min(chunk, t - s) for s in range(0, t, chunk)]
