@@ -1,0 +1,31 @@
+"""Entry point: `torchrun --nproc-per-node N -m launch.train --config configs/tiny.toml [--a.b v ...]`."""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+from model.config import ConfigError
+from trainer.config import load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        cfg = load_config(argv)
+        cfg.validate(world_size=world_size)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    from trainer.train import train
+    train(cfg, rank=rank)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

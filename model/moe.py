@@ -1,0 +1,79 @@
+"""Mixture of Experts with a sigmoid router and auxiliary-loss-free balancing (DeepSeek-V3, Kimi K2).
+
+    scores  = sigmoid(x W_r^T)                         (fp32)
+    chosen  = top_k(scores + bias)                     (bias: no gradient, only steers choice)
+    weights = scores[chosen] / sum(scores[chosen]) * routed_scaling_factor
+    y       = shared_expert(x) + sum_k weights_k * expert_{chosen_k}(x)
+
+After each optimizer step the trainer hands the layer the number of tokens each
+expert received over the whole global batch, and the bias moves by a fixed
+step toward under-used experts (`update_bias`). Experts are kept in a dict
+keyed by their *global* id, so a rank that holds only some of them (expert
+parallelism) names them exactly as the single-process model does.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from model.config import LMConfig
+from model.dispatcher import Dispatcher, LocalDispatcher
+from model.ffn import SwiGLU
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        self.top_k = cfg.top_k
+        self.scaling = cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden))
+        # balancing bias: a buffer (saved in checkpoints, never trained by the optimizer)
+        self.register_buffer("bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
+
+    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores_TE = torch.sigmoid(x_TD.float() @ self.weight.float().t())
+        topk_idx_TK = torch.topk(scores_TE.detach() + self.bias, self.top_k, dim=-1).indices
+        weights_TK = scores_TE.gather(1, topk_idx_TK)
+        weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True) * self.scaling
+        return topk_idx_TK, weights_TK
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: LMConfig, local_experts: range | None = None):
+        super().__init__()
+        self.num_experts = cfg.num_experts
+        self.local_experts = range(cfg.num_experts) if local_experts is None else local_experts
+        self.bias_update_rate = cfg.bias_update_rate
+        self.router = Router(cfg)
+        self.experts = nn.ModuleDict(
+            {str(e): SwiGLU(cfg.hidden, cfg.expert_hidden) for e in self.local_experts})
+        self.shared = (SwiGLU(cfg.hidden, cfg.expert_hidden * cfg.num_shared_experts)
+                       if cfg.num_shared_experts else None)
+        self.dispatcher: Dispatcher = LocalDispatcher(cfg.num_experts)
+        # tokens routed to each expert since the last bias update (not a parameter or buffer:
+        # it is per-step bookkeeping, summed over ranks by the trainer before `update_bias`)
+        self.expert_load = torch.zeros(cfg.num_experts, dtype=torch.float64)
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        B, S, D = x_BSD.shape
+        x_TD = x_BSD.reshape(B * S, D)
+        topk_idx_TK, weights_TK = self.router(x_TD)
+        self.expert_load += torch.bincount(topk_idx_TK.reshape(-1),
+                                           minlength=self.num_experts).to(torch.float64)
+        expert_in_ND, rows_per_expert, context = self.dispatcher.dispatch(x_TD, topk_idx_TK)
+        outputs = [self.experts[str(e)](chunk) for e, chunk in
+                   zip(self.local_experts, expert_in_ND.split(rows_per_expert))]
+        expert_out_ND = torch.cat(outputs) if outputs else expert_in_ND
+        out_TKD = self.dispatcher.combine(expert_out_ND, context)
+        y_TD = (out_TKD * weights_TK.unsqueeze(-1).to(out_TKD.dtype)).sum(dim=1)
+        if self.shared is not None:
+            y_TD = y_TD + self.shared(x_TD)
+        return y_TD.view(B, S, D)
+
+    @torch.no_grad()
+    def update_bias(self, load_E: torch.Tensor) -> None:
+        """Move the bias of over-loaded experts down and of under-loaded ones up."""
+        load_E = load_E.to(self.router.bias.device, torch.float64)
+        self.router.bias += (self.bias_update_rate
+                             * torch.sign(load_E.mean() - load_E)).to(self.router.bias.dtype)
+        self.expert_load.zero_()

@@ -1,0 +1,37 @@
+"""Parameter counts: formulas equal the built modules; k25 matches the published sizes."""
+import pytest
+import torch
+
+from launch.plan import main as plan_main
+from model.config import preset
+from model.lm import LanguageModelChunk
+from model.param_count import count
+from model.vision_language import VisionEncoder
+
+
+@pytest.mark.parametrize("name", ["tiny", "small"])
+def test_formulas_equal_instantiated_modules(name):
+    cfg = preset(name)
+    with torch.device("meta"):
+        lm, vision = LanguageModelChunk(cfg.lm), VisionEncoder(cfg)
+    c = count(cfg)
+    assert c.lm_total == sum(p.numel() for p in lm.parameters())
+    assert c.vision_total == sum(p.numel() for p in vision.parameters())
+    # active = total minus the unchosen routed experts and the embedding table
+    experts_per_layer = sum(p.numel() for p in lm.layers[str(cfg.lm.layers - 1)].ffn.experts.parameters())
+    unchosen = cfg.lm.num_moe_layers * experts_per_layer * (cfg.lm.num_experts - cfg.lm.top_k) // cfg.lm.num_experts
+    assert c.lm_active == c.lm_total - unchosen - lm.embed.weight.numel()
+
+
+def test_k25_matches_published_totals(capsys):
+    c = count(preset("k25"))
+    assert abs(c.lm_total / 1.04e12 - 1) < 0.02  # Kimi K2: 1.04T total
+    assert abs(c.lm_active / 32e9 - 1) < 0.02  # 32B activated
+    assert 0.4e9 < c.vision_total < 0.5e9  # MoonViT (SigLIP-SO-400M) + projector
+    assert plan_main(["--model", "k25"]) == 0
+    out = capsys.readouterr().out
+    assert "1.026T" in out and "31.687B" in out
+
+
+def test_tiny_is_about_ten_million():
+    assert 5e6 < count(preset("tiny")).total < 15e6

@@ -1,0 +1,189 @@
+"""Language model: packing exactness, MLA against a naive reference, router and balancing."""
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from model.config import LMConfig, preset
+from model.dispatcher import LocalDispatcher
+from model.init import initialize
+from model.lm import LanguageModelChunk
+from model.mla import MLA, packed_causal_mask
+from model.moe import MoE, Router
+
+torch.set_num_threads(1)
+
+
+def tiny_lm(**changes) -> LMConfig:
+    return dataclasses.replace(preset("tiny").lm, **changes)
+
+
+def built(module, seed=0):
+    initialize(module, seed)
+    return module
+
+
+def test_packed_documents_equal_each_alone():
+    cfg = tiny_lm()
+    lm = built(LanguageModelChunk(cfg))
+    gen = torch.Generator().manual_seed(1)
+    lengths = [7, 12, 5]
+    docs = [torch.randint(4, cfg.vocab_size, (n,), generator=gen) for n in lengths]
+    tokens = torch.cat(docs + [torch.zeros(4, dtype=torch.long)]).unsqueeze(0)  # + padding
+    positions = torch.cat([torch.arange(n) for n in lengths] + [torch.zeros(4, dtype=torch.long)])
+    doc_ids = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)]
+                        + [torch.full((4,), -1)])
+    packed = lm(tokens, positions.unsqueeze(0), doc_ids.unsqueeze(0))[0]
+    assert torch.isfinite(packed).all()
+    start = 0
+    for doc in docs:
+        n = len(doc)
+        alone = lm(doc.unsqueeze(0), torch.arange(n).unsqueeze(0),
+                   torch.zeros(1, n, dtype=torch.long))[0]
+        torch.testing.assert_close(packed[start:start + n], alone, atol=2e-5, rtol=1e-5)
+        start += n
+    # the check has teeth: without the document mask, later documents see earlier ones
+    unmasked = lm(tokens, positions.unsqueeze(0), torch.zeros_like(doc_ids).unsqueeze(0))[0]
+    assert (unmasked[lengths[0]:sum(lengths)] - packed[lengths[0]:sum(lengths)]).abs().max() > 1e-3
+
+
+def test_packed_causal_mask_shape_and_rules():
+    doc = torch.tensor([[0, 0, 1, 1, -1]])
+    m = packed_causal_mask(doc)[0, 0]
+    assert m.tolist() == [
+        [True, False, False, False, False],
+        [True, True, False, False, False],
+        [False, False, True, False, False],
+        [False, False, True, True, False],
+        [False, False, False, False, True]]
+
+
+def _rms(v, weight, eps):
+    return v / torch.sqrt(v.pow(2).mean() + eps) * weight
+
+
+def reference_mla(mla: MLA, x_BSD, position_ids_BS, doc_ids_BS):
+    """The MLA equations written out token by token and head by head, from the weights only."""
+    cfg = mla.cfg
+    B, S, _ = x_BSD.shape
+    H, nope, rope, vdim = cfg.heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+
+    def rotate(vec, pos):
+        half = rope // 2
+        out = vec.clone()
+        for i in range(half):
+            angle = pos * mla.rotary.inv_freq[i].item()
+            c = math.cos(angle) * mla.rotary.cos_sin_scale
+            s = math.sin(angle) * mla.rotary.cos_sin_scale
+            a, b = vec[i], vec[i + half]
+            out[i], out[i + half] = a * c - b * s, b * c + a * s
+        return out
+
+    out = torch.zeros(B, S, cfg.hidden)
+    for b in range(B):
+        qs, ks, vs = [], [], []
+        for s in range(S):
+            x, pos = x_BSD[b, s], int(position_ids_BS[b, s])
+            q = mla.q_up.weight @ _rms(mla.q_down.weight @ x, mla.q_norm.weight, cfg.norm_eps)
+            kv = mla.kv_down.weight @ x
+            c_kv, k_r = kv[:cfg.kv_lora_rank], rotate(kv[cfg.kv_lora_rank:], pos)
+            kv_up = mla.kv_up.weight @ _rms(c_kv, mla.kv_norm.weight, cfg.norm_eps)
+            q_h, k_h, v_h = [], [], []
+            for h in range(H):
+                qh = q[h * (nope + rope):(h + 1) * (nope + rope)]
+                q_h.append(torch.cat([qh[:nope], rotate(qh[nope:], pos)]))
+                kvh = kv_up[h * (nope + vdim):(h + 1) * (nope + vdim)]
+                k_h.append(torch.cat([kvh[:nope], k_r]))
+                v_h.append(kvh[nope:])
+            qs.append(q_h), ks.append(k_h), vs.append(v_h)
+        for s in range(S):
+            allowed = [j for j in range(s + 1) if doc_ids_BS[b, j] == doc_ids_BS[b, s]]
+            heads = []
+            for h in range(H):
+                scores = torch.stack([qs[s][h] @ ks[j][h] for j in allowed]) * mla.softmax_scale
+                weights = torch.softmax(scores, dim=0)
+                heads.append(sum(w * vs[j][h] for w, j in zip(weights, allowed)))
+            out[b, s] = mla.o_proj.weight @ torch.cat(heads)
+    return out
+
+
+@pytest.mark.parametrize("yarn_factor", [0.0, 8.0])
+def test_mla_matches_reference(yarn_factor):
+    cfg = tiny_lm(hidden=32, heads=2, q_lora_rank=12, kv_lora_rank=8, qk_nope_head_dim=6,
+                  qk_rope_head_dim=4, v_head_dim=5, yarn_factor=yarn_factor,
+                  yarn_original_max_position=16, yarn_beta_fast=4.0)
+    mla = built(MLA(cfg))
+    with torch.no_grad():  # non-trivial norm scales, so the reference must apply them
+        mla.q_norm.weight.uniform_(0.5, 1.5)
+        mla.kv_norm.weight.uniform_(0.5, 1.5)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 6, cfg.hidden, generator=gen)
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2], [5, 6, 7, 8, 9, 10]])
+    doc_ids = torch.tensor([[0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 0, 0]])
+    got = mla(x, positions, packed_causal_mask(doc_ids))
+    want = reference_mla(mla, x, positions, doc_ids)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    if yarn_factor:
+        assert mla.rotary.attention_mscale > 1 and mla.rotary.cos_sin_scale == 1.0
+
+
+def test_router_weights_normalised_scaled_and_bias_gets_no_gradient():
+    cfg = tiny_lm()
+    router = built(Router(cfg))
+    router.bias.copy_(torch.linspace(-0.3, 0.3, cfg.num_experts))
+    x = torch.randn(10, cfg.hidden, requires_grad=True)
+    idx, weights = router(x)
+    assert weights.dtype == torch.float32
+    torch.testing.assert_close(weights.sum(-1), torch.full((10,), cfg.routed_scaling_factor))
+    scores = torch.sigmoid(x.detach() @ router.weight.detach().t())
+    want_idx = torch.topk(scores + router.bias, cfg.top_k, dim=-1).indices
+    assert torch.equal(idx, want_idx)
+    # the weights come from the raw scores, not from scores + bias
+    want_w = scores.gather(1, idx)
+    torch.testing.assert_close(weights.detach(),
+                               want_w / want_w.sum(-1, keepdim=True) * cfg.routed_scaling_factor)
+    weights.sum().backward()
+    assert router.weight.grad is not None and not router.bias.requires_grad
+    assert "bias" in dict(router.named_buffers()) and "bias" not in dict(router.named_parameters())
+
+
+def test_moe_equals_per_token_sum_of_experts():
+    cfg = tiny_lm()
+    moe = built(MoE(cfg))
+    assert isinstance(moe.dispatcher, LocalDispatcher)
+    x = torch.randn(2, 5, cfg.hidden)
+    y = moe(x)
+    idx, w = moe.router(x.view(-1, cfg.hidden))
+    want = []
+    for t, token in enumerate(x.view(-1, cfg.hidden)):
+        out = moe.shared(token)
+        for k in range(cfg.top_k):
+            out = out + w[t, k] * moe.experts[str(int(idx[t, k]))](token)
+        want.append(out)
+    torch.testing.assert_close(y.view(-1, cfg.hidden), torch.stack(want), atol=1e-5, rtol=1e-5)
+    assert moe.expert_load.sum() == x.shape[0] * x.shape[1] * cfg.top_k
+
+
+def test_balancing_bias_moves_load_toward_underused_experts():
+    cfg = tiny_lm(bias_update_rate=0.02)
+    moe = built(MoE(cfg))
+    x = torch.randn(1, 256, cfg.hidden, generator=torch.Generator().manual_seed(0))
+    x_dir = x.mean(dim=(0, 1))
+    with torch.no_grad():  # a router that strongly prefers the first experts
+        moe.router.weight[:4] += x_dir / x_dir.norm()
+
+    def imbalance():
+        moe.expert_load.zero_()
+        with torch.no_grad():
+            moe(x)
+        load = moe.expert_load.clone()
+        return (load.max() / load.mean()).item(), load
+
+    first, _ = imbalance()
+    for _ in range(60):
+        _, load = imbalance()
+        moe.update_bias(load)
+    last, _ = imbalance()
+    assert first > 2.0 and last < 0.6 * first
+    assert moe.router.bias[:4].max() < 0 < moe.router.bias[4:].max()

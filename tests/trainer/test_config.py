@@ -1,0 +1,52 @@
+"""Job config: TOML + overrides, and every refusal names the key and what to change."""
+import pytest
+
+from launch.train import main as train_main
+from model.config import ConfigError
+from trainer.config import load_config
+
+
+def test_toml_and_overrides(tmp_path):
+    path = tmp_path / "job.toml"
+    path.write_text('[train]\nsteps = 7\n[model.lm]\nlayers = 6\n[optim]\nlr = 1e-3\n')
+    cfg = load_config(["--config", str(path), "--train.seed", "5", "--optim.lr=2e-3",
+                       "--model.lm.first_k_dense", "2"])
+    cfg.validate()
+    assert (cfg.train.steps, cfg.train.seed, cfg.optim.lr) == (7, 5, 2e-3)
+    assert (cfg.model.lm.layers, cfg.model.lm.first_k_dense) == (6, 2)
+    # the preset sets the defaults of the other model fields
+    small = load_config(["--model.preset", "small"])
+    assert small.model.lm.hidden == 1024
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--train.stepz", "3"], "unknown config key 'train.stepz'"),
+    (["--nosuch.key", "3"], "unknown config key 'nosuch.key'"),
+    (["--train.steps", "three"], "train.steps: expected int"),
+    (["--model.preset", "huge"], "model.preset='huge' is unknown"),
+    (["--model.lm.qk_rope_head_dim", "15"], "qk_rope_head_dim=15 must be even"),
+    (["--model.vision.heads", "3"], "not divisible by model.vision.heads=3"),
+    (["--model.lm.num_experts", "2"], "num_experts=2 is smaller than model.lm.top_k=4"),
+    (["--model.lm.first_k_dense", "9"], "first_k_dense=9 must lie in"),
+    (["--train.global_batch", "6", "--train.micro_batch", "4"], "divisible by parallel.dp"),
+    (["--parallel.encoder", "both"], "choose 'dep' or 'colocated'"),
+    (["--optim.min_lr", "1.0"], "optim.min_lr <= optim.lr"),
+    (["--train.steps", "0"], "train.steps must be positive"),
+    (["--model.preset", "k25"], "only counted"),
+    (["--train.steps"], "--train.steps needs a value"),
+])
+def test_bad_configs_are_refused_with_their_key(argv, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("'", "'")):
+        load_config(argv).validate()
+
+
+def test_entry_point_refuses_before_training(tmp_path, capsys):
+    code = train_main(["--model.lm.num_experts", "2", "--job.run_dir", str(tmp_path / "r")])
+    assert code == 2
+    assert "num_experts=2 is smaller than model.lm.top_k=4" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(["--config", "/nonexistent/job.toml"])

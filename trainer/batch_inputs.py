@@ -1,0 +1,36 @@
+"""Turn a `Batch` (the loader's contract) into the tensors the model takes.
+
+The model knows nothing of the batch dataclass (imports go one way): it gets
+token tensors, the concatenated patches, the grids, and the flat placeholder
+positions (row * S + column) where media embeddings go.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dataloader.batch import Batch, MediaItem
+
+
+@dataclass
+class ModelInputs:
+    tokens: torch.Tensor
+    position_ids: torch.Tensor
+    doc_ids: torch.Tensor
+    labels: torch.Tensor
+    patches: torch.Tensor | None
+    grid_thw: list[tuple[int, int, int]]
+    media_index: torch.Tensor  # [M] flat placeholder positions, media in list order
+
+
+def media_index(media: list[MediaItem], seq_len: int) -> torch.Tensor:
+    parts = [m.row * seq_len + m.offset + torch.arange(m.num_tokens) for m in media]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
+
+def model_inputs(batch: Batch) -> ModelInputs:
+    media = batch.media
+    patches = torch.cat([m.patches for m in media]) if media else None
+    return ModelInputs(batch.tokens, batch.position_ids, batch.doc_ids, batch.labels, patches,
+                       [m.grid_thw for m in media], media_index(media, batch.seq_len))

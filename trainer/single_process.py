@@ -1,0 +1,63 @@
+"""The reference step: the whole model in one process, plain PyTorch.
+
+Every distributed layout is tested against this. It is deliberately the
+simplest correct thing: gradient accumulation over microbatches, the global
+mean loss (sum over labelled tokens / their count), `clip_grad_norm_`,
+`torch.optim.AdamW`, then the routers' balancing-bias update from the step's
+expert load.
+"""
+from __future__ import annotations
+
+import torch
+
+from dataloader.batch import Batch
+from model.config import ModelConfig
+from model.loss import cross_entropy_sum
+from model.vision_language import VisionLanguageModel
+from trainer.batch_inputs import model_inputs
+from trainer.config import OptimSection
+
+
+def decays(param: torch.nn.Parameter) -> bool:
+    """Weight decay on matrices and tables only; never on norm scales or biases."""
+    return param.ndim >= 2
+
+
+def adamw(params: list[torch.nn.Parameter], optim: OptimSection) -> torch.optim.AdamW:
+    return torch.optim.AdamW(
+        [{"params": [p for p in params if decays(p)], "weight_decay": optim.weight_decay},
+         {"params": [p for p in params if not decays(p)], "weight_decay": 0.0}],
+        lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps)
+
+
+class SingleProcessEngine:
+    def __init__(self, model_cfg: ModelConfig, optim: OptimSection, micro_batch: int, seed: int):
+        self.model = VisionLanguageModel(model_cfg, seed=seed)
+        self.micro_batch = micro_batch
+        self.grad_clip = optim.grad_clip
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = adamw(self.params, optim)
+
+    def step(self, batch: Batch, lr: float) -> tuple[float, float]:
+        """One optimizer step on the global batch; returns (loss, grad norm before clipping)."""
+        count = max(batch.num_loss_tokens(), 1)
+        loss_total = 0.0
+        for start in range(0, batch.num_rows, self.micro_batch):
+            x = model_inputs(batch.rows(start, start + self.micro_batch))
+            logits = self.model(x.tokens, x.position_ids, x.doc_ids, x.patches, x.grid_thw,
+                                x.media_index)
+            loss = cross_entropy_sum(logits, x.labels) / count
+            loss.backward()
+            loss_total += loss.item()
+        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        for moe in self.model.lm.moe_layers():
+            moe.update_bias(moe.expert_load.clone())
+        return loss_total, grad_norm
+
+    def named_parameters(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach() for name, p in self.model.named_parameters()}
