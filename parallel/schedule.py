@@ -1,0 +1,262 @@
+"""The pipeline schedule as data: for each pipeline rank, the ordered list of actions it runs.
+
+The LM is cut into pp * vpp chunks ("stages", global index s = 0 .. pp*vpp-1, in layer order).
+Rank r holds stages r, r+pp, r+2*pp, ... (Megatron interleaving): local chunk c of rank r is
+global stage c*pp + r, so stage s lives on rank s % pp and hands its output to rank (s+1) % pp,
+a ring when vpp > 1 (rank pp-1 feeds rank 0 for the next chunk).
+
+Keeping the schedule as plain data lets it be printed, checked for deadlock and simulated for
+its bubble (parallel/schedule_sim.py) without running a model; the runtime
+(parallel/pipeline_runtime.py) only walks the list.
+
+Interleaved 1F1B, pp=2 vpp=2 m=4 (stages 0,2 on rank 0; 1,3 on rank 1). Compute order,
+`format_schedule(interleaved_1f1b(2, 2, 4))`, cut in two:
+
+    rank 0: F0.m0 F0.m1 F2.m0 F2.m1 F0.m2 B2.m0 F0.m3 B2.m1
+            '------ warm-up ------' '-- 1F1B ...
+    rank 1: F1.m0 F1.m1 F3.m0 B3.m0 F3.m1 B3.m1 F1.m2 B1.m0
+            ' warm-up ' '-- 1F1B ...
+    rank 0: F2.m2 B0.m0 F2.m3 B0.m1 B2.m2 B2.m3 B0.m2 B0.m3
+                        ... 1F1B -' '----- cool-down -----'
+    rank 1: F1.m3 B1.m1 F3.m2 B3.m2 F3.m3 B3.m3 B1.m2 B1.m3
+                                    ... 1F1B -' ' cool-down '
+
+    warm-up forwards of rank r = 2*(pp-r-1) + (vpp-1)*pp   (plain 1F1B: pp-r-1)
+
+On a time axis (F = B = 1 unit, 5 chars per unit, `.` idle; `format_timeline(simulate(...))`
+from schedule_sim.py; `F2.1` = forward of stage 2 on microbatch 1):
+
+  rank 0: F0.0 F0.1 F2.0 F2.1 F0.2 B2.0 F0.3 B2.1 F2.2 B0.0 F2.3 B0.1 .....B2.2 .....B2.3 B0.2 B0.3
+  rank 1: .....F1.0 F1.1 F3.0 B3.0 F3.1 B3.1 F1.2 B1.0 F1.3 B1.1 F3.2 B3.2 F3.3 B3.3 B1.2 B1.3 .....
+
+makespan 18 = 16 units of work + (pp-1)*(F+B) = 2 units of bubble: bubble fraction
+(pp-1) / (vpp*m) = 1/8. Without interleaving (one chunk per rank, each F/B vpp times longer)
+the same model idles (pp-1)*vpp*(F+B) = 4 units.
+
+Forwards walk the chunks in groups of pp microbatches (forward k runs chunk (k // pp) % vpp on
+microbatch (k // (pp*vpp)) * pp + k % pp); backwards walk the chunks in reverse order.
+
+Communication: `with_communication` puts a RECV right before the F/B that consumes a tensor from
+another rank and a SEND right after the F/B that produces one. When producer and consumer stage
+sit on the SAME rank (only when pp == 1) no SEND/RECV is emitted at all: the runtime hands the
+tensor over locally, and the checker instead requires the producing F/B earlier on that rank.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+
+
+class Op(enum.Enum):
+    """What an action does: F/B run a chunk, SEND_*/RECV_* move its tensors between ranks."""
+
+    F = "F"
+    B = "B"
+    SEND_F = "SEND_F"
+    RECV_F = "RECV_F"
+    SEND_B = "SEND_B"
+    RECV_B = "RECV_B"
+
+
+COMPUTE_OPS = (Op.F, Op.B)
+SEND_OPS = (Op.SEND_F, Op.SEND_B)
+RECV_OPS = (Op.RECV_F, Op.RECV_B)
+
+# Longer names first in the alternation so "SEND_F3.m0" never matches as op "F".
+_ACTION_PATTERN = re.compile(
+    r"^(?P<op>SEND_F|RECV_F|SEND_B|RECV_B|F|B)(?P<stage>\d+)\.m(?P<microbatch>\d+)$"
+)
+_RANK_LINE_PATTERN = re.compile(r"^rank\s+(?P<rank>\d+):(?P<actions>.*)$")
+
+
+@dataclass(frozen=True)
+class Action:
+    """One step of one rank's schedule: `op` on global stage `stage` for microbatch `microbatch`.
+
+    The string form (`F3.m5`, `RECV_F2.m0`) is what printed schedules and tests are written in,
+    so it parses back to the same action with `Action.parse`.
+    """
+
+    op: Op
+    stage: int
+    microbatch: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.op, Op):
+            raise TypeError(f"Action.op must be an Op, got {self.op!r}")
+        if self.stage < 0 or self.microbatch < 0:
+            raise ValueError(
+                f"Action stage and microbatch must be >= 0, got stage={self.stage}, "
+                f"microbatch={self.microbatch}"
+            )
+
+    def __str__(self) -> str:
+        return f"{self.op.value}{self.stage}.m{self.microbatch}"
+
+    @classmethod
+    def parse(cls, text: str) -> Action:
+        match = _ACTION_PATTERN.match(text.strip())
+        if match is None:
+            raise ValueError(
+                f"cannot parse action {text!r}: write <OP><stage>.m<microbatch> with OP one of "
+                f"{', '.join(op.value for op in Op)}, e.g. 'F3.m5' or 'RECV_F2.m0'"
+            )
+        return cls(Op(match["op"]), int(match["stage"]), int(match["microbatch"]))
+
+
+def stage_owner(stage: int, pp: int) -> int:
+    """Pipeline rank that holds global stage `stage`."""
+    return stage % pp
+
+
+def validate_schedule_shape(pp: int, vpp: int, microbatches: int) -> None:
+    """Refuse (pp, vpp, microbatches) that interleaved 1F1B cannot serve.
+
+    Interleaving moves microbatches through the chunks in groups of pp, so with vpp > 1 a
+    partial group (microbatches not a multiple of pp, or fewer than pp) has no place in it.
+    """
+    for name, value in (("pp", pp), ("vpp", vpp), ("microbatches", microbatches)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if vpp > 1 and microbatches < pp:
+        raise ValueError(
+            f"interleaved 1F1B (vpp={vpp}) needs microbatches >= pp, got microbatches="
+            f"{microbatches} < pp={pp}: use at least {pp} microbatches, or vpp=1"
+        )
+    if vpp > 1 and microbatches % pp != 0:
+        raise ValueError(
+            f"interleaved 1F1B (vpp={vpp}) needs microbatches to be a multiple of pp={pp}, got "
+            f"microbatches={microbatches}: use a multiple of {pp} "
+            f"(e.g. {(microbatches // pp + 1) * pp}), or vpp=1"
+        )
+
+
+def warmup_forwards(pp: int, vpp: int, microbatches: int, rank: int) -> int:
+    """Forwards `rank` runs before its first backward.
+
+    (vpp-1)*pp fills the other chunks so the first backward (last chunk) has its input; the
+    pipeline-depth term is pp-rank-1 for plain 1F1B (the fewest in-flight activations). For
+    vpp > 1 Megatron doubles it: with zero-latency p2p both give the same, theoretical bubble
+    (the simulator shows it), but the extra pp-rank-1 forwards keep a rank computing while a
+    message is in flight (simulate(..., p2p_latency=1) on pp=16 vpp=2 m=32: makespan 299 vs
+    387 units), for pp-rank-1 more microbatches of stored activations.
+    """
+    depth_term = pp - rank - 1
+    if vpp > 1:
+        depth_term *= 2
+    return min(microbatches * vpp, depth_term + (vpp - 1) * pp)
+
+
+def interleaved_1f1b(pp: int, vpp: int, microbatches: int) -> list[list[Action]]:
+    """Per pipeline rank, the ordered F/B actions of Megatron-Core's interleaved 1F1B.
+
+    vpp == 1 yields plain 1F1B. Counting each rank's forwards and backwards k = 0, 1, ...:
+
+        forward k  -> chunk (k // pp) % vpp,          microbatch (k // (pp*vpp)) * pp + k % pp
+        backward k -> chunk vpp - 1 - (k // pp) % vpp, same microbatch formula
+        order      -> warm-up forwards, (forward, backward) pairs, cool-down backwards
+    """
+    validate_schedule_shape(pp, vpp, microbatches)
+    total = microbatches * vpp
+
+    def compute_action(op: Op, rank: int, k: int) -> Action:
+        chunk = (k // pp) % vpp
+        if op is Op.B:
+            chunk = vpp - 1 - chunk
+        microbatch = (k // (pp * vpp)) * pp + k % pp
+        return Action(op, chunk * pp + rank, microbatch)
+
+    per_rank = []
+    for rank in range(pp):
+        warmup = warmup_forwards(pp, vpp, microbatches, rank)
+        actions = [compute_action(Op.F, rank, k) for k in range(warmup)]
+        for k in range(total - warmup):
+            actions.append(compute_action(Op.F, rank, warmup + k))
+            actions.append(compute_action(Op.B, rank, k))
+        actions.extend(compute_action(Op.B, rank, k) for k in range(total - warmup, total))
+        per_rank.append(actions)
+    return per_rank
+
+
+def with_communication(
+    compute_actions_per_rank: list[list[Action]], pp: int, vpp: int
+) -> list[list[Action]]:
+    """Add the SEND/RECV around each F/B whose neighbour stage lives on another rank.
+
+    RECV goes right before its consumer (a blocking receive as late as possible) and SEND right
+    after its producer (sends are non-blocking, so as early as possible); nothing is emitted
+    between stages of the same rank.
+    """
+    if len(compute_actions_per_rank) != pp:
+        raise ValueError(
+            f"expected one action list per pipeline rank (pp={pp}), "
+            f"got {len(compute_actions_per_rank)}"
+        )
+    last_stage = pp * vpp - 1
+    per_rank = []
+    for rank, actions in enumerate(compute_actions_per_rank):
+        out: list[Action] = []
+        for action in actions:
+            stage, microbatch = action.stage, action.microbatch
+            if stage > last_stage:
+                raise ValueError(
+                    f"{action} on rank {rank}: stage {stage} does not exist with pp={pp} vpp={vpp}"
+                )
+            previous_is_remote = stage > 0 and stage_owner(stage - 1, pp) != rank
+            next_is_remote = stage < last_stage and stage_owner(stage + 1, pp) != rank
+            if action.op is Op.F:
+                before, after = (Op.RECV_F, previous_is_remote), (Op.SEND_F, next_is_remote)
+            elif action.op is Op.B:
+                before, after = (Op.RECV_B, next_is_remote), (Op.SEND_B, previous_is_remote)
+            else:
+                raise ValueError(
+                    f"with_communication takes compute actions (F/B) only, got {action} "
+                    f"on rank {rank}"
+                )
+            if before[1]:
+                out.append(Action(before[0], stage, microbatch))
+            out.append(action)
+            if after[1]:
+                out.append(Action(after[0], stage, microbatch))
+        per_rank.append(out)
+    return per_rank
+
+
+def schedule(pp: int, vpp: int, microbatches: int) -> list[list[Action]]:
+    """The full per-rank action lists (compute and communication) of interleaved 1F1B."""
+    return with_communication(interleaved_1f1b(pp, vpp, microbatches), pp, vpp)
+
+
+def format_schedule(actions_per_rank: list[list[Action]]) -> str:
+    """One `rank r: ...` line per rank.
+
+    Compute actions are padded to one width and communication actions to another, so compute-
+    only schedules line up in columns and the SEND/RECV around an F/B stay easy to spot.
+    """
+    widths: dict[bool, int] = {True: 0, False: 0}
+    for actions in actions_per_rank:
+        for action in actions:
+            is_compute = action.op in COMPUTE_OPS
+            widths[is_compute] = max(widths[is_compute], len(str(action)))
+    label_width = len(f"rank {len(actions_per_rank) - 1}:")
+    lines = []
+    for rank, actions in enumerate(actions_per_rank):
+        cells = [str(action).ljust(widths[action.op in COMPUTE_OPS]) for action in actions]
+        lines.append(" ".join([f"rank {rank}:".ljust(label_width), *cells]).rstrip())
+    return "\n".join(lines)
+
+
+def parse_schedule(text: str) -> list[list[Action]]:
+    """Inverse of `format_schedule`: lets tests and notes write schedules as text."""
+    per_rank: list[list[Action]] = []
+    for line_number, line in enumerate(text.strip().splitlines(), start=1):
+        match = _RANK_LINE_PATTERN.match(line.strip())
+        if match is None or int(match["rank"]) != len(per_rank):
+            raise ValueError(
+                f"line {line_number} {line!r}: expected 'rank {len(per_rank)}: <actions...>' "
+                f"(ranks in order from 0)"
+            )
+        per_rank.append([Action.parse(token) for token in match["actions"].split()])
+    return per_rank

@@ -1,0 +1,263 @@
+"""Check a pipeline schedule and simulate its timeline, without running a model.
+
+Model of the runtime (parallel/pipeline_runtime.py) that the simulator reproduces:
+
+    F, B     run for forward_cost / backward_cost on their rank
+    SEND_*   take no time and never block
+    RECV_*   block until the matching SEND has run on the other rank; the message arrives at
+             that SEND's time (+ p2p_latency, 0 by default)
+
+    rank 0:  F0.m0 SEND_F0.m0 ......
+    rank 1:  RECV_F1.m0 [waits until rank 0 ran SEND_F0.m0] F1.m0 ...
+
+Each rank runs its list strictly in order, so a rank's times depend only on its own list and
+on the send times of the others. The simulator therefore advances every rank as far as it can,
+repeatedly; the result equals an event-queue simulation, and a sweep in which no rank moves
+while some still have actions left is a deadlock.
+
+Bubble: every rank computes microbatches * vpp * (forward_cost + backward_cost) (the ideal);
+bubble_fraction = (makespan - ideal) / ideal. For (interleaved) 1F1B theory gives
+(pp - 1) / (vpp * microbatches).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from parallel.schedule import COMPUTE_OPS, RECV_OPS, SEND_OPS, Action, Op, stage_owner
+
+
+class ScheduleError(ValueError):
+    """The schedule is malformed: an action is missing, duplicated, misplaced or out of order."""
+
+
+class ScheduleDeadlock(RuntimeError):
+    """No rank can progress: each rank with actions left waits on a SEND that never runs."""
+
+
+@dataclass(frozen=True)
+class ActionTiming:
+    """When one action ran. For a RECV, start..end is the time spent waiting for the message."""
+
+    action: Action
+    start: float
+    end: float
+
+
+@dataclass(frozen=True)
+class SimResult:
+    makespan: float
+    ideal: float
+    busy_time_per_rank: list[float]
+    timeline_per_rank: list[list[ActionTiming]]
+
+    @property
+    def bubble_fraction(self) -> float:
+        return (self.makespan - self.ideal) / self.ideal
+
+
+def matching_send(recv: Action) -> Action:
+    """The SEND (on the neighbour rank) a RECV waits for."""
+    if recv.op is Op.RECV_F:
+        return Action(Op.SEND_F, recv.stage - 1, recv.microbatch)
+    if recv.op is Op.RECV_B:
+        return Action(Op.SEND_B, recv.stage + 1, recv.microbatch)
+    raise ValueError(f"{recv} is not a RECV")
+
+
+def matching_recv(send: Action) -> Action:
+    """The RECV (on the neighbour rank) that consumes a SEND."""
+    if send.op is Op.SEND_F:
+        return Action(Op.RECV_F, send.stage + 1, send.microbatch)
+    if send.op is Op.SEND_B:
+        return Action(Op.RECV_B, send.stage - 1, send.microbatch)
+    raise ValueError(f"{send} is not a SEND")
+
+
+def _prerequisite(action: Action, rank: int, pp: int, last_stage: int) -> list[Action]:
+    """Actions that must have run earlier on `rank` (the same rank) before `action`."""
+    stage, microbatch = action.stage, action.microbatch
+    if action.op is Op.F:
+        if stage == 0:
+            return []
+        if stage_owner(stage - 1, pp) != rank:
+            return [Action(Op.RECV_F, stage, microbatch)]
+        return [Action(Op.F, stage - 1, microbatch)]  # handed over locally (pp == 1)
+    if action.op is Op.B:
+        needs = [Action(Op.F, stage, microbatch)]
+        if stage < last_stage:
+            if stage_owner(stage + 1, pp) != rank:
+                needs.append(Action(Op.RECV_B, stage, microbatch))
+            else:
+                needs.append(Action(Op.B, stage + 1, microbatch))
+        return needs
+    if action.op is Op.SEND_F:
+        return [Action(Op.F, stage, microbatch)]
+    if action.op is Op.SEND_B:
+        return [Action(Op.B, stage, microbatch)]
+    return []
+
+
+def _peer_stage(action: Action) -> int:
+    """The stage on the other end of a SEND/RECV."""
+    return action.stage + 1 if action.op in (Op.SEND_F, Op.RECV_B) else action.stage - 1
+
+
+def check_schedule(
+    actions_per_rank: list[list[Action]], pp: int, vpp: int, microbatches: int
+) -> None:
+    """Everything that can be checked without time; raises ScheduleError on the first problem.
+
+    Each (stage, microbatch) has exactly one F and one B, all actions sit on the rank owning
+    their stage, every SEND has exactly one matching RECV and vice versa, SEND/RECV only cross
+    ranks, and on each rank every action comes after what it needs (F before its B, the input
+    RECV before the F, the produced tensor before its SEND).
+    """
+    if len(actions_per_rank) != pp:
+        raise ScheduleError(
+            f"expected {pp} per-rank action lists (pp={pp}), got {len(actions_per_rank)}"
+        )
+    num_stages = pp * vpp
+    last_stage = num_stages - 1
+    counts = Counter(action for actions in actions_per_rank for action in actions)
+    duplicates = sorted(str(action) for action, n in counts.items() if n > 1)
+    if duplicates:
+        raise ScheduleError(f"actions scheduled more than once: {', '.join(duplicates)}")
+
+    for rank, actions in enumerate(actions_per_rank):
+        done: set[Action] = set()
+        for position, action in enumerate(actions):
+            where = f"{action} (rank {rank}, position {position})"
+            if action.stage > last_stage:
+                raise ScheduleError(f"{where}: stage out of range 0..{last_stage}")
+            if action.microbatch >= microbatches:
+                raise ScheduleError(f"{where}: microbatch out of range 0..{microbatches - 1}")
+            owner = stage_owner(action.stage, pp)
+            if owner != rank:
+                raise ScheduleError(f"{where}: stage {action.stage} is held by rank {owner}")
+            if action.op in SEND_OPS or action.op in RECV_OPS:
+                peer = _peer_stage(action)
+                if not 0 <= peer <= last_stage or stage_owner(peer, pp) == rank:
+                    raise ScheduleError(
+                        f"{where}: stage {peer} is not on another rank, so nothing is sent "
+                        f"or received here; remove this action"
+                    )
+            for needed in _prerequisite(action, rank, pp, last_stage):
+                if needed not in done:
+                    raise ScheduleError(f"{where}: needs {needed} earlier on rank {rank}")
+            done.add(action)
+
+    for stage in range(num_stages):
+        for microbatch in range(microbatches):
+            for op in COMPUTE_OPS:
+                if Action(op, stage, microbatch) not in counts:
+                    raise ScheduleError(
+                        f"missing {Action(op, stage, microbatch)} "
+                        f"(belongs on rank {stage_owner(stage, pp)})"
+                    )
+    for action in counts:
+        if action.op in SEND_OPS and matching_recv(action) not in counts:
+            raise ScheduleError(f"{action} is never received: no {matching_recv(action)}")
+        if action.op in RECV_OPS and matching_send(action) not in counts:
+            raise ScheduleError(f"{action} waits forever: no {matching_send(action)}")
+
+
+def simulate(
+    actions_per_rank: list[list[Action]],
+    pp: int,
+    vpp: int,
+    forward_cost: float = 1.0,
+    backward_cost: float = 2.0,
+    *,
+    microbatches: int | None = None,
+    p2p_latency: float = 0.0,
+) -> SimResult:
+    """Check, then time the schedule; raises ScheduleError / ScheduleDeadlock if it cannot run.
+
+    `microbatches` defaults to one more than the largest microbatch index in the schedule;
+    pass it to also catch a schedule that leaves out the last microbatches entirely.
+    """
+    if microbatches is None:
+        indices = [action.microbatch for actions in actions_per_rank for action in actions]
+        if not indices:
+            raise ScheduleError("the schedule has no actions")
+        microbatches = max(indices) + 1
+    if forward_cost <= 0 or backward_cost <= 0 or p2p_latency < 0:
+        raise ValueError(
+            f"costs must be > 0 and p2p_latency >= 0, got forward_cost={forward_cost}, "
+            f"backward_cost={backward_cost}, p2p_latency={p2p_latency}"
+        )
+    check_schedule(actions_per_rank, pp, vpp, microbatches)
+    cost = {Op.F: forward_cost, Op.B: backward_cost}
+
+    arrival: dict[Action, float] = {}  # SEND -> time its message is available to the RECV
+    clock = [0.0] * pp
+    position = [0] * pp
+    busy = [0.0] * pp
+    timeline: list[list[ActionTiming]] = [[] for _ in range(pp)]
+    remaining = sum(len(actions) for actions in actions_per_rank)
+    while remaining:
+        progressed = False
+        for rank, actions in enumerate(actions_per_rank):
+            while position[rank] < len(actions):
+                action = actions[position[rank]]
+                start = clock[rank]
+                if action.op in RECV_OPS:
+                    send = matching_send(action)
+                    if send not in arrival:
+                        break
+                    end = max(start, arrival[send])
+                elif action.op in SEND_OPS:
+                    end = start
+                    arrival[action] = start + p2p_latency
+                else:
+                    end = start + cost[action.op]
+                    busy[rank] += cost[action.op]
+                timeline[rank].append(ActionTiming(action, start, end))
+                clock[rank] = end
+                position[rank] += 1
+                remaining -= 1
+                progressed = True
+        if not progressed:
+            raise ScheduleDeadlock(_describe_deadlock(actions_per_rank, position, pp))
+    ideal = microbatches * vpp * (forward_cost + backward_cost)
+    return SimResult(max(clock), ideal, busy, timeline)
+
+
+def _describe_deadlock(
+    actions_per_rank: list[list[Action]], position: list[int], pp: int
+) -> str:
+    blocked = []
+    for rank, actions in enumerate(actions_per_rank):
+        if position[rank] < len(actions):
+            waiting = actions[position[rank]]
+            send = matching_send(waiting)
+            blocked.append(
+                f"rank {rank} blocked at {waiting} (position {position[rank]}) waiting for "
+                f"{send} on rank {stage_owner(send.stage, pp)}"
+            )
+    return "schedule deadlocks: " + "; ".join(blocked)
+
+
+def format_timeline(result: SimResult, time_unit: float = 1.0, cell_width: int = 3) -> str:
+    """ASCII Gantt chart of the compute actions: one row per rank, `cell_width` chars per unit.
+
+    Each F/B is drawn as its name (stage.microbatch, e.g. `F2.1`) padded with `-` over its
+    duration; `.` marks idle time (the bubble). Times are rounded to whole cells.
+    """
+    rows = []
+    total_cells = round(result.makespan / time_unit) * cell_width
+    for rank, timings in enumerate(result.timeline_per_rank):
+        row = ["."] * total_cells
+        for timing in timings:
+            if timing.action.op not in COMPUTE_OPS:
+                continue
+            first = round(timing.start / time_unit) * cell_width
+            last = round(timing.end / time_unit) * cell_width
+            action = timing.action
+            label = f"{action.op.value}{action.stage}.{action.microbatch}"
+            text = (label + "-" * (last - first))[: last - first - 1] + " "
+            row[first:last] = list(text)
+        rows.append(f"rank {rank}: " + "".join(row).rstrip())
+    return "\n".join(rows)
