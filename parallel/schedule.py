@@ -111,6 +111,11 @@ def stage_owner(stage: int, pp: int) -> int:
     return stage % pp
 
 
+def local_chunk(stage: int, pp: int) -> int:
+    """Index of global stage `stage` among its rank's chunks (the runtime's model-chunk list)."""
+    return stage // pp
+
+
 def validate_schedule_shape(pp: int, vpp: int, microbatches: int) -> None:
     """Refuse (pp, vpp, microbatches) that interleaved 1F1B cannot serve.
 

@@ -13,6 +13,7 @@ from parallel.schedule import (
     Op,
     format_schedule,
     interleaved_1f1b,
+    local_chunk,
     parse_schedule,
     schedule,
     stage_owner,
@@ -392,3 +393,4 @@ def test_dropping_the_last_microbatch_needs_the_count():
 def test_owner_mapping_is_the_megatron_interleaving():
     pp = 4
     assert [stage_owner(s, pp) for s in range(12)] == [0, 1, 2, 3] * 3
+    assert [local_chunk(s, pp) for s in range(12)] == [0] * 4 + [1] * 4 + [2] * 4
