@@ -210,6 +210,10 @@ class Zero1Optimizer:
     all-gathers the parameters; it returns the pre-clip norm as a 0-d fp32 tensor.
     A parameter whose ``.grad`` is None counts as a zero gradient (all ranks of its group
     must still take part in the collectives).
+
+    Collectives run group by group in list order, so ranks whose groups share ranks must
+    list those groups in the same order (e.g. dense, then experts, then encoder).
+    ``norm_group`` may be None only in a single-process job.
     """
 
     def __init__(self, param_groups: Sequence[ParamGroup | tuple], *,
@@ -229,10 +233,10 @@ class Zero1Optimizer:
         self.groups: list[ShardedGroup] = []
         for group_index, group in enumerate(groups):
             self.groups.append(self._build_group(group_index, group, bucket_numel, decay_rule))
-        if norm_group is None and any(g.size > 1 for g in self.groups):
-            raise ValueError("norm_group is None but some param group is sharded over more "
-                             "than one rank; pass the world group as norm_group so the grad "
-                             "norm covers every rank's shard")
+        if norm_group is None and dist.is_available() and dist.is_initialized() \
+                and dist.get_world_size() > 1:
+            raise ValueError("norm_group is None in a job of more than one rank; pass the world "
+                             "group as norm_group so the grad norm covers every rank's shard")
 
     # ------------------------------------------------------------------ construction
 
