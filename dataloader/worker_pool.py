@@ -1,0 +1,83 @@
+"""Loader worker processes: rows in, tensors (as numpy arrays) out, in submission order.
+
+    main: plan step n ─► task queue ─► worker 0..W-1: Materializer.row(plans) ─► result queue
+          (prefetch steps ahead)                                                  │
+    main: wait for step n's rows, reorder by task id ◄────────────────────────────┘
+
+A worker that raises sends the traceback back and the main process re-raises it; a
+worker that dies (killed, segfault) is detected while waiting and reported with its
+exit code. Nothing fails silently.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue
+import traceback
+
+
+def _worker_main(worker_id: int, init: dict, tasks, results) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    from dataloader.loader import make_materializer
+
+    try:
+        materializer = make_materializer(init["cfg"], init["seed"], init["tokenizer_bytes"])
+    except Exception:
+        results.put((None, "error", f"worker {worker_id} failed to start:\n{traceback.format_exc()}"))
+        return
+    while True:
+        task = tasks.get()
+        if task is None:
+            return
+        task_id, plans = task
+        try:
+            results.put((task_id, "ok", materializer.row(plans)))
+        except Exception:
+            results.put((task_id, "error", f"worker {worker_id}, task {task_id}:\n{traceback.format_exc()}"))
+
+
+class WorkerError(RuntimeError):
+    pass
+
+
+class WorkerPool:
+    def __init__(self, num_workers: int, start_method: str, init: dict):
+        ctx = mp.get_context(start_method)
+        self._tasks = ctx.Queue()
+        self._results = ctx.Queue()
+        self._procs = [ctx.Process(target=_worker_main, args=(i, init, self._tasks, self._results),
+                                   daemon=True, name=f"loader-worker-{i}") for i in range(num_workers)]
+        for p in self._procs:
+            p.start()
+        self._done: dict = {}
+
+    def submit(self, task_id, plans) -> None:
+        self._tasks.put((task_id, plans))
+
+    def get(self, task_id):
+        while task_id not in self._done:
+            try:
+                tid, status, payload = self._results.get(timeout=1.0)
+            except queue.Empty:
+                for i, p in enumerate(self._procs):
+                    if not p.is_alive():
+                        raise WorkerError(f"loader worker {i} died with exit code {p.exitcode}")
+                continue
+            if status == "error":
+                raise WorkerError(payload)
+            self._done[tid] = payload
+        return self._done.pop(task_id)
+
+    def close(self) -> None:
+        for _ in self._procs:
+            try:
+                self._tasks.put(None)
+            except (ValueError, OSError):
+                pass
+        for p in self._procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=5)
+        self._procs = []
