@@ -334,7 +334,7 @@ class Zero1Optimizer:
         sum_of_squares = torch.zeros((), dtype=torch.float64, device=self.device)
         for shards in grad_shards:
             for shard_S in shards:
-                sum_of_squares += torch.linalg.vector_norm(shard_S).double() ** 2
+                sum_of_squares += torch.linalg.vector_norm(shard_S, dtype=torch.float64) ** 2
         if self.norm_group is not None:
             dist.all_reduce(sum_of_squares, op=dist.ReduceOp.SUM, group=self.norm_group)
         total_norm = sum_of_squares.sqrt().float()

@@ -6,22 +6,10 @@ positions (row * S + column) where media embeddings go.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from dataloader.batch import Batch, MediaItem
-
-
-@dataclass
-class ModelInputs:
-    tokens: torch.Tensor
-    position_ids: torch.Tensor
-    doc_ids: torch.Tensor
-    labels: torch.Tensor
-    patches: torch.Tensor | None
-    grid_thw: list[tuple[int, int, int]]
-    media_index: torch.Tensor  # [M] flat placeholder positions, media in list order
+from model.inputs import ModelInputs
 
 
 def media_index(media: list[MediaItem], seq_len: int) -> torch.Tensor:
@@ -30,6 +18,7 @@ def media_index(media: list[MediaItem], seq_len: int) -> torch.Tensor:
 
 
 def model_inputs(batch: Batch) -> ModelInputs:
+    """The tensors of `batch` for the model (media patches concatenated in list order)."""
     media = batch.media
     patches = torch.cat([m.patches for m in media]) if media else None
     return ModelInputs(batch.tokens, batch.position_ids, batch.doc_ids, batch.labels, patches,

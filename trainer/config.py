@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from model.config import ConfigError, ModelConfig, preset
+from parallel.topology import ParallelSizes, check_layout
 
 
 @dataclass
@@ -81,6 +82,11 @@ class JobConfig:
     resume: str = "none"  # "none", "auto" or a checkpoint path
 
     @property
+    def parallel_sizes(self) -> ParallelSizes:
+        p = self.parallel
+        return ParallelSizes(pp=p.pp, vpp=p.vpp, ep=p.ep, dp=p.dp)
+
+    @property
     def microbatches_per_replica(self) -> int:
         return self.train.global_batch // (self.parallel.dp * self.train.micro_batch)
 
@@ -124,14 +130,9 @@ class JobConfig:
         if self.model.preset == "k25":
             raise ConfigError("model.preset='k25' is the full 1T-parameter model: it is only "
                               "counted (python -m launch.plan --model k25), not trained here")
-        if p.pp * p.vpp > 1 or p.ep > 1 or p.dp > 1:
-            raise ConfigError(
-                "parallel.pp/vpp/ep/dp > 1: backbone parallelism is not implemented yet; "
-                "leave them at 1")
-        if world_size is not None and world_size != p.pp * p.dp:
-            raise ConfigError(
-                f"the job has {world_size} ranks but parallel.pp x parallel.dp = "
-                f"{p.pp} x {p.dp} = {p.pp * p.dp}: launch that many ranks or change pp/dp")
+        check_layout(self.parallel_sizes, layers=self.model.lm.layers,
+                     num_experts=self.model.lm.num_experts,
+                     microbatches=self.microbatches_per_replica, world_size=world_size)
 
 
 # ---------------------------------------------------------------- loading

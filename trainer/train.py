@@ -1,13 +1,23 @@
-"""The step loop: data -> engine step -> metrics, the same whatever the parallel layout."""
+"""The step loop: data -> engine step -> metrics, the same whatever the parallel layout.
+
+One process (world size 1, every parallel size 1) uses the plain reference
+engine; anything else uses the parallel engine over torch.distributed. Both
+see the same global batch for a step: a data-parallel replica takes its rows.
+"""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
+from dataloader.batch import Batch
 from dataloader.synthetic import SyntheticBatches, SyntheticConfig
+from model.inputs import ModelInputs
+from trainer.batch_inputs import model_inputs
 from trainer.config import JobConfig, to_dict
 from trainer.lr_schedule import learning_rate
 from trainer.metrics import MetricsWriter
@@ -22,7 +32,48 @@ def synthetic_data(cfg: JobConfig) -> SyntheticBatches:
         max_frames=cfg.model.vision.max_frames), seed=cfg.train.seed)
 
 
-def train(cfg: JobConfig, rank: int = 0) -> list[dict]:
+def replica_microbatches(batch: Batch, dp_rank: int, dp: int, micro_batch: int
+                         ) -> list[ModelInputs]:
+    """Rows of replica `dp_rank` of the global batch, cut into microbatches."""
+    rows = batch.num_rows // dp
+    mine = batch.rows(dp_rank * rows, (dp_rank + 1) * rows)
+    return [model_inputs(mine.rows(start, start + micro_batch))
+            for start in range(0, rows, micro_batch)]
+
+
+class _Distributed:
+    """The parallel engine and its process groups (only for world size > 1)."""
+
+    def __init__(self, cfg: JobConfig):
+        from parallel.adamw import AdamWConfig
+        from parallel.engine import ParallelEngine
+        from parallel.topology import Topology
+
+        if not dist.is_initialized():
+            dist.init_process_group(backend="gloo")
+        self.topology = Topology(cfg.parallel_sizes)
+        o = cfg.optim
+        self.engine = ParallelEngine(
+            cfg.model, self.topology, micro_batch=cfg.train.micro_batch, seq_len=cfg.data.seq_len,
+            microbatches=cfg.microbatches_per_replica, seed=cfg.train.seed,
+            adamw=AdamWConfig(beta1=o.beta1, beta2=o.beta2, eps=o.eps, weight_decay=o.weight_decay),
+            grad_clip=o.grad_clip)
+        self.cfg = cfg
+
+    def step(self, batch: Batch, lr: float) -> tuple[float, float]:
+        mbs = replica_microbatches(batch, self.topology.dp_rank, self.cfg.parallel.dp,
+                                   self.cfg.train.micro_batch)
+        return self.engine.step(mbs, lr)
+
+
+def build_engine(cfg: JobConfig):
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 and cfg.parallel_sizes.world == 1 and cfg.parallel.vpp == 1:
+        return SingleProcessEngine(cfg.model, cfg.optim, cfg.train.micro_batch, cfg.train.seed)
+    return _Distributed(cfg)
+
+
+def train(cfg: JobConfig, rank: int = 0, engine=None) -> list[dict]:
     """Run `cfg.train.steps` steps; return the per-step metric records."""
     run_dir = Path(cfg.job.run_dir)
     is_logger = rank == 0
@@ -31,7 +82,7 @@ def train(cfg: JobConfig, rank: int = 0) -> list[dict]:
         (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     torch.manual_seed(cfg.train.seed)
     data = synthetic_data(cfg)
-    engine = SingleProcessEngine(cfg.model, cfg.optim, cfg.train.micro_batch, cfg.train.seed)
+    engine = engine or build_engine(cfg)
     metrics = MetricsWriter(run_dir, is_logger, cfg.job.log_every)
     records = []
     for step in range(cfg.train.steps):

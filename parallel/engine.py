@@ -1,0 +1,131 @@
+"""One optimizer step of the model spread over PP x DP ranks, with EP inside each stage.
+
+    ┌ trainer: this replica's microbatches, lr ──────────────────────────────────────────┐
+    │ 1. global count of labelled tokens (all_reduce over the DP group)                  │
+    │ 2. pipeline schedule (interleaved 1F1B) over this rank's chunks; MoE layers talk   │
+    │    to their experts through the all-to-all dispatcher of the EP group             │
+    │ 3. ZeRO-1 step: dense grads reduce-scattered over DP, expert grads over expert-DP,│
+    │    one global grad norm over the world, AdamW on the shards, params all-gathered  │
+    │ 4. router balancing: expert load summed over DP, same bias update on every copy   │
+    └────────────────────────────────────────────────────────────────────────────────────┘
+
+Each rank builds only its own chunks (layers [s*L/S, (s+1)*L/S) of every stage s
+it holds) and only its experts; parameters are initialised by name, so they
+equal the single-process model's. With `encoder = "colocated"` the vision
+encoder lives in stage 0 and its gradients are reduced over the DP group like
+the rest of stage 0.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from model.config import ModelConfig
+from model.init import initialize
+from model.inputs import ModelInputs
+from model.lm import LanguageModelChunk
+from model.loss import IGNORE_INDEX, cross_entropy_sum
+from model.vision_language import VisionEncoder
+from parallel.adamw import AdamWConfig
+from parallel.expert_dispatch import AllToAllDispatcher
+from parallel.pipeline_runtime import PipelineRuntime
+from parallel.schedule import schedule
+from parallel.topology import Topology
+from parallel.zero1 import ParamGroup, Zero1Optimizer
+
+
+class StageModule(nn.Module):
+    """One pipeline chunk; on stage 0 (colocated mode) also the vision encoder.
+
+    Attribute names match `VisionLanguageModel` (`lm`, `vision`), so parameter
+    names are the single-process model's.
+    """
+
+    def __init__(self, lm: LanguageModelChunk, vision: VisionEncoder | None):
+        super().__init__()
+        self.lm = lm
+        self.vision = vision
+
+    def forward(self, x: torch.Tensor, inputs: ModelInputs) -> torch.Tensor:
+        media_embeds = None
+        if self.vision is not None and inputs.grid_thw:
+            media_embeds = self.vision(inputs.patches, inputs.grid_thw)
+        return self.lm(x, inputs.position_ids, inputs.doc_ids, media_embeds, inputs.media_index)
+
+
+def is_expert_param(name: str) -> bool:
+    return ".experts." in name
+
+
+class ParallelEngine:
+    def __init__(self, model_cfg: ModelConfig, topology: Topology, *, micro_batch: int,
+                 seq_len: int, microbatches: int, seed: int, adamw: AdamWConfig,
+                 grad_clip: float):
+        self.cfg, self.topo = model_cfg, topology
+        sizes = topology.sizes
+        self.microbatches = microbatches
+        layers_per_stage = model_cfg.lm.layers // sizes.stages
+        local_experts = topology.local_experts(model_cfg.lm.num_experts)
+        self.stages: dict[int, StageModule] = {}
+        for stage in topology.stages_of_rank():
+            lm = LanguageModelChunk(model_cfg.lm, stage * layers_per_stage,
+                                    (stage + 1) * layers_per_stage, local_experts)
+            for moe in lm.moe_layers():
+                moe.dispatcher = AllToAllDispatcher(topology.ep_group, model_cfg.lm.num_experts)
+            vision = VisionEncoder(model_cfg) if stage == 0 else None
+            module = StageModule(lm, vision)
+            initialize(module, seed, model_cfg.lm.init_std)
+            self.stages[stage] = module
+        named = [(n, p) for m in self.stages.values() for n, p in m.named_parameters()]
+        dense = [(n, p) for n, p in named if not is_expert_param(n)]
+        expert = [(n, p) for n, p in named if is_expert_param(n)]
+        # every rank of a DP / expert-DP group holds the same stages, so all skip an empty group
+        groups = [ParamGroup([p for _, p in params], group, [n for n, _ in params])
+                  for params, group in ((dense, topology.dp_group), (expert, topology.edp_group))
+                  if params]
+        self.optimizer = Zero1Optimizer(groups, norm_group=topology.world_group, config=adamw,
+                                        max_grad_norm=grad_clip)
+        actions = schedule(sizes.pp, sizes.vpp, microbatches)[topology.pp_rank]
+        self.runtime = PipelineRuntime(
+            actions, num_stages=sizes.stages, microbatches=microbatches,
+            stage_rank=topology.stage_rank,
+            activation_shape=(micro_batch, seq_len, model_cfg.lm.hidden))
+
+    def step(self, microbatches: list[ModelInputs], lr: float) -> tuple[float, float]:
+        """One optimizer step on this replica's microbatches; returns (global loss, grad norm)."""
+        if len(microbatches) != self.microbatches:
+            raise ValueError(f"expected {self.microbatches} microbatches, got {len(microbatches)}")
+        count = torch.tensor(sum(int((m.labels != IGNORE_INDEX).sum()) for m in microbatches),
+                             dtype=torch.float64)
+        dist.all_reduce(count, group=self.topo.dp_group)
+        count = max(float(count), 1.0)
+
+        def forward(stage: int, x: torch.Tensor | None, mb: int) -> torch.Tensor:
+            inputs = microbatches[mb]
+            return self.stages[stage](inputs.tokens if x is None else x, inputs)
+
+        def loss_fn(logits: torch.Tensor, mb: int) -> torch.Tensor:
+            return cross_entropy_sum(logits, microbatches[mb].labels) / count
+
+        loss = self.runtime.run(forward, loss_fn).double()
+        dist.all_reduce(loss, group=self.topo.world_group)  # only last stages contribute
+        grad_norm = self.optimizer.step(lr)
+        self.optimizer.zero_grad()
+        self._update_router_biases()
+        return float(loss), float(grad_norm)
+
+    def _update_router_biases(self) -> None:
+        for module in self.stages.values():
+            for moe in module.lm.moe_layers():
+                load = moe.expert_load.clone()
+                dist.all_reduce(load, group=self.topo.dp_group)
+                moe.update_bias(load)
+
+    def named_tensors(self) -> dict[str, torch.Tensor]:
+        """Parameters and router-bias buffers this rank holds, by their global names."""
+        out = {}
+        for module in self.stages.values():
+            out.update({n: p.detach() for n, p in module.named_parameters()})
+            out.update({n: b for n, b in module.named_buffers() if n.endswith("router.bias")})
+        return out

@@ -1,0 +1,100 @@
+"""Expert-parallel token dispatch: dropless all-to-all with uneven splits.
+
+Experts are split evenly over the `ep` ranks of an expert-parallel group (rank
+r holds global experts [r*E/ep, (r+1)*E/ep)). Each rank routes its own tokens;
+the (token, k) pairs travel to the rank of their expert and back:
+
+    dispatch:  sort pairs by global expert ──> contiguous block per destination rank
+               all_to_all(counts per expert)        (everyone learns what it will receive)
+               all_to_all(tokens, uneven splits)    received in (source rank, local expert) order
+               regroup to (local expert, source rank) so each expert sees one contiguous block
+    experts:   this rank's experts run on their blocks
+    combine:   undo the regrouping, all_to_all back, undo the sort  ──> [T, K, D]
+
+Nothing is dropped and nothing is padded: an expert that receives no tokens
+gets an empty block. Gradients take the reverse route (the backward of an
+all-to-all is the all-to-all with the splits swapped). With ep = 1 no
+communication happens and the result equals `model.dispatcher.LocalDispatcher`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single with uneven splits whose backward sends the gradients back."""
+
+    @staticmethod
+    def forward(ctx, x_ND, send_splits: list[int], recv_splits: list[int], group):
+        ctx.send_splits, ctx.recv_splits, ctx.group = send_splits, recv_splits, group
+        out = x_ND.new_empty((sum(recv_splits),) + tuple(x_ND.shape[1:]))
+        dist.all_to_all_single(out, x_ND.contiguous(), output_split_sizes=recv_splits,
+                               input_split_sizes=send_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_in = grad_out.new_empty((sum(ctx.send_splits),) + tuple(grad_out.shape[1:]))
+        dist.all_to_all_single(grad_in, grad_out.contiguous(), output_split_sizes=ctx.send_splits,
+                               input_split_sizes=ctx.recv_splits, group=ctx.group)
+        return grad_in, None, None, None
+
+
+def all_to_all(x_ND, send_splits, recv_splits, group):
+    return _AllToAll.apply(x_ND, send_splits, recv_splits, group)
+
+
+@dataclass
+class _Route:
+    sort_order: torch.Tensor  # (token, k) index of each row after sorting by expert
+    num_tokens: int
+    top_k: int
+    send_splits: list[int]
+    recv_splits: list[int]
+    regroup: torch.Tensor  # received row feeding each row of the expert-grouped block
+
+
+class AllToAllDispatcher:
+    def __init__(self, group, num_experts: int):
+        self.group = group
+        self.ep = dist.get_world_size(group)
+        if num_experts % self.ep:
+            raise ValueError(f"{num_experts} experts do not split over {self.ep} expert ranks")
+        self.num_experts = num_experts
+        self.local = num_experts // self.ep
+
+    def dispatch(self, x_TD, topk_idx_TK):
+        T, K = topk_idx_TK.shape
+        flat_expert = topk_idx_TK.reshape(-1)
+        sort_order = torch.argsort(flat_expert, stable=True)
+        x_sorted = x_TD[sort_order // K]
+        counts_E = torch.bincount(flat_expert, minlength=self.num_experts)
+        if self.ep == 1:
+            recv_counts = counts_E.view(1, self.local)
+        else:
+            recv_counts = torch.empty_like(counts_E)
+            dist.all_to_all_single(recv_counts, counts_E, group=self.group)
+            recv_counts = recv_counts.view(self.ep, self.local)  # [source rank, local expert]
+        send_splits = counts_E.view(self.ep, self.local).sum(1).tolist()
+        recv_splits = recv_counts.sum(1).tolist()
+        x_recv = x_sorted if self.ep == 1 else all_to_all(x_sorted, send_splits, recv_splits,
+                                                          self.group)
+        # received order is (source, expert); the experts want (expert, source)
+        starts = torch.cumsum(recv_counts.reshape(-1), 0) - recv_counts.reshape(-1)
+        starts = starts.view(self.ep, self.local)
+        blocks = [torch.arange(int(starts[src, e]), int(starts[src, e] + recv_counts[src, e]))
+                  for e in range(self.local) for src in range(self.ep)]
+        regroup = torch.cat(blocks) if blocks else torch.zeros(0, dtype=torch.long)
+        rows_per_expert = recv_counts.sum(0).tolist()
+        route = _Route(sort_order, T, K, send_splits, recv_splits, regroup)
+        return x_recv[regroup], rows_per_expert, route
+
+    def combine(self, expert_out_ND, route: _Route):
+        out_recv = torch.empty_like(expert_out_ND).index_copy(0, route.regroup, expert_out_ND)
+        out_sorted = out_recv if self.ep == 1 else all_to_all(out_recv, route.recv_splits,
+                                                              route.send_splits, self.group)
+        out = torch.empty_like(out_sorted).index_copy(0, route.sort_order, out_sorted)
+        return out.view(route.num_tokens, route.top_k, -1)

@@ -1,0 +1,139 @@
+"""Who is who in a job: the parallel sizes, this rank's coordinates and every process group.
+
+World = PP x DP (TP = 1). Ranks are laid out as Megatron-Core does with the
+order "tp-cp-ep-dp-pp": pipeline stages are the outermost blocks, and expert
+parallel groups are carved out of the data-parallel ranks of one stage.
+Example, 8 ranks, pp=2 dp=4 ep=2:
+
+    stage 0: ranks 0 1 2 3      dp group {0,1,2,3}   ep groups {0,1} {2,3}   expert-dp {0,2} {1,3}
+    stage 1: ranks 4 5 6 7      dp group {4,5,6,7}   ep groups {4,5} {6,7}   expert-dp {4,6} {5,7}
+    pipelines: {0,4} {1,5} {2,6} {3,7}
+
+The groups are built by megatron-core's `parallel_state` (it runs on gloo and
+NCCL alike) and exposed only through this object: nothing else in the code
+base creates groups or reads global parallel state. `check_layout` refuses a
+layout that cannot run, before anything is allocated.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+from model.config import ConfigError
+
+
+class LayoutError(ConfigError):
+    """A parallel layout that cannot run; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class ParallelSizes:
+    pp: int = 1
+    vpp: int = 1
+    ep: int = 1
+    dp: int = 1
+
+    @property
+    def world(self) -> int:
+        return self.pp * self.dp
+
+    @property
+    def stages(self) -> int:
+        return self.pp * self.vpp
+
+
+def check_layout(sizes: ParallelSizes, *, layers: int, num_experts: int, microbatches: int,
+                 world_size: int | None = None) -> None:
+    """Refuse every layout that cannot run, naming the setting to change."""
+    for name in ("pp", "vpp", "ep", "dp"):
+        if getattr(sizes, name) < 1:
+            raise LayoutError(f"parallel.{name} must be >= 1")
+    if world_size is not None and world_size != sizes.world:
+        raise LayoutError(
+            f"the job has {world_size} ranks but parallel.pp x parallel.dp = {sizes.pp} x "
+            f"{sizes.dp} = {sizes.world}: launch {sizes.world} ranks or change pp/dp")
+    if layers % sizes.stages:
+        raise LayoutError(
+            f"model.lm.layers={layers} do not split evenly into parallel.pp x parallel.vpp = "
+            f"{sizes.pp} x {sizes.vpp} = {sizes.stages} pipeline chunks: change pp or vpp "
+            "(or the number of layers)")
+    if num_experts % sizes.ep:
+        raise LayoutError(
+            f"model.lm.num_experts={num_experts} do not split over parallel.ep={sizes.ep}: "
+            "choose an ep that divides the number of experts")
+    if sizes.dp % sizes.ep:
+        raise LayoutError(
+            f"parallel.ep={sizes.ep} must divide parallel.dp={sizes.dp}: expert-parallel groups "
+            "are carved out of the data-parallel ranks of one pipeline stage")
+    if sizes.pp > 1 and sizes.vpp > 1 and (microbatches < sizes.pp or microbatches % sizes.pp):
+        raise LayoutError(
+            f"interleaved 1F1B needs the microbatches per replica ({microbatches} = "
+            "train.global_batch / (parallel.dp x train.micro_batch)) to be a positive multiple "
+            f"of parallel.pp={sizes.pp}: change train.global_batch or train.micro_batch")
+    if sizes.pp == 1 and sizes.vpp > 1:
+        raise LayoutError("parallel.vpp > 1 needs parallel.pp > 1 (virtual stages interleave "
+                          "over pipeline ranks)")
+
+
+class Topology:
+    """Sizes, this rank's coordinates and the process groups of the job."""
+
+    def __init__(self, sizes: ParallelSizes):
+        if not dist.is_initialized():
+            raise RuntimeError("Topology needs torch.distributed initialised (torchrun sets it up)")
+        with warnings.catch_warnings():  # megatron warns that TE/Apex are absent: expected on CPU
+            warnings.simplefilter("ignore")
+            from megatron.core import parallel_state as ps  # heavy: only for distributed runs
+
+        if dist.get_world_size() != sizes.world:
+            raise LayoutError(f"world size {dist.get_world_size()} != pp x dp = {sizes.world}")
+        self.sizes = sizes
+        self.rank = dist.get_rank()
+        ps.destroy_model_parallel()
+        ps.initialize_model_parallel(
+            pipeline_model_parallel_size=sizes.pp,
+            virtual_pipeline_model_parallel_size=sizes.vpp if sizes.vpp > 1 else None,
+            expert_model_parallel_size=sizes.ep,
+            create_gloo_process_groups=False,
+        )
+        self.world_group = dist.group.WORLD
+        self.pp_group = ps.get_pipeline_model_parallel_group()
+        self.dp_group = ps.get_data_parallel_group()
+        self.ep_group = ps.get_expert_model_parallel_group()
+        self.edp_group = ps.get_expert_data_parallel_group()
+        self.pp_rank = dist.get_rank(self.pp_group)
+        self.dp_rank = dist.get_rank(self.dp_group)
+        self.ep_rank = dist.get_rank(self.ep_group)
+        self.edp_rank = dist.get_rank(self.edp_group)
+        # global ranks of this rank's pipeline, indexed by pipeline rank
+        self.pipeline_ranks = dist.get_process_group_ranks(self.pp_group)
+        self._ps = ps
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.sizes.pp - 1
+
+    def stages_of_rank(self) -> list[int]:
+        """Global chunk (virtual stage) indices held here: pp_rank, pp_rank + pp, ..."""
+        return [c * self.sizes.pp + self.pp_rank for c in range(self.sizes.vpp)]
+
+    def stage_rank(self, stage: int) -> int:
+        """Global rank (within this pipeline) that holds chunk `stage`."""
+        return self.pipeline_ranks[stage % self.sizes.pp]
+
+    def local_experts(self, num_experts: int) -> range:
+        per_rank = num_experts // self.sizes.ep
+        return range(self.ep_rank * per_rank, (self.ep_rank + 1) * per_rank)
+
+    def describe(self) -> str:
+        return (f"rank {self.rank}: pp_rank {self.pp_rank} dp_rank {self.dp_rank} "
+                f"ep_rank {self.ep_rank} edp_rank {self.edp_rank} stages {self.stages_of_rank()}")
+
+    def destroy(self) -> None:
+        self._ps.destroy_model_parallel()

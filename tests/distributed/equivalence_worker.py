@@ -1,0 +1,96 @@
+"""Worker: train the tiny model under several parallel layouts in one torchrun launch.
+
+For each layout given on the command line (e.g. `pp=2,vpp=2` or `pp=2,ep=2,dp=2`),
+build the topology and the parallel engine, train `--steps` steps on the
+synthetic data and gather every parameter (and router bias) to rank 0, which
+saves {layout: {"loss": [...], "grad_norm": [...], "tensors": {name: tensor}}}.
+
+A layout may name a mutant, a deliberate bug the test must catch:
+  mutant=drop_expert_bucket   expert gradients are not reduced over expert-DP
+  mutant=drop_microbatch      the schedule silently leaves out the last microbatch(es)
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+
+import torch
+import torch.distributed as dist
+
+from parallel.topology import ParallelSizes
+from trainer.config import JobConfig, load_config
+from trainer.train import _Distributed, train
+
+
+def job_config(base: list[str], layout: dict) -> JobConfig:
+    cfg = load_config(base)
+    for key in ("pp", "vpp", "ep", "dp"):
+        setattr(cfg.parallel, key, int(layout.get(key, 1)))
+    cfg.validate(world_size=dist.get_world_size())
+    return cfg
+
+
+def apply_mutant(dist_engine: _Distributed, mutant: str, microbatches: int) -> None:
+    engine = dist_engine.engine
+    if mutant == "drop_expert_bucket":
+        opt = engine.optimizer
+        original = opt._reduce_scatter_bucket
+        expert_group = opt.groups[-1]
+
+        def skip(group, bucket):
+            shard = original(group, bucket)
+            if group is expert_group and group.size > 1:
+                start, end = bucket.shard_range(group.rank)
+                flat = torch.zeros(bucket.padded_numel)
+                for slot in bucket.slots:
+                    grad = group.params[slot.index].grad
+                    if grad is not None:
+                        flat[slot.offset:slot.end] = grad.reshape(-1)
+                return flat[start:end].clone()  # this rank's own gradient only
+            return shard
+        opt._reduce_scatter_bucket = skip
+    elif mutant == "drop_microbatch":
+        from parallel.schedule import schedule
+        sizes = dist_engine.topology.sizes
+        dropped = sizes.pp if sizes.vpp > 1 else 1  # interleaving needs a multiple of pp
+        engine.runtime.actions = schedule(sizes.pp, sizes.vpp, microbatches - dropped)[
+            dist_engine.topology.pp_rank]
+    elif mutant:
+        raise ValueError(f"unknown mutant {mutant!r}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--layouts", required=True, help="';'-separated, e.g. 'pp=2,vpp=2;ep=2,dp=2'")
+    parser.add_argument("--base", default="", help="config overrides shared by all layouts")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    results = {}
+    for text in args.layouts.split(";"):
+        layout = dict(item.split("=") for item in text.split(","))
+        cfg = job_config(args.base.split(), layout)
+        cfg.job.run_dir = os.path.join(os.path.dirname(args.out), text.replace(",", "_"))
+        engine = _Distributed(cfg)
+        apply_mutant(engine, layout.get("mutant", ""), cfg.microbatches_per_replica)
+        records = train(cfg, rank=dist.get_rank(), engine=engine)
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, engine.engine.named_tensors())
+        tensors: dict[str, torch.Tensor] = {}
+        for rank_tensors in gathered:
+            for name, value in rank_tensors.items():
+                if name in tensors and not torch.equal(tensors[name], value):
+                    raise AssertionError(f"{text}: replicas disagree on {name}")
+                tensors[name] = value
+        results[text] = {"loss": [r["loss"] for r in records],
+                         "grad_norm": [r["grad_norm"] for r in records], "tensors": tensors}
+        engine.topology.destroy()
+    if dist.get_rank() == 0:
+        torch.save(results, args.out)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Backbone parallelism equals the single-process run: losses per step and every parameter.
+
+Each torchrun launch trains several layouts of the same world size in turn.
+The reference is the plain single-process engine on the same config, data and
+seed. Mutants (a dropped expert-gradient reduction, a schedule that leaves out
+a microbatch) must fail the same comparison, so the test is proven to check.
+"""
+import pytest
+import torch
+
+from tests.distributed.launcher import torchrun
+from trainer.config import load_config
+from trainer.train import SingleProcessEngine, train
+
+STEPS = 3
+BASE = ["--config", "configs/tiny.toml", "--train.steps", str(STEPS), "--train.global_batch", "8",
+        "--train.micro_batch", "1", "--data.seq_len", "64", "--data.max_image_patches_side", "6",
+        "--optim.warmup_steps", "1", "--optim.eps", "1e-6"]
+RTOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    torch.set_num_threads(1)
+    cfg = load_config(BASE + ["--job.run_dir", str(tmp_path_factory.mktemp("ref"))])
+    cfg.validate(world_size=1)
+    engine = SingleProcessEngine(cfg.model, cfg.optim, cfg.train.micro_batch, cfg.train.seed)
+    records = train(cfg, engine=engine)
+    tensors = engine.named_parameters()
+    tensors.update({n: b for n, b in engine.model.named_buffers() if n.endswith("router.bias")})
+    return {"loss": [r["loss"] for r in records], "grad_norm": [r["grad_norm"] for r in records],
+            "tensors": tensors}
+
+
+def mismatches(run: dict, ref: dict) -> list[str]:
+    problems = []
+    for step, (got, want) in enumerate(zip(run["loss"], ref["loss"])):
+        if abs(got - want) > RTOL * abs(want):
+            problems.append(f"step {step} loss {got!r} != {want!r}")
+    if len(run["loss"]) != len(ref["loss"]):
+        problems.append("different number of steps")
+    if set(run["tensors"]) != set(ref["tensors"]):
+        problems.append(f"names differ: {sorted(set(run['tensors']) ^ set(ref['tensors']))[:5]}")
+    for name, want in ref["tensors"].items():
+        got = run["tensors"].get(name)
+        if got is not None and not torch.allclose(got, want, rtol=RTOL, atol=RTOL):
+            problems.append(f"{name}: max diff {(got - want).abs().max().item():.3g}")
+    return problems
+
+
+def launch(tmp_path, nproc: int, layouts: list[str]) -> dict:
+    out = tmp_path / "results.pt"
+    torchrun("tests.distributed.equivalence_worker", nproc, "--out", str(out),
+             "--layouts", ";".join(layouts), "--base", " ".join(BASE))
+    return torch.load(out, weights_only=True)
+
+
+def check(results, reference, good, mutants=()):
+    for layout in good:
+        problems = mismatches(results[layout], reference)
+        assert not problems, f"{layout}: " + "; ".join(problems[:8])
+    for layout in mutants:
+        assert mismatches(results[layout], reference), f"{layout}: the mutant went unnoticed"
+
+
+def test_two_ranks(tmp_path, reference):
+    good = ["pp=2,vpp=2", "ep=2,dp=2", "pp=2"]
+    mutants = ["ep=2,dp=2,mutant=drop_microbatch"]
+    check(launch(tmp_path, 2, good + mutants), reference, good, mutants)
+
+
+def test_four_ranks_all_dimensions(tmp_path, reference):
+    good = ["pp=2,vpp=2,ep=2,dp=2"]
+    mutants = ["pp=2,vpp=2,dp=2,mutant=drop_microbatch"]
+    check(launch(tmp_path, 4, good + mutants), reference, good, mutants)
+
+
+def test_eight_ranks_all_dimensions(tmp_path, reference):
+    good = ["pp=2,vpp=2,ep=2,dp=4"]
+    mutants = ["pp=2,vpp=2,ep=2,dp=4,mutant=drop_expert_bucket"]
+    check(launch(tmp_path, 8, good + mutants), reference, good, mutants)
