@@ -86,6 +86,7 @@ class Loader:
         self._started = False
         self._state = self._snapshot()
         self.skipped_keys: list[tuple[str, str]] = []  # bad samples found while materialising
+        self.last_step_samples: list[list] = []  # per row of the last batch: (SampleRef, key)
 
     @property
     def tokenizer_info(self) -> tuple[int, int, int]:
@@ -153,9 +154,7 @@ class Loader:
         if self._pool is not None:
             for i, plans in enumerate(mine):
                 self._pool.submit((step, i), plans)
-            self._pending.append((step, None, self._snapshot()))
-        else:
-            self._pending.append((step, mine, self._snapshot()))
+        self._pending.append((step, mine, self._snapshot()))
 
     def __next__(self) -> Batch:
         if not self._started:
@@ -172,6 +171,7 @@ class Loader:
         else:
             results = [self._materializer.row(plans) for plans in mine]
         self._state = state
+        self.last_step_samples = [[(p.ref, p.key) for p in plans] for plans in mine]
         return self._to_batch(results)
 
     def _to_batch(self, results: list[RowResult]) -> Batch:

@@ -29,6 +29,7 @@ def _worker_main(worker_id: int, init: dict, tasks, results) -> None:
     while True:
         task = tasks.get()
         if task is None:
+            results.cancel_join_thread()  # results nobody will read must not block the exit
             return
         task_id, plans = task
         try:
@@ -69,6 +70,10 @@ class WorkerPool:
             self._done[tid] = payload
         return self._done.pop(task_id)
 
+    @staticmethod
+    def _tasks_drained(p) -> bool:
+        return True
+
     def close(self) -> None:
         for _ in self._procs:
             try:
@@ -76,6 +81,14 @@ class WorkerPool:
             except (ValueError, OSError):
                 pass
         for p in self._procs:
+            while p.is_alive():  # drain, so a worker blocked on a full pipe can finish
+                try:
+                    self._results.get(timeout=0.05)
+                except (queue.Empty, OSError, ValueError):
+                    pass
+                p.join(timeout=0.05)
+                if p.exitcode is None and not self._tasks_drained(p):
+                    break
             p.join(timeout=5)
             if p.is_alive():
                 p.terminate()

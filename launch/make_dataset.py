@@ -178,15 +178,21 @@ def train_tokenizer(texts: list[str], path: str, vocab_size: int = 2048) -> None
     tok.save(path)
 
 
-def build(out: str, *, num_digits: int = 600, samples_per_shard: int = 48) -> dict:
+VIDEO_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry")
+
+
+def build(out: str, *, num_digits: int = 600, num_text_docs: int | None = None,
+          video_photos: tuple[str, ...] = VIDEO_PHOTOS, samples_per_shard: int = 48) -> dict:
+    """Writes the demo into `out`; smaller arguments give the tiny variant tests use."""
     t0 = time.time()
     os.makedirs(out, exist_ok=True)
     photos = _photos()
     digits, labels = _digits(num_digits)
-    documents = _stdlib_documents()
+    all_documents = _stdlib_documents()
+    documents = all_documents[:num_text_docs]
     captions = list(PHOTOS.values()) + [f"A handwritten digit {NUMBER_WORDS[d]} ({d})." for d in range(10)]
     tok_path = os.path.join(tempfile.mkdtemp(prefix="k25tok-"), "tokenizer.json")
-    train_tokenizer(documents + captions * 20 + [" <ref>coin</ref><box>(012,345),(678,901)</box>"] * 50,
+    train_tokenizer(all_documents + captions * 20 + [" <ref>coin</ref><box>(012,345),(678,901)</box>"] * 50,
                     tok_path)
     tok = TextTokenizer(tok_path)
     writers = {name: ShardWriter(out, name, tok, samples_per_shard=samples_per_shard)
@@ -229,7 +235,7 @@ def build(out: str, *, num_digits: int = 600, samples_per_shard: int = 48) -> di
     gr.add("coins", {"jpg": _encode_image(coins), "json": json.dumps(meta).encode()})
 
     vid = writers["video"]
-    for name in ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry"):
+    for name in video_photos:
         for k, start in enumerate((0.0, 0.3)):
             frames = 8 if k == 0 else 6
             vid.add(f"pan_{name}_{k}", {

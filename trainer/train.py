@@ -41,7 +41,7 @@ def replica_microbatches(batch: Batch, dp_rank: int, dp: int, micro_batch: int
             for start in range(0, rows, micro_batch)]
 
 
-class _Distributed:
+class DistributedEngine:
     """The parallel engine and its process groups (only for world size > 1)."""
 
     def __init__(self, cfg: JobConfig):
@@ -70,7 +70,7 @@ def build_engine(cfg: JobConfig):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1 and cfg.parallel_sizes.world == 1 and cfg.parallel.vpp == 1:
         return SingleProcessEngine(cfg.model, cfg.optim, cfg.train.micro_batch, cfg.train.seed)
-    return _Distributed(cfg)
+    return DistributedEngine(cfg)
 
 
 def train(cfg: JobConfig, rank: int = 0, engine=None) -> list[dict]:

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from parallel.topology import ParallelSizes
 from trainer.config import JobConfig, load_config
-from trainer.train import _Distributed, train
+from trainer.train import DistributedEngine, train
 
 
 def job_config(base: list[str], layout: dict) -> JobConfig:
@@ -31,7 +31,7 @@ def job_config(base: list[str], layout: dict) -> JobConfig:
     return cfg
 
 
-def apply_mutant(dist_engine: _Distributed, mutant: str, microbatches: int) -> None:
+def apply_mutant(dist_engine: DistributedEngine, mutant: str, microbatches: int) -> None:
     engine = dist_engine.engine
     if mutant == "drop_expert_bucket":
         opt = engine.optimizer
@@ -73,7 +73,7 @@ def main() -> None:
         layout = dict(item.split("=") for item in text.split(","))
         cfg = job_config(args.base.split(), layout)
         cfg.job.run_dir = os.path.join(os.path.dirname(args.out), text.replace(",", "_"))
-        engine = _Distributed(cfg)
+        engine = DistributedEngine(cfg)
         apply_mutant(engine, layout.get("mutant", ""), cfg.microbatches_per_replica)
         records = train(cfg, rank=dist.get_rank(), engine=engine)
         gathered = [None] * dist.get_world_size()
