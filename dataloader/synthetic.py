@@ -32,6 +32,9 @@ class SyntheticConfig:
     max_side: int = 8  # largest image side, in patches (even)
     max_frames: int = 4
     num_classes: int = 8
+    # edge cases: row 0 holds one image with more patches than the rest of the batch, every
+    # 4th row (from row 3) is text only, every 4th row from row 2 holds media documents only
+    edge_cases: bool = False
 
 
 class SyntheticBatches:
@@ -53,17 +56,23 @@ class SyntheticBatches:
         doc_ids = torch.full((rows, S), -1, dtype=torch.long)
         media: list[MediaItem] = []
         for row in range(rows):
+            kind = self._row_kind(row)
             cursor, doc = 0, 0
-            media_left = cfg.media_per_seq
+            media_left = {"text": 0, "media_only": S, "huge": 1}.get(kind, cfg.media_per_seq)
             while cursor < S - 4:
                 if media_left > 0:
                     media_left -= 1
-                    item = self._media_item(gen, len(media), row)
+                    item = (self._huge_item(len(media), row) if kind == "huge"
+                            else self._media_item(gen, len(media), row))
                     doc_tokens, doc_labels = self._media_document(gen, item, S - cursor)
                     if doc_tokens is None:
+                        if kind == "media_only":
+                            break  # the rest of the row stays padding
                         continue
                     item.offset = cursor + 1  # after the bos token
                     media.append(item)
+                elif kind == "media_only":
+                    break
                 else:
                     doc_tokens, doc_labels = self._text_document(gen, S - cursor)
                 n = len(doc_tokens)
@@ -73,6 +82,18 @@ class SyntheticBatches:
                 doc_ids[row, cursor:cursor + n] = doc
                 cursor, doc = cursor + n, doc + 1
         return Batch(tokens, labels, positions, doc_ids, media)
+
+    def _row_kind(self, row: int) -> str:
+        if not self.cfg.edge_cases:
+            return "normal"
+        if row == 0:
+            return "huge"
+        return {3: "text", 2: "media_only"}.get(row % 4, "normal")
+
+    def _huge_item(self, item_id: int, row: int) -> MediaItem:
+        """The largest image whose caption document still fits in one sequence."""
+        half = int((self.cfg.seq_len - 10) ** 0.5)
+        return MediaItem(item_id=item_id, grid_thw=(1, 2 * half, 2 * half), row=row, offset=-1)
 
     def _text_document(self, gen, room: int) -> tuple[list[int], list[int]]:
         cfg = self.cfg

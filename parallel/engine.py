@@ -28,6 +28,7 @@ from model.lm import LanguageModelChunk
 from model.loss import IGNORE_INDEX, cross_entropy_sum
 from model.vision_language import VisionEncoder
 from parallel.adamw import AdamWConfig
+from parallel.dep import DecoupledEncoder, StepMedia
 from parallel.expert_dispatch import AllToAllDispatcher
 from parallel.pipeline_runtime import PipelineRuntime
 from parallel.schedule import schedule
@@ -47,9 +48,10 @@ class StageModule(nn.Module):
         self.lm = lm
         self.vision = vision
 
-    def forward(self, x: torch.Tensor, inputs: ModelInputs) -> torch.Tensor:
-        media_embeds = None
-        if self.vision is not None and inputs.grid_thw:
+    def forward(self, x: torch.Tensor, inputs: ModelInputs,
+                media_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """`media_embeds` (DEP) replace the encoder; colocated stage 0 runs its own encoder."""
+        if media_embeds is None and self.vision is not None and inputs.grid_thw:
             media_embeds = self.vision(inputs.patches, inputs.grid_thw)
         return self.lm(x, inputs.position_ids, inputs.doc_ids, media_embeds, inputs.media_index)
 
@@ -61,7 +63,9 @@ def is_expert_param(name: str) -> bool:
 class ParallelEngine:
     def __init__(self, model_cfg: ModelConfig, topology: Topology, *, micro_batch: int,
                  seq_len: int, microbatches: int, seed: int, adamw: AdamWConfig,
-                 grad_clip: float):
+                 grad_clip: float, encoder: str = "colocated"):
+        if encoder not in ("colocated", "dep"):
+            raise ValueError(f"encoder={encoder!r}: choose 'dep' or 'colocated'")
         self.cfg, self.topo = model_cfg, topology
         sizes = topology.sizes
         self.microbatches = microbatches
@@ -73,16 +77,25 @@ class ParallelEngine:
                                     (stage + 1) * layers_per_stage, local_experts)
             for moe in lm.moe_layers():
                 moe.dispatcher = AllToAllDispatcher(topology.ep_group, model_cfg.lm.num_experts)
-            vision = VisionEncoder(model_cfg) if stage == 0 else None
+            vision = VisionEncoder(model_cfg) if stage == 0 and encoder == "colocated" else None
             module = StageModule(lm, vision)
             initialize(module, seed, model_cfg.lm.init_std)
             self.stages[stage] = module
         named = [(n, p) for m in self.stages.values() for n, p in m.named_parameters()]
         dense = [(n, p) for n, p in named if not is_expert_param(n)]
         expert = [(n, p) for n, p in named if is_expert_param(n)]
-        # every rank of a DP / expert-DP group holds the same stages, so all skip an empty group
+        encoder_params = []
+        self.dep: DecoupledEncoder | None = None
+        if encoder == "dep":  # replicated on every rank, outside the pipeline
+            vision = VisionEncoder(model_cfg)
+            initialize(vision, seed, model_cfg.lm.init_std, prefix="vision")
+            self.dep = DecoupledEncoder(vision, topology.world_group,
+                                        topology.stage0_rank_of_replica)
+            encoder_params = [(f"vision.{n}", p) for n, p in vision.named_parameters()]
+        # every rank of a group holds the same stages, so all members skip an empty group
         groups = [ParamGroup([p for _, p in params], group, [n for n, _ in params])
-                  for params, group in ((dense, topology.dp_group), (expert, topology.edp_group))
+                  for params, group in ((dense, topology.dp_group), (expert, topology.edp_group),
+                                        (encoder_params, topology.world_group))
                   if params]
         self.optimizer = Zero1Optimizer(groups, norm_group=topology.world_group, config=adamw,
                                         max_grad_norm=grad_clip)
@@ -92,8 +105,13 @@ class ParallelEngine:
             stage_rank=topology.stage_rank,
             activation_shape=(micro_batch, seq_len, model_cfg.lm.hidden))
 
-    def step(self, microbatches: list[ModelInputs], lr: float) -> tuple[float, float]:
-        """One optimizer step on this replica's microbatches; returns (global loss, grad norm)."""
+    def step(self, microbatches: list[ModelInputs], lr: float, media: StepMedia | None = None,
+             media_ids: list[list[int]] | None = None) -> tuple[float, float]:
+        """One optimizer step on this replica's microbatches; returns (global loss, grad norm).
+
+        In DEP mode `media` describes the global batch's media and `media_ids[mb]` lists the
+        item ids of microbatch `mb` in placeholder order.
+        """
         if len(microbatches) != self.microbatches:
             raise ValueError(f"expected {self.microbatches} microbatches, got {len(microbatches)}")
         count = torch.tensor(sum(int((m.labels != IGNORE_INDEX).sum()) for m in microbatches),
@@ -101,14 +119,21 @@ class ParallelEngine:
         dist.all_reduce(count, group=self.topo.dp_group)
         count = max(float(count), 1.0)
 
+        leaves = self.dep.forward(media) if self.dep is not None else {}
+
         def forward(stage: int, x: torch.Tensor | None, mb: int) -> torch.Tensor:
             inputs = microbatches[mb]
-            return self.stages[stage](inputs.tokens if x is None else x, inputs)
+            embeds = None
+            if stage == 0 and self.dep is not None and media_ids[mb]:
+                embeds = torch.cat([leaves[i] for i in media_ids[mb]])
+            return self.stages[stage](inputs.tokens if x is None else x, inputs, embeds)
 
         def loss_fn(logits: torch.Tensor, mb: int) -> torch.Tensor:
             return cross_entropy_sum(logits, microbatches[mb].labels) / count
 
         loss = self.runtime.run(forward, loss_fn).double()
+        if self.dep is not None:
+            self.dep.backward()
         dist.all_reduce(loss, group=self.topo.world_group)  # only last stages contribute
         grad_norm = self.optimizer.step(lr)
         self.optimizer.zero_grad()
@@ -128,4 +153,7 @@ class ParallelEngine:
         for module in self.stages.values():
             out.update({n: p.detach() for n, p in module.named_parameters()})
             out.update({n: b for n, b in module.named_buffers() if n.endswith("router.bias")})
+        if self.dep is not None:
+            out.update({f"vision.{n}": p.detach()
+                        for n, p in self.dep.encoder.named_parameters()})
         return out

@@ -109,6 +109,10 @@ class Topology:
         self.edp_rank = dist.get_rank(self.edp_group)
         # global ranks of this rank's pipeline, indexed by pipeline rank
         self.pipeline_ranks = dist.get_process_group_ranks(self.pp_group)
+        coords = [None] * sizes.world
+        dist.all_gather_object(coords, (self.pp_rank, self.dp_rank))
+        # global rank of pipeline stage 0 of each data-parallel replica (DEP sends media there)
+        self.stage0_rank_of_replica = [coords.index((0, r)) for r in range(sizes.dp)]
         self._ps = ps
 
     @property

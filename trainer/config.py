@@ -53,6 +53,9 @@ class DataSection:
     # synthetic generator only: media per sequence and the largest image side in patches
     media_per_seq: int = 1
     max_image_patches_side: int = 8
+    # add the edge cases DEP must handle: one image larger than the rest of the batch,
+    # text-only rows and media-only rows
+    edge_cases: bool = False
 
 
 @dataclass
@@ -61,7 +64,9 @@ class ParallelSection:
     vpp: int = 1
     ep: int = 1
     dp: int = 1
-    encoder: str = "colocated"  # "colocated" (vision encoder on pipeline stage 0) or "dep"
+    # "dep": Decoupled Encoder Process (encoder replicated on all ranks, outside the pipeline);
+    # "colocated": encoder inside pipeline stage 0 (the baseline most VLM trainers use)
+    encoder: str = "dep"
 
 
 @dataclass
@@ -112,9 +117,6 @@ class JobConfig:
                 f"train.micro_batch = {p.dp} x {t.micro_batch}")
         if p.encoder not in ("colocated", "dep"):
             raise ConfigError(f"parallel.encoder={p.encoder!r}: choose 'dep' or 'colocated'")
-        if p.encoder == "dep":
-            raise ConfigError("parallel.encoder='dep' (Decoupled Encoder Process) is not "
-                              "implemented yet; use --parallel.encoder colocated")
         if d.uri != "synthetic":
             raise ConfigError(f"data.uri={d.uri!r}: only the built-in 'synthetic' generator "
                               "exists until the streaming data loader lands")

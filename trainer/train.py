@@ -16,7 +16,6 @@ import torch.distributed as dist
 
 from dataloader.batch import Batch
 from dataloader.synthetic import SyntheticBatches, SyntheticConfig
-from model.inputs import ModelInputs
 from trainer.batch_inputs import model_inputs
 from trainer.config import JobConfig, to_dict
 from trainer.lr_schedule import learning_rate
@@ -29,16 +28,29 @@ def synthetic_data(cfg: JobConfig) -> SyntheticBatches:
         seq_len=cfg.data.seq_len, vocab_size=cfg.model.lm.vocab_size,
         media_token_id=cfg.model.media_token_id, patch_dim=cfg.model.vision.patch_dim,
         media_per_seq=cfg.data.media_per_seq, max_side=cfg.data.max_image_patches_side,
-        max_frames=cfg.model.vision.max_frames), seed=cfg.train.seed)
+        max_frames=cfg.model.vision.max_frames, edge_cases=cfg.data.edge_cases),
+        seed=cfg.train.seed)
 
 
-def replica_microbatches(batch: Batch, dp_rank: int, dp: int, micro_batch: int
-                         ) -> list[ModelInputs]:
+def replica_microbatches(batch: Batch, dp_rank: int, dp: int, micro_batch: int) -> list[Batch]:
     """Rows of replica `dp_rank` of the global batch, cut into microbatches."""
     rows = batch.num_rows // dp
     mine = batch.rows(dp_rank * rows, (dp_rank + 1) * rows)
-    return [model_inputs(mine.rows(start, start + micro_batch))
-            for start in range(0, rows, micro_batch)]
+    return [mine.rows(start, start + micro_batch) for start in range(0, rows, micro_batch)]
+
+
+def step_media(batch: Batch, dp: int, micro_batch: int):
+    """DEP's view of the global batch: metadata of every media item, and a pixel fetcher."""
+    from parallel.dep import StepMedia
+    from parallel.dep_plan import MediaRef
+
+    rows_per_replica = batch.num_rows // dp
+    refs = [MediaRef(item_id=m.item_id, replica=m.row // rows_per_replica,
+                     microbatch=(m.row % rows_per_replica) // micro_batch,
+                     num_patches=m.num_patches, num_tokens=m.num_tokens) for m in batch.media]
+    by_id = {m.item_id: m for m in batch.media}
+    return StepMedia(refs=refs, grids={m.item_id: m.grid_thw for m in batch.media},
+                     fetch=lambda items: [by_id[r.item_id].patches for r in items])
 
 
 class DistributedEngine:
@@ -57,13 +69,17 @@ class DistributedEngine:
             cfg.model, self.topology, micro_batch=cfg.train.micro_batch, seq_len=cfg.data.seq_len,
             microbatches=cfg.microbatches_per_replica, seed=cfg.train.seed,
             adamw=AdamWConfig(beta1=o.beta1, beta2=o.beta2, eps=o.eps, weight_decay=o.weight_decay),
-            grad_clip=o.grad_clip)
+            grad_clip=o.grad_clip, encoder=cfg.parallel.encoder)
         self.cfg = cfg
 
     def step(self, batch: Batch, lr: float) -> tuple[float, float]:
-        mbs = replica_microbatches(batch, self.topology.dp_rank, self.cfg.parallel.dp,
-                                   self.cfg.train.micro_batch)
-        return self.engine.step(mbs, lr)
+        dp, micro = self.cfg.parallel.dp, self.cfg.train.micro_batch
+        mbs = replica_microbatches(batch, self.topology.dp_rank, dp, micro)
+        if self.cfg.parallel.encoder == "dep":
+            return self.engine.step([model_inputs(b) for b in mbs], lr,
+                                    media=step_media(batch, dp, micro),
+                                    media_ids=[[m.item_id for m in b.media] for b in mbs])
+        return self.engine.step([model_inputs(b) for b in mbs], lr)
 
 
 def build_engine(cfg: JobConfig):

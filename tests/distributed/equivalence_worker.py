@@ -8,6 +8,7 @@ saves {layout: {"loss": [...], "grad_norm": [...], "tensors": {name: tensor}}}.
 A layout may name a mutant, a deliberate bug the test must catch:
   mutant=drop_expert_bucket   expert gradients are not reduced over expert-DP
   mutant=drop_microbatch      the schedule silently leaves out the last microbatch(es)
+  mutant=skip_encoder_backward  DEP never back-propagates into the vision encoder
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ def job_config(base: list[str], layout: dict) -> JobConfig:
     cfg = load_config(base)
     for key in ("pp", "vpp", "ep", "dp"):
         setattr(cfg.parallel, key, int(layout.get(key, 1)))
+    cfg.parallel.encoder = layout.get("encoder", cfg.parallel.encoder)
     cfg.validate(world_size=dist.get_world_size())
     return cfg
 
@@ -56,6 +58,9 @@ def apply_mutant(dist_engine: DistributedEngine, mutant: str, microbatches: int)
         dropped = sizes.pp if sizes.vpp > 1 else 1  # interleaving needs a multiple of pp
         engine.runtime.actions = schedule(sizes.pp, sizes.vpp, microbatches - dropped)[
             dist_engine.topology.pp_rank]
+    elif mutant == "skip_encoder_backward":
+        dep = engine.dep
+        dep.backward = lambda: setattr(dep, "_leaves", {})
     elif mutant:
         raise ValueError(f"unknown mutant {mutant!r}")
 
