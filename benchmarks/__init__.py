@@ -1,0 +1,1 @@
+"""Measured comparisons (not tests): each module's `main` prints one table."""
