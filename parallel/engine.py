@@ -147,6 +147,23 @@ class ParallelEngine:
                 dist.all_reduce(load, group=self.topo.dp_group)
                 moe.update_bias(load)
 
+    # ------------------------------------------------------------------ checkpoints
+
+    def optimizer_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        return self.optimizer.full_state()
+
+    def empty_optimizer_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {n: {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+                for g in self.optimizer.groups for bucket in g.buckets for slot in bucket.slots
+                for n, p in [(slot.name, g.params[slot.index])]}
+
+    def load_optimizer_state(self, state: dict[str, dict[str, torch.Tensor]], step: int) -> None:
+        self.optimizer.load_full_state(state, step)
+
+    @property
+    def optimizer_steps(self) -> int:
+        return self.optimizer.step_count
+
     def named_tensors(self) -> dict[str, torch.Tensor]:
         """Parameters and router-bias buffers this rank holds, by their global names."""
         out = {}

@@ -407,6 +407,44 @@ class Zero1Optimizer:
                        for g in self.groups],
         }
 
+    @torch.no_grad()
+    def full_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Every parameter's whole AdamW moments by name, gathered over its group.
+
+        Checkpoints store this layout-free form, so a run saved with one dp / pp / ep
+        loads into another: `load_full_state` takes each rank's slice again.
+        """
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for group in self.groups:
+            for bucket in group.buckets:
+                for kind, shards in (("exp_avg", group.exp_avg), ("exp_avg_sq", group.exp_avg_sq)):
+                    shard = shards[bucket.index]
+                    if group.size == 1:
+                        flat = shard
+                    else:
+                        flat = torch.empty(bucket.padded_numel, device=self.device)
+                        _all_gather_flat(flat, shard, group=group.process_group)
+                    for slot in bucket.slots:
+                        out.setdefault(slot.name, {})[kind] = \
+                            flat[slot.offset:slot.end].view(slot.shape).clone()
+        return out
+
+    @torch.no_grad()
+    def load_full_state(self, state: dict[str, dict[str, torch.Tensor]], step: int) -> None:
+        """Take this rank's shard of every parameter's moments from `full_state()` output."""
+        for group in self.groups:
+            for bucket in group.buckets:
+                for piece in bucket.pieces(group.rank):
+                    name = piece.slot.name
+                    if name not in state:
+                        raise KeyError(f"optimizer state has no moments for parameter {name!r}")
+                    for kind, shards in (("exp_avg", group.exp_avg),
+                                         ("exp_avg_sq", group.exp_avg_sq)):
+                        full = state[name][kind].reshape(-1)
+                        shards[bucket.index][piece.shard_start:piece.shard_start + piece.numel] \
+                            .copy_(full[piece.param_start:piece.param_start + piece.numel])
+        self.step_count = int(step)
+
     def load_state_dict(self, state: dict) -> None:
         """Copy a ``state_dict()`` of the same layout (same groups, buckets, group sizes)."""
         if len(state["groups"]) != len(self.groups):

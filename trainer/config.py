@@ -123,12 +123,9 @@ class JobConfig:
         if d.media_per_seq < 0 or d.max_image_patches_side < 2:
             raise ConfigError("data.media_per_seq must be >= 0 and "
                               "data.max_image_patches_side >= 2")
-        if self.checkpoint.interval != 0:
-            raise ConfigError("checkpoint.interval: checkpoints are not implemented yet; "
-                              "leave it at 0")
-        if self.resume != "none":
-            raise ConfigError(f"resume={self.resume!r}: resuming is not implemented yet; "
-                              "use --resume none")
+        if self.checkpoint.interval < 0 or self.checkpoint.keep < 1:
+            raise ConfigError("checkpoint.interval must be >= 0 (0 disables) and "
+                              "checkpoint.keep >= 1")
         if self.model.preset == "k25":
             raise ConfigError("model.preset='k25' is the full 1T-parameter model: it is only "
                               "counted (python -m launch.plan --model k25), not trained here")

@@ -53,6 +53,7 @@ class SingleProcessEngine:
         self.grad_clip = optim.grad_clip
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = adamw(self.params, optim)
+        self.steps_done = 0
 
     def step(self, batch: Batch, lr: float) -> tuple[float, float]:
         """One optimizer step on the global batch; returns (loss, grad norm before clipping)."""
@@ -65,14 +66,49 @@ class SingleProcessEngine:
             loss = cross_entropy_sum(logits, x.labels) / count
             loss.backward()
             loss_total += loss.item()
+        for p in self.params:  # an unused parameter (an expert without tokens) has a zero
+            if p.grad is None:  # gradient, as in ZeRO-1's flat buffers, not a skipped update
+                p.grad = torch.zeros_like(p)
         grad_norm = clip_grad_norm_fp64(self.params, self.grad_clip)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.steps_done += 1
         for moe in self.model.lm.moe_layers():
             moe.update_bias(moe.expert_load.clone())
         return loss_total, grad_norm
 
     def named_parameters(self) -> dict[str, torch.Tensor]:
         return {name: p.detach() for name, p in self.model.named_parameters()}
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def named_tensors(self) -> dict[str, torch.Tensor]:
+        """Parameters and router balancing biases by their global names."""
+        out = self.named_parameters()
+        out.update({n: b for n, b in self.model.named_buffers() if n.endswith("router.bias")})
+        return out
+
+    def optimizer_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        out = {}
+        for name, p in self.model.named_parameters():
+            st = self.optimizer.state.get(p)  # empty only before the first step
+            out[name] = ({"exp_avg": st["exp_avg"], "exp_avg_sq": st["exp_avg_sq"]} if st else
+                         {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)})
+        return out
+
+    def empty_optimizer_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {n: {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+                for n, p in self.model.named_parameters()}
+
+    def load_optimizer_state(self, state: dict[str, dict[str, torch.Tensor]], step: int) -> None:
+        for name, p in self.model.named_parameters():
+            self.optimizer.state[p] = {"step": torch.tensor(float(step)),
+                                       "exp_avg": state[name]["exp_avg"].clone(),
+                                       "exp_avg_sq": state[name]["exp_avg_sq"].clone()}
+        self.steps_done = step
+
+    @property
+    def optimizer_steps(self) -> int:
+        return self.steps_done

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from dataloader.batch import Batch
 from dataloader.synthetic import SyntheticBatches, SyntheticConfig
 from trainer.batch_inputs import model_inputs
+from trainer.checkpoint import CheckpointManager
 from trainer.config import JobConfig, to_dict
 from trainer.lr_schedule import learning_rate
 from trainer.metrics import MetricsWriter
@@ -81,6 +82,19 @@ class DistributedEngine:
                                     media_ids=[[m.item_id for m in b.media] for b in mbs])
         return self.engine.step([model_inputs(b) for b in mbs], lr)
 
+    # checkpoint state: what this rank holds, by global name
+    def named_tensors(self):
+        return self.engine.named_tensors()
+
+    def optimizer_state(self):
+        return self.engine.optimizer_state()
+
+    def empty_optimizer_state(self):
+        return self.engine.empty_optimizer_state()
+
+    def load_optimizer_state(self, state, step: int) -> None:
+        self.engine.load_optimizer_state(state, step)
+
 
 def build_engine(cfg: JobConfig):
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -89,8 +103,27 @@ def build_engine(cfg: JobConfig):
     return DistributedEngine(cfg)
 
 
+def _layout(cfg: JobConfig) -> dict:
+    return {"pp": cfg.parallel.pp, "vpp": cfg.parallel.vpp, "ep": cfg.parallel.ep,
+            "dp": cfg.parallel.dp, "encoder": cfg.parallel.encoder,
+            "world": int(os.environ.get("WORLD_SIZE", "1"))}
+
+
+def resume_step(cfg: JobConfig, engine, checkpoints: CheckpointManager) -> int:
+    """Load the checkpoint `--resume` names into the engine; return the step to continue at."""
+    path = checkpoints.resolve(cfg.resume)
+    if path is None:
+        return 0
+    meta = checkpoints.read_meta(path, to_dict(cfg)["model"])
+    optimizer = engine.empty_optimizer_state()
+    checkpoints.load(path, engine.named_tensors(), optimizer,
+                     same_world=meta["layout"]["world"] == _layout(cfg)["world"])
+    engine.load_optimizer_state(optimizer, meta["step"])
+    return int(meta["step"])
+
+
 def train(cfg: JobConfig, rank: int = 0, engine=None) -> list[dict]:
-    """Run `cfg.train.steps` steps; return the per-step metric records."""
+    """Run from the resumed step (or 0) to `cfg.train.steps`; return the metric records."""
     run_dir = Path(cfg.job.run_dir)
     is_logger = rank == 0
     if is_logger:
@@ -99,9 +132,11 @@ def train(cfg: JobConfig, rank: int = 0, engine=None) -> list[dict]:
     torch.manual_seed(cfg.train.seed)
     data = synthetic_data(cfg)
     engine = engine or build_engine(cfg)
-    metrics = MetricsWriter(run_dir, is_logger, cfg.job.log_every)
+    checkpoints = CheckpointManager(run_dir, cfg.checkpoint.keep)
+    start = resume_step(cfg, engine, checkpoints)
+    metrics = MetricsWriter(run_dir, is_logger, cfg.job.log_every, first_step=start)
     records = []
-    for step in range(cfg.train.steps):
+    for step in range(start, cfg.train.steps):
         batch = data.global_batch(step, cfg.train.global_batch)
         batch.validate(cfg.model.media_token_id)
         lr = learning_rate(step, cfg.optim, cfg.train.steps)
@@ -114,5 +149,10 @@ def train(cfg: JobConfig, rank: int = 0, engine=None) -> list[dict]:
                   "step_time_s": elapsed, "tokens_per_s": tokens / elapsed}
         metrics.write(record)
         records.append(record)
+        done = step + 1
+        if cfg.checkpoint.interval and (done % cfg.checkpoint.interval == 0
+                                        or done == cfg.train.steps):
+            checkpoints.save(done, engine.named_tensors(), engine.optimizer_state(),
+                             {"model": to_dict(cfg)["model"], "layout": _layout(cfg)})
     metrics.close()
     return records
