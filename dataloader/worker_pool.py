@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import queue
+import time
 import traceback
 
 
@@ -70,26 +71,21 @@ class WorkerPool:
             self._done[tid] = payload
         return self._done.pop(task_id)
 
-    @staticmethod
-    def _tasks_drained(p) -> bool:
-        return True
-
     def close(self) -> None:
+        """Stops the workers; results still in flight are drained and dropped."""
         for _ in self._procs:
             try:
                 self._tasks.put(None)
             except (ValueError, OSError):
                 pass
+        deadline = time.monotonic() + 5.0
         for p in self._procs:
-            while p.is_alive():  # drain, so a worker blocked on a full pipe can finish
-                try:
-                    self._results.get(timeout=0.05)
-                except (queue.Empty, OSError, ValueError):
+            while p.is_alive() and time.monotonic() < deadline:
+                try:  # a worker blocked writing a result to a full pipe needs a reader
+                    self._results.get(timeout=0.02)
+                except (queue.Empty, OSError, ValueError, EOFError):
                     pass
-                p.join(timeout=0.05)
-                if p.exitcode is None and not self._tasks_drained(p):
-                    break
-            p.join(timeout=5)
+                p.join(timeout=0.02)
             if p.is_alive():
                 p.terminate()
                 p.join(timeout=5)
