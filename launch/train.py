@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 import torch
@@ -22,8 +23,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-    from trainer.train import train
-    train(cfg, rank=rank)
+    from trainer.train import StopRequest, train
+
+    def request_stop(signum, frame):
+        StopRequest.requested = True
+
+    previous = signal.signal(signal.SIGTERM, request_stop)
+    StopRequest.requested = False
+    try:
+        train(cfg, rank=rank)
+    except ConfigError as e:  # found once state is read (e.g. a checkpoint of another model)
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

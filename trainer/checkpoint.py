@@ -112,6 +112,20 @@ def _config_differences(saved: dict, current: dict, prefix: str = "") -> list[st
     return diffs
 
 
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint, in one process (for inspection and tests)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    state = {key: torch.empty(meta.size, dtype=meta.properties.dtype)
+             for key, meta in metadata.state_dict_metadata.items()
+             if isinstance(meta, TensorStorageMetadata)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "assuming a single process": intended here
+        dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    return state
+
+
 class CheckpointManager:
     def __init__(self, run_dir: str | Path, keep: int):
         self.root = Path(run_dir) / "checkpoints"
@@ -130,7 +144,9 @@ class CheckpointManager:
         _barrier()
         state = {"model": model, "optim": optimizer,
                  "rng": {f"rank{rank}": torch.get_rng_state()}}
-        dcp.save(state, checkpoint_id=str(tmp))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # single process: DCP warns that it is one
+            dcp.save(state, checkpoint_id=str(tmp))
         _barrier()
         if rank == 0:
             (tmp / META).write_text(json.dumps(dict(meta, step=step, saved_at=time.time()),
@@ -182,7 +198,9 @@ class CheckpointManager:
         if same_world:
             state["rng"] = {f"rank{_rank()}": rng}
         try:
-            dcp.load(state, checkpoint_id=str(path))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                dcp.load(state, checkpoint_id=str(path))
         except Exception as e:  # e.g. a layout that holds a name the checkpoint lacks
             raise ConfigError(f"cannot load checkpoint {path} into this layout: {e}") from e
         if same_world:

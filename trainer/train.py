@@ -122,6 +122,20 @@ def resume_step(cfg: JobConfig, engine, checkpoints: CheckpointManager) -> int:
     return int(meta["step"])
 
 
+class StopRequest:
+    """Set by SIGTERM/SIGINT (see launch.train): finish the step, checkpoint, exit cleanly."""
+
+    requested = False
+
+
+def _stop_agreed() -> bool:
+    """Every rank must stop after the same step, whichever rank saw the signal."""
+    flag = torch.tensor(1.0 if StopRequest.requested else 0.0)
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag)
+
+
 def train(cfg: JobConfig, rank: int = 0, engine=None) -> list[dict]:
     """Run from the resumed step (or 0) to `cfg.train.steps`; return the metric records."""
     run_dir = Path(cfg.job.run_dir)
@@ -150,9 +164,15 @@ def train(cfg: JobConfig, rank: int = 0, engine=None) -> list[dict]:
         metrics.write(record)
         records.append(record)
         done = step + 1
-        if cfg.checkpoint.interval and (done % cfg.checkpoint.interval == 0
+        stop = _stop_agreed()
+        if cfg.checkpoint.interval and (done % cfg.checkpoint.interval == 0 or stop
                                         or done == cfg.train.steps):
             checkpoints.save(done, engine.named_tensors(), engine.optimizer_state(),
                              {"model": to_dict(cfg)["model"], "layout": _layout(cfg)})
+        if stop:
+            if is_logger:
+                print(f"stopped on request after step {step}; resume with --resume auto",
+                      flush=True)
+            break
     metrics.close()
     return records

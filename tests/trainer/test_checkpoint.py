@@ -1,0 +1,74 @@
+"""Checkpoint integrity in one process: resume is bitwise, damage is detected, mismatches refused."""
+import json
+import warnings
+
+import pytest
+
+from launch.train import main as train_main
+from model.config import ConfigError
+from trainer.checkpoint import checkpoints, read_tensors, verify
+
+ARGS = ["--config", "configs/tiny.toml", "--train.steps", "4", "--train.global_batch", "2",
+        "--data.seq_len", "48", "--checkpoint.interval", "2", "--checkpoint.keep", "5"]
+
+
+def run(run_dir, *extra):
+    assert train_main(ARGS + ["--job.run_dir", str(run_dir), *extra]) == 0
+    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("ref")
+    return run_dir, run(run_dir)
+
+
+def test_resume_is_bitwise_identical(tmp_path, reference):
+    ref_dir, ref = reference
+    assert [p.name for p in checkpoints(ref_dir / "checkpoints")] == ["step_00000004",
+                                                                     "step_00000002"]
+    # an interrupted copy: only the step-2 checkpoint survived
+    run(tmp_path, "--train.steps", "4")
+    import shutil
+    shutil.rmtree(tmp_path / "checkpoints" / "step_00000004")
+    resumed = run(tmp_path, "--resume", "auto")
+    assert [(r["step"], r["loss"], r["grad_norm"]) for r in resumed] == \
+        [(r["step"], r["loss"], r["grad_norm"]) for r in ref]
+    a = read_tensors(ref_dir / "checkpoints" / "step_00000004")
+    b = read_tensors(tmp_path / "checkpoints" / "step_00000004")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+def test_truncated_checkpoint_is_skipped(tmp_path):
+    run(tmp_path)
+    newest = checkpoints(tmp_path / "checkpoints")[0]
+    data = next(newest.glob("*.distcp"))
+    data.write_bytes(data.read_bytes()[:1000])
+    assert "bytes" in verify(newest)
+    with pytest.warns(UserWarning, match="skipping checkpoint .*step_00000004"):
+        resumed = run(tmp_path, "--resume", "auto")
+    assert resumed[0]["step"] == 0 and resumed[-1]["step"] == 3  # steps 2, 3 redone from step 2
+    assert len(resumed) == 4
+
+
+def test_empty_run_dir_starts_fresh_and_tmp_dirs_are_ignored(tmp_path):
+    (tmp_path / "checkpoints" / ".tmp-step_00000009").mkdir(parents=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to skip, nothing to warn about
+        records = run(tmp_path, "--resume", "auto", "--train.steps", "1",
+                      "--checkpoint.interval", "0")
+    assert [r["step"] for r in records] == [0]
+
+
+def test_other_model_config_is_refused(tmp_path, reference, capsys):
+    ref_dir, _ = reference
+    code = train_main(ARGS + ["--job.run_dir", str(tmp_path), "--model.lm.expert_hidden", "64",
+                              "--resume", str(ref_dir / "checkpoints" / "step_00000002")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "saved for another model config" in err and "expert_hidden: checkpoint 128, now 64" in err
+
+
+def test_resume_path_must_be_a_complete_checkpoint(tmp_path, capsys):
+    assert train_main(ARGS + ["--job.run_dir", str(tmp_path), "--resume", str(tmp_path)]) == 2
+    assert "no MANIFEST.json" in capsys.readouterr().err
