@@ -2,7 +2,7 @@
 
     python -m benchmarks.pipeline [--out runs/bench_pipeline] [--pp 2] [--vpps 1,2]
                                   [--microbatches 8] [--layers 8] [--warmup 1] [--steps 3]
-                                  [--a.b value ...]   (any other job-config override)
+                                  [--torch-profile] [--a.b value ...]  (job-config overrides)
 
 Same model, global batch and microbatches for every layout; only the number of chunks
 per rank changes. Each layout runs in its own torchrun launch (benchmarks/pipeline_worker.py,
@@ -140,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--torch-profile", action="store_true",
+                        help="also export per-rank torch.profiler traces to OUT/torch_vpp<v>/")
     args, overrides = parser.parse_known_args(argv)
     vpps = [int(v) for v in args.vpps.split(",")]
     out_dir = Path(args.out)
@@ -151,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                        "--train.micro_batch", "1", "--train.global_batch", str(args.microbatches),
                        "--model.lm.layers", str(args.layers), "--data.seq_len", str(args.seq_len),
                        *overrides]
+        if args.torch_profile:
+            worker_args += ["--torch-profile", str(out_dir / f"torch_vpp{vpp}")]
         results.append(run_layout(out_dir / f"vpp{vpp}_result.json", args.pp, worker_args))
     print(comparison_table(results))
     for result in results:

@@ -25,7 +25,8 @@ import torch.distributed as dist
 
 from trainer.config import load_config
 from trainer.lr_schedule import learning_rate
-from trainer.profile import RankInfo, Span, peak_memory_bytes, spans_from_timeline
+from trainer.profile import (RankInfo, Span, peak_memory_bytes, spans_from_timeline,
+                             torch_profiler_trace)
 from trainer.train import DistributedEngine, synthetic_data
 
 
@@ -34,6 +35,9 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="JSON file rank 0 writes")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up")
+    parser.add_argument("--torch-profile", default="",
+                        help="folder: run one more (untimed) step under torch.profiler and "
+                             "export torch_trace_rank<r>.json there")
     args, overrides = parser.parse_known_args()
     if args.warmup < 0 or args.steps < 1:
         parser.error(f"need --warmup >= 0 and --steps >= 1, got {args.warmup}, {args.steps}")
@@ -64,6 +68,10 @@ def main() -> None:
                           schedule_end, t1 - t0))
         step_times.append(t1 - t0)
         spans_per_step.append([s.to_dict() for s in spans])
+    if args.torch_profile:  # after the timed steps: the profiler's overhead skews timings
+        batch = data.global_batch(total, cfg.train.global_batch)
+        with torch_profiler_trace(True, args.torch_profile, topology.rank):
+            engine.step(batch, learning_rate(total, cfg.optim, total + 1))
     mine = {"info": asdict(RankInfo(topology.rank, topology.pp_rank, topology.dp_rank)),
             "peak_memory_bytes": peak_memory_bytes(), "step_times": step_times,
             "spans_per_step": spans_per_step}

@@ -317,13 +317,14 @@ def gantt_png(spans_per_rank: Sequence[Sequence[Span]], path: str | os.PathLike,
     axes.set_xlim(0, (t_max - t_min) * scale)
     axes.set_ylim(-0.6, num_ranks - 0.4)
     axes.set_xlabel("time since the step started (ms); bar text = microbatch; white = idle")
-    axes.set_title(title)
-    axes.legend(handles=[Patch(color=_FORWARD_COLOURS[0], label="forward"),
+    axes.set_title(title, loc="left", fontsize=10)
+    axes.legend(handles=[Patch(color=_FORWARD_COLOURS[0], label="forward (shade: chunk)"),
                          Patch(color=_BACKWARD_COLOURS[0], label="backward"),
                          Patch(color=_OTHER_COLOURS["recv"], label="recv wait"),
-                         Patch(color=_OTHER_COLOURS["optimizer"], label="optimizer")],
-                loc="upper center", bbox_to_anchor=(0.5, -0.25 if num_ranks < 4 else -0.12),
-                ncol=4, fontsize=8, frameon=False)
+                         Patch(color=_OTHER_COLOURS["optimizer"], label="optimizer"),
+                         Patch(color=_OTHER_COLOURS["dep"], label="DEP")],
+                loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=5, fontsize=8,
+                frameon=False)
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
