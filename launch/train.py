@@ -6,6 +6,7 @@ import signal
 import sys
 
 import torch
+import torch.distributed as dist
 
 from model.config import ConfigError
 from trainer.config import load_config
@@ -26,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.train import StopRequest, train
 
     def request_stop(signum, frame):
+        if StopRequest.requested:  # asked twice (or stuck): stop now
+            raise SystemExit(128 + signum)
         StopRequest.requested = True
 
     previous = signal.signal(signal.SIGTERM, request_stop)
@@ -37,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

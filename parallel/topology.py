@@ -16,12 +16,34 @@ layout that cannot run, before anything is allocated.
 """
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch.distributed as dist
 
 from model.config import ConfigError
+
+
+def init_distributed(backend: str = "gloo") -> None:
+    """Join the job's default process group from torchrun's environment.
+
+    The store is prefixed with torchrun's restart count: after a restart
+    (`--max-restarts`) the agent's store still holds the previous attempt's keys,
+    and gloo would read a dead peer's address from them and fail to connect.
+    """
+    if dist.is_initialized():
+        return
+    env = os.environ
+    rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+    agent_hosts_store = env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world,
+                          is_master=not agent_hosts_store and rank == 0,
+                          timeout=timedelta(minutes=10), multi_tenant=not agent_hosts_store)
+    attempt = env.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"k25/attempt_{attempt}", store),
+                            rank=rank, world_size=world)
 
 
 class LayoutError(ConfigError):

@@ -60,10 +60,9 @@ class DistributedEngine:
     def __init__(self, cfg: JobConfig):
         from parallel.adamw import AdamWConfig
         from parallel.engine import ParallelEngine
-        from parallel.topology import Topology
+        from parallel.topology import Topology, init_distributed
 
-        if not dist.is_initialized():
-            dist.init_process_group(backend="gloo")
+        init_distributed("gloo")
         self.topology = Topology(cfg.parallel_sizes)
         o = cfg.optim
         self.engine = ParallelEngine(
