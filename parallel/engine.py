@@ -17,6 +17,8 @@ the rest of stage 0.
 """
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -100,6 +102,7 @@ class ParallelEngine:
         self.optimizer = Zero1Optimizer(groups, norm_group=topology.world_group, config=adamw,
                                         max_grad_norm=grad_clip)
         actions = schedule(sizes.pp, sizes.vpp, microbatches)[topology.pp_rank]
+        self.phases: list[tuple[str, str, float, float]] = []
         self.runtime = PipelineRuntime(
             actions, num_stages=sizes.stages, microbatches=microbatches,
             stage_rank=topology.stage_rank,
@@ -119,7 +122,12 @@ class ParallelEngine:
         dist.all_reduce(count, group=self.topo.dp_group)
         count = max(float(count), 1.0)
 
+        self.phases = []  # (name, category, start, end): work outside the schedule, for profiles
+        clock = time.perf_counter
+        start = clock()
         leaves = self.dep.forward(media) if self.dep is not None else {}
+        if self.dep is not None:
+            self.phases.append(("DEP plan + encode + send", "dep", start, clock()))
 
         def forward(stage: int, x: torch.Tensor | None, mb: int) -> torch.Tensor:
             inputs = microbatches[mb]
@@ -133,11 +141,16 @@ class ParallelEngine:
 
         loss = self.runtime.run(forward, loss_fn).double()
         if self.dep is not None:
+            start = clock()
             self.dep.backward()
+            self.phases.append(("DEP grads back + recompute + backward", "dep", start, clock()))
+        start = clock()
         dist.all_reduce(loss, group=self.topo.world_group)  # only last stages contribute
         grad_norm = self.optimizer.step(lr)
         self.optimizer.zero_grad()
         self._update_router_biases()
+        self.phases.append(("loss all-reduce + ZeRO-1 step + router bias", "optimizer", start,
+                            clock()))
         return float(loss), float(grad_norm)
 
     def _update_router_biases(self) -> None:

@@ -76,6 +76,13 @@ class CheckpointSection:
 
 
 @dataclass
+class ProfileSection:
+    enabled: bool = False  # profile one step: trace.json, gantt.png, stages.txt in <run_dir>/profile
+    step: int = 2  # which step (after warm-up steps)
+    torch_profiler: bool = False  # also a torch.profiler trace per rank
+
+
+@dataclass
 class JobConfig:
     job: JobSection = field(default_factory=JobSection)
     model: ModelConfig = field(default_factory=lambda: preset("tiny"))
@@ -84,6 +91,7 @@ class JobConfig:
     data: DataSection = field(default_factory=DataSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    profile: ProfileSection = field(default_factory=ProfileSection)
     resume: str = "none"  # "none", "auto" or a checkpoint path
 
     @property
@@ -126,6 +134,9 @@ class JobConfig:
         if self.checkpoint.interval < 0 or self.checkpoint.keep < 1:
             raise ConfigError("checkpoint.interval must be >= 0 (0 disables) and "
                               "checkpoint.keep >= 1")
+        if self.profile.enabled and not 0 <= self.profile.step < t.steps:
+            raise ConfigError(f"profile.step={self.profile.step} must be a step of the run "
+                              f"(0 .. train.steps-1 = {t.steps - 1})")
         if self.model.preset == "k25":
             raise ConfigError("model.preset='k25' is the full 1T-parameter model: it is only "
                               "counted (python -m launch.plan --model k25), not trained here")

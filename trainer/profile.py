@@ -353,3 +353,39 @@ def torch_profiler_trace(enabled: bool, out_dir: str | os.PathLike, rank: int
     with torch.profiler.profile(activities=activities, record_shapes=False) as prof:
         yield prof
     prof.export_chrome_trace(str(out / f"torch_trace_rank{rank}.json"))
+
+
+# ------------------------------------------------------------------ one profiled training step
+
+def step_spans(rank: int, timeline: Sequence[ActionRecord],
+               phases: Sequence[tuple[str, str, float, float]], t0: float) -> list[Span]:
+    """A rank's spans of one step: pipeline actions plus the engine's other phases."""
+    spans = spans_from_timeline(rank, timeline, t0)
+    spans += [Span(rank, name, category, -1, -1, start - t0, end - t0)
+              for name, category, start, end in phases]
+    return sorted(spans, key=lambda s: s.start)
+
+
+def write_profile(out_dir: str | os.PathLike, spans_per_rank: Sequence[Sequence[Span]],
+                  meta: Sequence[RankInfo], peak_memory: Sequence[int], *, pp: int, vpp: int,
+                  microbatches: int, title: str) -> str:
+    """Write trace.json, gantt.png and stages.txt; return the summary text."""
+    from parallel.schedule import schedule
+    from parallel.schedule_sim import simulate
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_chrome_trace(out / "trace.json", spans_per_rank, meta, {"title": title})
+    gantt_png(spans_per_rank, out / "gantt.png", title=title, meta=meta)
+    rows = stage_table(spans_per_rank, peak_memory)
+    slowest = slowest_stage(rows)
+    simulated = simulate(schedule(pp, vpp, microbatches), pp, vpp).bubble_fraction
+    text = (f"{title}\n{format_table(rows)}\n"
+            f"slowest stage: rank {slowest['rank']} (stages {slowest['stages']}), "
+            f"compute {slowest['compute_s'] * 1e3:.0f} ms\n"
+            f"bubble: measured {measured_bubble_fraction(spans_per_rank):.3f}, "
+            f"simulated {simulated:.3f} (pp={pp} vpp={vpp} m={microbatches}, F=1 B=2)\n"
+            f"files: {out / 'trace.json'} (chrome://tracing, ui.perfetto.dev), "
+            f"{out / 'gantt.png'}\n")
+    (out / "stages.txt").write_text(text)
+    return text

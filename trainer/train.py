@@ -21,6 +21,8 @@ from trainer.checkpoint import CheckpointManager
 from trainer.config import JobConfig, to_dict
 from trainer.lr_schedule import learning_rate
 from trainer.metrics import MetricsWriter
+from trainer.profile import (RankInfo, peak_memory_bytes, step_spans, torch_profiler_trace,
+                             write_profile)
 from trainer.single_process import SingleProcessEngine
 
 
@@ -121,6 +123,26 @@ def resume_step(cfg: JobConfig, engine, checkpoints: CheckpointManager) -> int:
     return int(meta["step"])
 
 
+def write_step_profile(cfg: JobConfig, engine, t0: float, out_dir: Path, rank: int) -> None:
+    """Gather this step's spans from every rank; rank 0 writes the trace, Gantt and table."""
+    if not isinstance(engine, DistributedEngine):
+        print("profile: the single-process engine has no pipeline to profile; "
+              "launch with torchrun and parallel.pp > 1", flush=True)
+        return
+    topo = engine.topology
+    mine = (step_spans(topo.rank, engine.engine.runtime.timeline, engine.engine.phases, t0),
+            RankInfo(topo.rank, topo.pp_rank, topo.dp_rank), peak_memory_bytes())
+    gathered = [None] * dist.get_world_size() if rank == 0 else None
+    dist.gather_object(mine, gathered, dst=0)
+    if rank == 0:
+        p = cfg.parallel
+        title = (f"step {cfg.profile.step}: pp={p.pp} vpp={p.vpp} ep={p.ep} dp={p.dp} "
+                 f"encoder={p.encoder}, {cfg.microbatches_per_replica} microbatches")
+        print(write_profile(out_dir, [g[0] for g in gathered], [g[1] for g in gathered],
+                            [g[2] for g in gathered], pp=p.pp, vpp=p.vpp,
+                            microbatches=cfg.microbatches_per_replica, title=title), flush=True)
+
+
 class StopRequest:
     """Set by SIGTERM/SIGINT (see launch.train): finish the step, checkpoint, exit cleanly."""
 
@@ -153,9 +175,16 @@ def train(cfg: JobConfig, rank: int = 0, engine=None) -> list[dict]:
         batch = data.global_batch(step, cfg.train.global_batch)
         batch.validate(cfg.model.media_token_id)
         lr = learning_rate(step, cfg.optim, cfg.train.steps)
+        profiling = cfg.profile.enabled and step == cfg.profile.step
+        if profiling and dist.is_initialized():
+            dist.barrier()  # one time origin for all ranks
         start = time.perf_counter()
-        loss, grad_norm = engine.step(batch, lr)
+        with torch_profiler_trace(profiling and cfg.profile.torch_profiler,
+                                  run_dir / "profile" / "torch", rank):
+            loss, grad_norm = engine.step(batch, lr)
         elapsed = time.perf_counter() - start
+        if profiling:
+            write_step_profile(cfg, engine, start, run_dir / "profile", rank)
         tokens = batch.tokens.numel()
         record = {"step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr,
                   "tokens": tokens, "loss_tokens": batch.num_loss_tokens(),
