@@ -33,7 +33,7 @@ from parallel.adamw import AdamWConfig
 from parallel.dep import DecoupledEncoder, StepMedia
 from parallel.expert_dispatch import AllToAllDispatcher
 from parallel.pipeline_runtime import PipelineRuntime
-from parallel.schedule import schedule
+from parallel.schedule import Op, schedule
 from parallel.topology import Topology
 from parallel.zero1 import ParamGroup, Zero1Optimizer
 
@@ -103,6 +103,7 @@ class ParallelEngine:
                                         max_grad_norm=grad_clip)
         actions = schedule(sizes.pp, sizes.vpp, microbatches)[topology.pp_rank]
         self.phases: list[tuple[str, str, float, float]] = []
+        self.stats: dict[str, float] = {}  # last step's extra metrics (load balance, idle)
         self.runtime = PipelineRuntime(
             actions, num_stages=sizes.stages, microbatches=microbatches,
             stage_rank=topology.stage_rank,
@@ -151,14 +152,25 @@ class ParallelEngine:
         self._update_router_biases()
         self.phases.append(("loss all-reduce + ZeRO-1 step + router bias", "optimizer", start,
                             clock()))
+        self.stats["pipeline_idle_fraction"] = self._pipeline_idle_fraction()
         return float(loss), float(grad_norm)
 
     def _update_router_biases(self) -> None:
+        balance = []
         for module in self.stages.values():
             for moe in module.lm.moe_layers():
                 load = moe.expert_load.clone()
                 dist.all_reduce(load, group=self.topo.dp_group)
+                balance.append(float(load.max() / load.mean().clamp(min=1)))
                 moe.update_bias(load)
+        self.stats["expert_load_max_over_mean"] = max(balance) if balance else 1.0
+
+    def _pipeline_idle_fraction(self) -> float:
+        """This rank's idle share of its pipeline window (the bubble as this rank saw it)."""
+        timeline = self.runtime.timeline
+        window = timeline[-1].end - timeline[0].start
+        compute = sum(r.end - r.start for r in timeline if r.action.op in (Op.F, Op.B))
+        return (window - compute) / window if window > 0 else 0.0
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -23,6 +23,7 @@ from parallel.topology import ParallelSizes, check_layout
 class JobSection:
     run_dir: str = "runs/demo"
     log_every: int = 1  # console line every N steps (metrics.jsonl gets every step)
+    tensorboard: bool = True  # scalars of every metric in <run_dir>/tensorboard
 
 
 @dataclass

@@ -54,6 +54,7 @@ class SingleProcessEngine:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = adamw(self.params, optim)
         self.steps_done = 0
+        self.stats: dict[str, float] = {}
 
     def step(self, batch: Batch, lr: float) -> tuple[float, float]:
         """One optimizer step on the global batch; returns (loss, grad norm before clipping)."""
@@ -75,8 +76,12 @@ class SingleProcessEngine:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.steps_done += 1
+        balance = []
         for moe in self.model.lm.moe_layers():
-            moe.update_bias(moe.expert_load.clone())
+            load = moe.expert_load.clone()
+            balance.append(float(load.max() / load.mean().clamp(min=1)))
+            moe.update_bias(load)
+        self.stats = {"expert_load_max_over_mean": max(balance) if balance else 1.0}
         return loss_total, grad_norm
 
     def named_parameters(self) -> dict[str, torch.Tensor]:

@@ -20,7 +20,9 @@ from trainer.batch_inputs import model_inputs
 from trainer.checkpoint import CheckpointManager
 from trainer.config import JobConfig, to_dict
 from trainer.lr_schedule import learning_rate
+from trainer.flops import device_peak_tflops, model_flops, throughput_metrics
 from trainer.metrics import MetricsWriter
+from trainer.tensorboard import TensorBoardWriter
 from trainer.profile import (RankInfo, peak_memory_bytes, step_spans, torch_profiler_trace,
                              write_profile)
 from trainer.single_process import SingleProcessEngine
@@ -73,6 +75,10 @@ class DistributedEngine:
             adamw=AdamWConfig(beta1=o.beta1, beta2=o.beta2, eps=o.eps, weight_decay=o.weight_decay),
             grad_clip=o.grad_clip, encoder=cfg.parallel.encoder)
         self.cfg = cfg
+
+    @property
+    def stats(self) -> dict[str, float]:
+        return self.engine.stats
 
     def step(self, batch: Batch, lr: float) -> tuple[float, float]:
         dp, micro = self.cfg.parallel.dp, self.cfg.train.micro_batch
@@ -171,25 +177,35 @@ def train(cfg: JobConfig, rank: int = 0, engine=None) -> list[dict]:
     start = resume_step(cfg, engine, checkpoints)
     metrics = MetricsWriter(run_dir, is_logger, cfg.job.log_every, first_step=start)
     records = []
+    tensorboard = TensorBoardWriter(run_dir, is_logger and cfg.job.tensorboard)
+    peak_tflops = device_peak_tflops()
     for step in range(start, cfg.train.steps):
+        fetch_start = time.perf_counter()
         batch = data.global_batch(step, cfg.train.global_batch)
         batch.validate(cfg.model.media_token_id)
+        data_wait = time.perf_counter() - fetch_start
         lr = learning_rate(step, cfg.optim, cfg.train.steps)
         profiling = cfg.profile.enabled and step == cfg.profile.step
         if profiling and dist.is_initialized():
             dist.barrier()  # one time origin for all ranks
-        start = time.perf_counter()
+        t0 = time.perf_counter()
         with torch_profiler_trace(profiling and cfg.profile.torch_profiler,
                                   run_dir / "profile" / "torch", rank):
             loss, grad_norm = engine.step(batch, lr)
-        elapsed = time.perf_counter() - start
+        elapsed = time.perf_counter() - t0
         if profiling:
-            write_step_profile(cfg, engine, start, run_dir / "profile", rank)
+            write_step_profile(cfg, engine, t0, run_dir / "profile", rank)
         tokens = batch.tokens.numel()
         record = {"step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr,
                   "tokens": tokens, "loss_tokens": batch.num_loss_tokens(),
-                  "step_time_s": elapsed, "tokens_per_s": tokens / elapsed}
-        metrics.write(record)
+                  "step_time_s": elapsed, "tokens_per_s": tokens / elapsed,
+                  "data_wait_s": data_wait, **engine.stats}
+        if is_logger:  # achieved model TFLOP/s per rank (and MFU on a known GPU)
+            flops = model_flops(cfg.model, batch.doc_ids, [m.grid_thw for m in batch.media])
+            world = dist.get_world_size() if dist.is_initialized() else 1
+            record.update(throughput_metrics(flops / world, elapsed, peak_tflops))
+        metrics.write(record, total_steps=cfg.train.steps)
+        tensorboard.write(record)
         records.append(record)
         done = step + 1
         stop = _stop_agreed()
@@ -203,4 +219,5 @@ def train(cfg: JobConfig, rank: int = 0, engine=None) -> list[dict]:
                       flush=True)
             break
     metrics.close()
+    tensorboard.close()
     return records
