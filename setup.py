@@ -22,5 +22,5 @@ setup(
         "gpu": ["transformer-engine[pytorch]"],
         "test": ["pytest", "pytest-timeout"],
     },
-    entry_points={"console_scripts": ["k25-train=launch.train:main"]},
+    entry_points={"console_scripts": ["k25-train=launch.train:cli"]},
 )
