@@ -45,7 +45,7 @@ class LoaderConfig:
     # --- execution fields (not in the checksum) ---------------------------------------
     workers: int = 0  # loader worker processes; 0 = decode in the calling process
     prefetch: int = 2  # steps materialised ahead of the consumer
-    worker_start_method: str = "fork"  # fork | spawn | forkserver
+    worker_start_method: str = "forkserver"  # forkserver | spawn | fork (fork can deadlock in threaded parents)
     read_mode: str = "shard"  # "shard": whole-shard GETs (sequential); "range": per-sample GETs
     memory_cache_mb: int = 256  # per process
     disk_cache_dir: str = ""  # node-local; "" = a folder under the system temp dir

@@ -29,8 +29,7 @@ def _worker_main(worker_id: int, init: dict, tasks, results) -> None:
         return
     while True:
         task = tasks.get()
-        if task is None:
-            results.cancel_join_thread()  # results nobody will read must not block the exit
+        if task is None:  # exit flushes results still buffered; close() reads and drops them
             return
         task_id, plans = task
         try:
@@ -44,8 +43,13 @@ class WorkerError(RuntimeError):
 
 
 class WorkerPool:
-    def __init__(self, num_workers: int, start_method: str, init: dict):
+    def __init__(self, num_workers: int, start_method: str, init: dict, stall_timeout_s: float = 600.0):
+        # forkserver (default): workers fork from a clean single-threaded server, so a lock
+        # held by some thread of the trainer at fork time cannot deadlock them
         ctx = mp.get_context(start_method)
+        if start_method == "forkserver":
+            ctx.set_forkserver_preload(["dataloader.loader"])
+        self.stall_timeout_s = stall_timeout_s
         self._tasks = ctx.Queue()
         self._results = ctx.Queue()
         self._procs = [ctx.Process(target=_worker_main, args=(i, init, self._tasks, self._results),
@@ -58,10 +62,15 @@ class WorkerPool:
         self._tasks.put((task_id, plans))
 
     def get(self, task_id):
+        waited = 0.0
         while task_id not in self._done:
             try:
                 tid, status, payload = self._results.get(timeout=1.0)
             except queue.Empty:
+                waited += 1.0
+                if waited > self.stall_timeout_s:
+                    raise WorkerError(f"no result from the loader workers for {waited:.0f} s "
+                                      f"(task {task_id}); they are alive but stuck")
                 for i, p in enumerate(self._procs):
                     if not p.is_alive():
                         raise WorkerError(f"loader worker {i} died with exit code {p.exitcode}")
