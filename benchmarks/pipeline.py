@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                        "--parallel.pp", str(args.pp), "--parallel.vpp", str(vpp),
                        "--train.micro_batch", "1", "--train.global_batch", str(args.microbatches),
                        "--model.lm.layers", str(args.layers), "--data.seq_len", str(args.seq_len),
+                       "--data.uri", "synthetic",
                        *overrides]
         if args.torch_profile:
             worker_args += ["--torch-profile", str(out_dir / f"torch_vpp{vpp}")]

@@ -27,7 +27,8 @@ from trainer.config import load_config
 from trainer.lr_schedule import learning_rate
 from trainer.profile import (RankInfo, Span, peak_memory_bytes, spans_from_timeline,
                              torch_profiler_trace)
-from trainer.train import DistributedEngine, synthetic_data
+from trainer.data import build_data
+from trainer.train import DistributedEngine
 
 
 def main() -> None:
@@ -49,12 +50,12 @@ def main() -> None:
     topology, runtime = engine.topology, engine.engine.runtime
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.reset_peak_memory_stats()
-    data = synthetic_data(cfg)
+    data = build_data(cfg, topology.dp_rank, cfg.parallel.dp)
     total = args.warmup + args.steps
     step_times: list[float] = []
     spans_per_step: list[list[dict]] = []
     for step in range(total):
-        batch = data.global_batch(step, cfg.train.global_batch)
+        batch = data.next_batch()
         lr = learning_rate(step, cfg.optim, total)
         dist.barrier()
         t0 = time.perf_counter()
@@ -69,7 +70,7 @@ def main() -> None:
         step_times.append(t1 - t0)
         spans_per_step.append([s.to_dict() for s in spans])
     if args.torch_profile:  # after the timed steps: the profiler's overhead skews timings
-        batch = data.global_batch(total, cfg.train.global_batch)
+        batch = data.next_batch()
         with torch_profiler_trace(True, args.torch_profile, topology.rank):
             engine.step(batch, learning_rate(total, cfg.optim, total + 1))
     mine = {"info": asdict(RankInfo(topology.rank, topology.pp_rank, topology.dp_rank)),

@@ -19,14 +19,16 @@ One step, on every rank of the job (the encoder is replicated everywhere):
     grads:      a b c -> 0,1,2      d e f -> 0,2,3        reverse route, then recompute + backward
 
 Stage 0 keeps only the embeddings it receives; no encoder activation lives through
-the backbone schedule, so its memory no longer depends on image sizes. Pixels are
-fetched through a callback for exactly the items a rank encodes, so a loader can
-decode only those.
+the backbone schedule, so its memory no longer depends on image sizes.
+
+Where pixels come from: each replica's loader decodes its own media; step 1 gathers
+only their metadata (shapes, owners) from the stage-0 ranks, and the pixels of each
+item travel once from its owner to its encoder rank (an all_to_all of patch rows)
+before the balanced forward. The encoder rank keeps them for the recomputation.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -40,12 +42,12 @@ Grid = tuple[int, int, int]
 
 
 @dataclass
-class StepMedia:
-    """What DEP needs from the data side for one step (metadata of the whole global batch)."""
+class ReplicaMedia:
+    """The media of this rank's data-parallel replica for one step, as its loader made them."""
 
-    refs: list[MediaRef]  # every media item of the global batch
+    refs: list[MediaRef]  # item ids unique in the global batch; replica, microbatch, sizes
     grids: dict[int, Grid]  # item_id -> (t, h, w)
-    fetch: Callable[[list[MediaRef]], list[torch.Tensor]]  # patches of the given items
+    patches: dict[int, torch.Tensor]  # item_id -> [t*h*w, patch_dim] pixels
 
 
 class DecoupledEncoder:
@@ -58,27 +60,54 @@ class DecoupledEncoder:
         self.plan: DepPlan | None = None
         self._mine: list[MediaRef] = []
         self._exchange: ExchangeSplits | None = None  # who sends which rows to whom, in order
-        self._media: StepMedia | None = None
+        self._grids: dict[int, Grid] = {}
+        self._patches: dict[int, torch.Tensor] = {}  # pixels of the items this rank encodes
         self._leaves: dict[int, torch.Tensor] = {}
 
-    def _encode(self, items: list[MediaRef], media: StepMedia) -> torch.Tensor:
-        if not items:
-            return torch.zeros(0, self.encoder.projector.fc2.out_features)
-        patches = media.fetch(items)
-        return self.encoder(torch.cat(patches), [media.grids[m.item_id] for m in items])
+    def _gather_metadata(self, media: ReplicaMedia, is_owner: bool
+                         ) -> tuple[list[MediaRef], dict[int, Grid]]:
+        """Every replica's media metadata (sent by its stage-0 rank), on every rank."""
+        mine = (media.refs, media.grids) if is_owner else ([], {})
+        everyone = [None] * self.world
+        dist.all_gather_object(everyone, mine, group=self.group)
+        refs = [ref for rank_refs, _ in everyone for ref in rank_refs]
+        grids = {item: grid for _, rank_grids in everyone for item, grid in rank_grids.items()}
+        return refs, grids
 
-    def forward(self, media: StepMedia) -> dict[int, torch.Tensor]:
-        """Steps 1-2: returns {item_id: leaf embeddings [tokens, D]} for the items this rank owns."""
-        plan = plan_media(media.refs, self.world, self.stage0_rank_of_replica)
+    def _move_pixels(self, media: ReplicaMedia) -> dict[int, torch.Tensor]:
+        """Owners send each item's patches to its encoder rank; returns the patches I encode."""
+        ex = self._exchange
+        patch_dim = self.encoder.vit.patch_embed.in_features
+        rows = [media.patches[m.item_id] for per_encoder in ex.recv for m in per_encoder]
+        send = torch.cat(rows) if rows else torch.zeros(0, patch_dim)
+        received = all_to_all(send, [sum(m.num_patches for m in items) for items in ex.recv],
+                              [sum(m.num_patches for m in items) for items in ex.send], self.group)
+        items = [m for per_owner in ex.send for m in per_owner]
+        return dict(zip([m.item_id for m in items],
+                        received.split([m.num_patches for m in items])))
+
+    def _encode(self) -> torch.Tensor:
+        if not self._mine:
+            return torch.zeros(0, self.encoder.projector.fc2.out_features)
+        patches = torch.cat([self._patches[m.item_id] for m in self._mine])
+        return self.encoder(patches, [self._grids[m.item_id] for m in self._mine])
+
+    def forward(self, media: ReplicaMedia, is_owner: bool) -> dict[int, torch.Tensor]:
+        """Steps 1-2: returns {item_id: leaf embeddings [tokens, D]} for the items this rank owns.
+
+        `is_owner`: this rank is pipeline stage 0 of its replica (it sends its replica's
+        media metadata and pixels, and receives the embeddings)."""
+        refs, self._grids = self._gather_metadata(media, is_owner)
+        plan = plan_media(refs, self.world, self.stage0_rank_of_replica)
         verify_same_plan(plan, self.group)
-        self.plan, self._media = plan, media
+        self.plan = plan
         self._mine = plan.items_encoded_by(self.rank)
-        self._exchange = send_recv_splits(plan, self.rank, self.world)
+        self._exchange = ex = send_recv_splits(plan, self.rank, self.world)
+        self._patches = self._move_pixels(media)
         with torch.no_grad():
-            rows = self._encode(self._mine, media)
+            rows = self._encode()
         by_item = dict(zip([m.item_id for m in self._mine],
                            rows.split([m.num_tokens for m in self._mine])))
-        ex = self._exchange
         send_rows = [by_item[m.item_id] for items in ex.send for m in items]
         send = torch.cat(send_rows) if send_rows else rows.new_zeros(0, rows.shape[1])
         received = all_to_all(send, ex.send_rows, ex.recv_rows, self.group)
@@ -100,7 +129,7 @@ class DecoupledEncoder:
         sent_items = [m for per_dst in ex.send for m in per_dst]
         grad_by_item = dict(zip([m.item_id for m in sent_items],
                                 returned.split([m.num_tokens for m in sent_items])))
-        rows = self._encode(self._mine, self._media)
+        rows = self._encode()
         if self._mine:
             rows.backward(torch.cat([grad_by_item[m.item_id] for m in self._mine]))
-        self._leaves, self._media = {}, None
+        self._leaves, self._patches = {}, {}

@@ -30,7 +30,7 @@ from model.lm import LanguageModelChunk
 from model.loss import IGNORE_INDEX, cross_entropy_sum
 from model.vision_language import VisionEncoder
 from parallel.adamw import AdamWConfig
-from parallel.dep import DecoupledEncoder, StepMedia
+from parallel.dep import DecoupledEncoder, ReplicaMedia
 from parallel.expert_dispatch import AllToAllDispatcher
 from parallel.pipeline_runtime import PipelineRuntime
 from parallel.schedule import Op, schedule
@@ -109,24 +109,26 @@ class ParallelEngine:
             stage_rank=topology.stage_rank,
             activation_shape=(micro_batch, seq_len, model_cfg.lm.hidden))
 
-    def step(self, microbatches: list[ModelInputs], lr: float, media: StepMedia | None = None,
+    def step(self, microbatches: list[ModelInputs], lr: float, media: ReplicaMedia | None = None,
              media_ids: list[list[int]] | None = None) -> tuple[float, float]:
         """One optimizer step on this replica's microbatches; returns (global loss, grad norm).
 
-        In DEP mode `media` describes the global batch's media and `media_ids[mb]` lists the
-        item ids of microbatch `mb` in placeholder order.
+        In DEP mode `media` holds this replica's media (metadata and pixels) and
+        `media_ids[mb]` the item ids of microbatch `mb` in placeholder order.
         """
         if len(microbatches) != self.microbatches:
             raise ValueError(f"expected {self.microbatches} microbatches, got {len(microbatches)}")
         count = torch.tensor(sum(int((m.labels != IGNORE_INDEX).sum()) for m in microbatches),
                              dtype=torch.float64)
         dist.all_reduce(count, group=self.topo.dp_group)
+        self.stats["loss_tokens"] = float(count)
         count = max(float(count), 1.0)
 
         self.phases = []  # (name, category, start, end): work outside the schedule, for profiles
         clock = time.perf_counter
         start = clock()
-        leaves = self.dep.forward(media) if self.dep is not None else {}
+        leaves = (self.dep.forward(media, is_owner=self.topo.is_first_stage)
+                  if self.dep is not None else {})
         if self.dep is not None:
             self.phases.append(("DEP plan + encode + send", "dep", start, clock()))
 

@@ -15,6 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dataloader.config import LoaderConfig
 from model.config import ConfigError, ModelConfig, preset
 from parallel.topology import ParallelSizes, check_layout
 
@@ -48,8 +49,10 @@ class OptimSection:
 
 
 @dataclass
-class DataSection:
-    uri: str = "synthetic"  # "synthetic" (built-in generator) or a dataset path / s3:// URI
+class DataSection(LoaderConfig):
+    """Every streaming-loader setting (dataloader/config.py) plus the synthetic generator's."""
+
+    uri: str = "data/demo"  # dataset directory, s3://bucket/prefix, or "synthetic"
     seq_len: int = 128
     # synthetic generator only: media per sequence and the largest image side in patches
     media_per_seq: int = 1
@@ -126,9 +129,6 @@ class JobConfig:
                 f"train.micro_batch = {p.dp} x {t.micro_batch}")
         if p.encoder not in ("colocated", "dep"):
             raise ConfigError(f"parallel.encoder={p.encoder!r}: choose 'dep' or 'colocated'")
-        if d.uri != "synthetic":
-            raise ConfigError(f"data.uri={d.uri!r}: only the built-in 'synthetic' generator "
-                              "exists until the streaming data loader lands")
         if d.media_per_seq < 0 or d.max_image_patches_side < 2:
             raise ConfigError("data.media_per_seq must be >= 0 and "
                               "data.max_image_patches_side >= 2")
@@ -144,6 +144,8 @@ class JobConfig:
         check_layout(self.parallel_sizes, layers=self.model.lm.layers,
                      num_experts=self.model.lm.num_experts,
                      microbatches=self.microbatches_per_replica, world_size=world_size)
+        from trainer.data import check_data_config  # last: it looks at the disk
+        check_data_config(self)
 
 
 # ---------------------------------------------------------------- loading

@@ -81,7 +81,8 @@ class SingleProcessEngine:
             load = moe.expert_load.clone()
             balance.append(float(load.max() / load.mean().clamp(min=1)))
             moe.update_bias(load)
-        self.stats = {"expert_load_max_over_mean": max(balance) if balance else 1.0}
+        self.stats = {"expert_load_max_over_mean": max(balance) if balance else 1.0,
+                      "loss_tokens": float(batch.num_loss_tokens())}
         return loss_total, grad_norm
 
     def named_parameters(self) -> dict[str, torch.Tensor]:

@@ -1,8 +1,9 @@
 """The step loop: data -> engine step -> metrics, the same whatever the parallel layout.
 
 One process (world size 1, every parallel size 1) uses the plain reference
-engine; anything else uses the parallel engine over torch.distributed. Both
-see the same global batch for a step: a data-parallel replica takes its rows.
+engine; anything else uses the parallel engine over torch.distributed. Every
+rank gets its data-parallel replica's rows of the step from the data source
+(trainer/data.py); with one replica those are the whole global batch.
 """
 from __future__ import annotations
 
@@ -15,10 +16,10 @@ import torch
 import torch.distributed as dist
 
 from dataloader.batch import Batch
-from dataloader.synthetic import SyntheticBatches, SyntheticConfig
 from trainer.batch_inputs import model_inputs
 from trainer.checkpoint import CheckpointManager
 from trainer.config import JobConfig, to_dict
+from trainer.data import build_data
 from trainer.lr_schedule import learning_rate
 from trainer.flops import device_peak_tflops, model_flops, throughput_metrics
 from trainer.metrics import MetricsWriter
@@ -28,34 +29,22 @@ from trainer.profile import (RankInfo, peak_memory_bytes, step_spans, torch_prof
 from trainer.single_process import SingleProcessEngine
 
 
-def synthetic_data(cfg: JobConfig) -> SyntheticBatches:
-    return SyntheticBatches(SyntheticConfig(
-        seq_len=cfg.data.seq_len, vocab_size=cfg.model.lm.vocab_size,
-        media_token_id=cfg.model.media_token_id, patch_dim=cfg.model.vision.patch_dim,
-        media_per_seq=cfg.data.media_per_seq, max_side=cfg.data.max_image_patches_side,
-        max_frames=cfg.model.vision.max_frames, edge_cases=cfg.data.edge_cases),
-        seed=cfg.train.seed)
+def microbatches_of(batch: Batch, micro_batch: int) -> list[Batch]:
+    return [batch.rows(start, start + micro_batch)
+            for start in range(0, batch.num_rows, micro_batch)]
 
 
-def replica_microbatches(batch: Batch, dp_rank: int, dp: int, micro_batch: int) -> list[Batch]:
-    """Rows of replica `dp_rank` of the global batch, cut into microbatches."""
-    rows = batch.num_rows // dp
-    mine = batch.rows(dp_rank * rows, (dp_rank + 1) * rows)
-    return [mine.rows(start, start + micro_batch) for start in range(0, rows, micro_batch)]
-
-
-def step_media(batch: Batch, dp: int, micro_batch: int):
-    """DEP's view of the global batch: metadata of every media item, and a pixel fetcher."""
-    from parallel.dep import StepMedia
+def replica_media(microbatches: list[Batch], dp_rank: int):
+    """DEP's view of one replica's media: metadata per item, and its pixels."""
+    from parallel.dep import ReplicaMedia
     from parallel.dep_plan import MediaRef
 
-    rows_per_replica = batch.num_rows // dp
-    refs = [MediaRef(item_id=m.item_id, replica=m.row // rows_per_replica,
-                     microbatch=(m.row % rows_per_replica) // micro_batch,
-                     num_patches=m.num_patches, num_tokens=m.num_tokens) for m in batch.media]
-    by_id = {m.item_id: m for m in batch.media}
-    return StepMedia(refs=refs, grids={m.item_id: m.grid_thw for m in batch.media},
-                     fetch=lambda items: [by_id[r.item_id].patches for r in items])
+    items = [(mb, m) for mb, batch in enumerate(microbatches) for m in batch.media]
+    return ReplicaMedia(
+        refs=[MediaRef(item_id=m.item_id, replica=dp_rank, microbatch=mb,
+                       num_patches=m.num_patches, num_tokens=m.num_tokens) for mb, m in items],
+        grids={m.item_id: m.grid_thw for _, m in items},
+        patches={m.item_id: m.patches for _, m in items})
 
 
 class DistributedEngine:
@@ -81,11 +70,11 @@ class DistributedEngine:
         return self.engine.stats
 
     def step(self, batch: Batch, lr: float) -> tuple[float, float]:
-        dp, micro = self.cfg.parallel.dp, self.cfg.train.micro_batch
-        mbs = replica_microbatches(batch, self.topology.dp_rank, dp, micro)
+        """One step on this replica's rows `batch`."""
+        mbs = microbatches_of(batch, self.cfg.train.micro_batch)
         if self.cfg.parallel.encoder == "dep":
             return self.engine.step([model_inputs(b) for b in mbs], lr,
-                                    media=step_media(batch, dp, micro),
+                                    media=replica_media(mbs, self.topology.dp_rank),
                                     media_ids=[[m.item_id for m in b.media] for b in mbs])
         return self.engine.step([model_inputs(b) for b in mbs], lr)
 
@@ -116,8 +105,9 @@ def _layout(cfg: JobConfig) -> dict:
             "world": int(os.environ.get("WORLD_SIZE", "1"))}
 
 
-def resume_step(cfg: JobConfig, engine, checkpoints: CheckpointManager) -> int:
-    """Load the checkpoint `--resume` names into the engine; return the step to continue at."""
+def resume_step(cfg: JobConfig, engine, data, checkpoints: CheckpointManager) -> int:
+    """Load the checkpoint `--resume` names into the engine and the data source; return the
+    step to continue at (0 for a fresh start)."""
     path = checkpoints.resolve(cfg.resume)
     if path is None:
         return 0
@@ -126,6 +116,7 @@ def resume_step(cfg: JobConfig, engine, checkpoints: CheckpointManager) -> int:
     checkpoints.load(path, engine.named_tensors(), optimizer,
                      same_world=meta["layout"]["world"] == _layout(cfg)["world"])
     engine.load_optimizer_state(optimizer, meta["step"])
+    data.load_state_dict(meta["data"])
     return int(meta["step"])
 
 
@@ -171,17 +162,18 @@ def train(cfg: JobConfig, rank: int = 0, engine=None) -> list[dict]:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     torch.manual_seed(cfg.train.seed)
-    data = synthetic_data(cfg)
     engine = engine or build_engine(cfg)
+    dp_rank = engine.topology.dp_rank if isinstance(engine, DistributedEngine) else 0
+    data = build_data(cfg, dp_rank, cfg.parallel.dp)
     checkpoints = CheckpointManager(run_dir, cfg.checkpoint.keep)
-    start = resume_step(cfg, engine, checkpoints)
+    start = resume_step(cfg, engine, data, checkpoints)
     metrics = MetricsWriter(run_dir, is_logger, cfg.job.log_every, first_step=start)
     records = []
     tensorboard = TensorBoardWriter(run_dir, is_logger and cfg.job.tensorboard)
     peak_tflops = device_peak_tflops()
     for step in range(start, cfg.train.steps):
         fetch_start = time.perf_counter()
-        batch = data.global_batch(step, cfg.train.global_batch)
+        batch = data.next_batch()  # this replica's rows
         batch.validate(cfg.model.media_token_id)
         data_wait = time.perf_counter() - fetch_start
         lr = learning_rate(step, cfg.optim, cfg.train.steps)
@@ -195,15 +187,16 @@ def train(cfg: JobConfig, rank: int = 0, engine=None) -> list[dict]:
         elapsed = time.perf_counter() - t0
         if profiling:
             write_step_profile(cfg, engine, t0, run_dir / "profile", rank)
-        tokens = batch.tokens.numel()
+        tokens = cfg.train.global_batch * cfg.data.seq_len
         record = {"step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr,
-                  "tokens": tokens, "loss_tokens": batch.num_loss_tokens(),
-                  "step_time_s": elapsed, "tokens_per_s": tokens / elapsed,
+                  "tokens": tokens, "step_time_s": elapsed, "tokens_per_s": tokens / elapsed,
                   "data_wait_s": data_wait, **engine.stats}
-        if is_logger:  # achieved model TFLOP/s per rank (and MFU on a known GPU)
+        if is_logger:  # achieved model TFLOP/s per rank (and MFU on a known GPU); the replica's
+            # FLOPs times dp estimates the global batch's
             flops = model_flops(cfg.model, batch.doc_ids, [m.grid_thw for m in batch.media])
             world = dist.get_world_size() if dist.is_initialized() else 1
-            record.update(throughput_metrics(flops / world, elapsed, peak_tflops))
+            record.update(throughput_metrics(flops * cfg.parallel.dp / world, elapsed,
+                                             peak_tflops))
         metrics.write(record, total_steps=cfg.train.steps)
         tensorboard.write(record)
         records.append(record)
@@ -212,7 +205,8 @@ def train(cfg: JobConfig, rank: int = 0, engine=None) -> list[dict]:
         if cfg.checkpoint.interval and (done % cfg.checkpoint.interval == 0 or stop
                                         or done == cfg.train.steps):
             checkpoints.save(done, engine.named_tensors(), engine.optimizer_state(),
-                             {"model": to_dict(cfg)["model"], "layout": _layout(cfg)})
+                             {"model": to_dict(cfg)["model"], "layout": _layout(cfg),
+                              "data": data.state_dict()})
         if stop:
             if is_logger:
                 print(f"stopped on request after step {step}; resume with --resume auto",
@@ -220,4 +214,5 @@ def train(cfg: JobConfig, rank: int = 0, engine=None) -> list[dict]:
             break
     metrics.close()
     tensorboard.close()
+    data.close()
     return records

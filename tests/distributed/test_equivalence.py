@@ -23,7 +23,8 @@ from trainer.config import load_config
 from trainer.train import SingleProcessEngine, train
 
 STEPS = 3
-BASE = ["--config", "configs/tiny.toml", "--train.steps", str(STEPS), "--train.global_batch", "8",
+BASE = ["--config", "configs/tiny.toml", "--data.uri", "synthetic", "--train.steps", str(STEPS),
+        "--train.global_batch", "8",
         "--train.micro_batch", "1", "--data.seq_len", "96", "--data.max_image_patches_side", "4",
         "--data.edge_cases", "true", "--optim.warmup_steps", "1", "--optim.eps", "1e-6",
         "--optim.lr", "1e-3", "--optim.min_lr", "1e-4"]

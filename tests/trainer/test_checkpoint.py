@@ -8,7 +8,8 @@ from launch.train import main as train_main
 from model.config import ConfigError
 from trainer.checkpoint import checkpoints, read_tensors, verify
 
-ARGS = ["--config", "configs/tiny.toml", "--train.steps", "4", "--train.global_batch", "2",
+ARGS = ["--config", "configs/tiny.toml", "--data.uri", "synthetic", "--train.steps", "4",
+        "--train.global_batch", "2",
         "--data.seq_len", "48", "--checkpoint.interval", "2", "--checkpoint.keep", "5"]
 
 

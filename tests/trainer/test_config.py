@@ -9,7 +9,7 @@ from trainer.config import load_config
 def test_toml_and_overrides(tmp_path):
     path = tmp_path / "job.toml"
     path.write_text('[train]\nsteps = 7\n[model.lm]\nlayers = 6\n[optim]\nlr = 1e-3\n')
-    cfg = load_config(["--config", str(path), "--train.seed", "5", "--optim.lr=2e-3",
+    cfg = load_config(["--config", str(path), "--data.uri", "synthetic", "--train.seed", "5", "--optim.lr=2e-3",
                        "--model.lm.first_k_dense", "2"])
     cfg.validate()
     assert (cfg.train.steps, cfg.train.seed, cfg.optim.lr) == (7, 5, 2e-3)
@@ -45,6 +45,11 @@ def test_entry_point_refuses_before_training(tmp_path, capsys):
     assert code == 2
     assert "num_experts=2 is smaller than model.lm.top_k=4" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_missing_dataset_names_the_command_that_builds_it(tmp_path):
+    with pytest.raises(ConfigError, match="python -m launch.make_dataset --out"):
+        load_config(["--data.uri", str(tmp_path / "nowhere")]).validate()
 
 
 def test_missing_config_file():

@@ -169,7 +169,8 @@ def test_two_rank_pipeline_run_is_profiled(tmp_path: Path):
     pp, vpp, m = 2, 2, 4
     result = run_layout(tmp_path / "result.json", pp, [
         "--warmup", "1", "--steps", "2", "--parallel.pp", str(pp), "--parallel.vpp", str(vpp),
-        "--train.global_batch", str(m), "--train.micro_batch", "1", "--data.seq_len", "64"],
+        "--train.global_batch", str(m), "--train.micro_batch", "1", "--data.seq_len", "64",
+        "--data.uri", "synthetic"],
         timeout_s=300)
     assert (result.pp, result.vpp, result.microbatches) == (pp, vpp, m)
     assert [info.pp_rank for info in result.infos] == [0, 1]

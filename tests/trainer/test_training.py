@@ -13,7 +13,8 @@ torch.set_num_threads(1)
 
 
 def _run(run_dir, *extra):
-    argv = ["--config", "configs/tiny.toml", "--job.run_dir", str(run_dir), "--train.steps", "3",
+    argv = ["--config", "configs/tiny.toml", "--data.uri", "synthetic", "--job.run_dir", str(run_dir),
+            "--train.steps", "3",
             "--train.global_batch", "2", "--data.seq_len", "64", *extra]
     assert train_main(argv) == 0
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
