@@ -62,7 +62,7 @@ class SampleStream:
                 if self.cfg.bad_data == "fail":
                     raise BadSample(f"bad data (data.bad_data=fail): {e}") from e
                 self.skipped += 1
-                log.warning("bad data (skipped, sample %d): %s", g, e)
+                log.warning("bad data (skipped): %s (global sample %d)", e, g)
 
     def state_dict(self) -> dict:
         return {"next_g": self.next_g, "consumed": list(self.consumed), "skipped": self.skipped}
