@@ -1,7 +1,8 @@
 """Real jobs: interrupted and resumed runs are bitwise identical; resume into another dp;
 two torchrun "nodes" on this machine equal one node of the same world size.
 
-Layout pp=2 vpp=2 ep=2 dp=2 (4 gloo ranks) with DEP. Interruptions come from outside,
+Layout pp=2 vpp=2 ep=2 dp=2 (4 gloo ranks) with DEP, reading the demo dataset through the
+streaming loader (its state travels in the checkpoint). Interruptions come from outside,
 as in production: SIGTERM to one worker (clean stop: all ranks agree, checkpoint, exit),
 and SIGKILL of one worker under `torchrun --max-restarts 1` (the job comes back and
 resumes from the newest complete checkpoint by itself).
@@ -24,6 +25,16 @@ LAYOUT = ["--parallel.pp", "2", "--parallel.vpp", "2", "--parallel.ep", "2", "--
           "--parallel.encoder", "dep"]
 ARGS = ["--config", "configs/tiny.toml", "--train.steps", str(STEPS), "--train.global_batch", "8",
         "--data.seq_len", "64", "--checkpoint.interval", "2", "--checkpoint.keep", "10"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def demo_dataset(tmp_path_factory):
+    from launch.make_dataset import main as make_dataset
+    path = tmp_path_factory.mktemp("data") / "demo"
+    make_dataset(["--out", str(path)])
+    ARGS.extend(["--data.uri", str(path)])
+    yield path
+    del ARGS[-2:]
 
 
 def torchrun(run_dir: Path, *extra: str, nproc: int = 4, torchrun_args=()) -> subprocess.Popen:
