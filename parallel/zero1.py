@@ -377,13 +377,18 @@ class Zero1Optimizer:
         adamw_update_(param_S, grad_S, group.exp_avg[bucket.index],
                       group.exp_avg_sq[bucket.index], lr=lr, step=self.step_count,
                       config=self.config, decay_ranges=bucket.decay_ranges(group.rank))
-        if group.size == 1:
-            flat = param_S
-        else:
-            flat = torch.empty(bucket.padded_numel, device=self.device)
-            _all_gather_flat(flat, param_S, group=group.process_group)
+        flat = self._gather_bucket(group, bucket, param_S)
         for slot in bucket.slots:
             group.params[slot.index].detach().view(-1).copy_(flat[slot.offset:slot.end])
+
+    def _gather_bucket(self, group: ShardedGroup, bucket: BucketLayout,
+                       shard_S: torch.Tensor) -> torch.Tensor:
+        """The whole flat bucket from every rank's shard of it."""
+        if group.size == 1:
+            return shard_S
+        flat = torch.empty(bucket.padded_numel, device=self.device)
+        _all_gather_flat(flat, shard_S, group=group.process_group)
+        return flat
 
     def zero_grad(self) -> None:
         """Drop the gradients (set to None) so the next backward allocates fresh ones."""
@@ -418,12 +423,7 @@ class Zero1Optimizer:
         for group in self.groups:
             for bucket in group.buckets:
                 for kind, shards in (("exp_avg", group.exp_avg), ("exp_avg_sq", group.exp_avg_sq)):
-                    shard = shards[bucket.index]
-                    if group.size == 1:
-                        flat = shard
-                    else:
-                        flat = torch.empty(bucket.padded_numel, device=self.device)
-                        _all_gather_flat(flat, shard, group=group.process_group)
+                    flat = self._gather_bucket(group, bucket, shards[bucket.index])
                     for slot in bucket.slots:
                         out.setdefault(slot.name, {})[kind] = \
                             flat[slot.offset:slot.end].view(slot.shape).clone()
