@@ -125,17 +125,22 @@ def test_sigkill_under_max_restarts_recovers_bitwise(tmp_path, reference):
     assert_bitwise_equal(tmp_path, reference)
 
 
-def test_resume_into_another_dp_continues_the_same_run(tmp_path, reference):
-    """Saved with dp=2 (4 ranks), resumed with dp=1 ep=1 (2 ranks): same losses within
-    float tolerance (the reduction order changes) and the same data (tokens per step)."""
+def test_resume_into_other_layouts_continues_the_same_run(tmp_path, reference):
+    """Saved with pp=2 vpp=2 ep=2 dp=2 (4 ranks); resumed with dp=1 ep=1 (2 ranks) and in
+    one process (pp=1): the same losses within float tolerance (the reduction order
+    changes), so the same data sequence and the same optimizer state."""
+    from launch.train import main as train_main
+
     start = reference / "checkpoints" / "step_00000002"
-    finish(torchrun(tmp_path, "--parallel.pp", "2", "--parallel.vpp", "2", "--resume", str(start),
-                    nproc=2))
+    finish(torchrun(tmp_path / "dp1", "--parallel.pp", "2", "--parallel.vpp", "2",
+                    "--resume", str(start), nproc=2))
+    assert train_main(ARGS + ["--job.run_dir", str(tmp_path / "pp1"), "--resume", str(start)]) == 0
     ref = {s: (loss, norm) for s, loss, norm in metrics(reference)}
-    got = metrics(tmp_path)
-    assert [s for s, _, _ in got] == list(range(2, STEPS))
-    for step, loss, _ in got:
-        assert abs(loss - ref[step][0]) <= 1e-5 * abs(ref[step][0]), (step, loss, ref[step][0])
+    for run, steps in (("dp1", range(2, STEPS)), ("pp1", range(2, STEPS))):
+        got = metrics(tmp_path / run)
+        assert [s for s, _, _ in got] == list(steps)
+        for step, loss, _ in got:
+            assert abs(loss - ref[step][0]) <= 1e-5 * abs(ref[step][0]), (run, step, loss)
 
 
 def test_two_nodes_equal_one_node(tmp_path, reference):
