@@ -68,6 +68,7 @@ class Dataset:
         digest.update(tok_bytes)
         self.sources: list[Source] = []
         self.skipped_shards: list[str] = []
+        reader.prefetch([index_key(k) for spec in source_specs.values() for k in spec.get("shards", [])])
         for name, spec in source_specs.items():
             shards = []
             for shard_key in spec["shards"]:

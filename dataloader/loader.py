@@ -151,6 +151,9 @@ class Loader:
         mine = rows[self.dp_rank * self.rows_per_step:(self.dp_rank + 1) * self.rows_per_step]
         step = self._planned_steps
         self._planned_steps += 1
+        # read-ahead: the shards this step and the packing buffer will read, fetched in the background
+        self.reader.prefetch(dict.fromkeys([p.shard_key for plans in mine for p in plans]
+                                           + [p.shard_key for p in self.packer.buffer]))
         if self._pool is not None:
             for i, plans in enumerate(mine):
                 self._pool.submit((step, i), plans)

@@ -11,19 +11,47 @@ Two read modes (data.read_mode):
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+
 from dataloader.cache import DiskLRU, MemoryLRU
 from dataloader.store import ObjectStore
 
 
 class TieredReader:
-    def __init__(self, store: ObjectStore, *, memory_bytes: int, disk: DiskLRU | None, read_mode: str):
+    def __init__(self, store: ObjectStore, *, memory_bytes: int, disk: DiskLRU | None, read_mode: str,
+                 prefetch_threads: int = 4):
         self.store, self.disk, self.read_mode = store, disk, read_mode
         self.memory = MemoryLRU(memory_bytes)
+        self.prefetch_threads = prefetch_threads
+        self._pool: ThreadPoolExecutor | None = None
+        self._inflight: dict[str, Future] = {}
+
+    def prefetch(self, keys) -> None:
+        """Start bringing whole objects into the node's disk cache in the background (the
+        read-ahead: shards the plan will read next). Only for remote stores with a disk tier;
+        the requests go through the same budget as every other."""
+        if self.disk is None or self.read_mode != "shard":
+            return
+        for key in keys:
+            if key in self._inflight or self.memory.get(key) is not None or os.path.exists(self.disk.path(key)):
+                continue
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.prefetch_threads, thread_name_prefix="k25-prefetch")
+            self._inflight[key] = self._pool.submit(self._to_disk, key)
+
+    def _to_disk(self, key: str) -> None:
+        with self.disk.fetch_lock(key):
+            if not os.path.exists(self.disk.path(key)):
+                self.disk.put(key, self.store.get(key))
 
     def whole(self, key: str) -> bytes:
         data = self.memory.get(key)
         if data is not None:
             return data
+        pending = self._inflight.pop(key, None)
+        if pending is not None:
+            pending.result()  # re-raises a failed prefetch here, where the policy applies
         if self.disk is not None:
             data = self.disk.get(key)
             if data is None:
