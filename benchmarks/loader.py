@@ -105,6 +105,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default="", help="dataset folder (default: build the demo)")
     p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--samples-per-shard", type=int, default=256,
+                   help="demo shard size; ~1 MiB like the MDS shards, so both make as many requests")
     a = p.parse_args(argv)
 
     from dataloader.config import LoaderConfig
@@ -116,7 +118,7 @@ def main(argv=None) -> None:
         from launch.make_dataset import build
 
         data = os.path.join(work, "demo")
-        build(data)
+        build(data, samples_per_shard=a.samples_per_shard)
     os.environ.update(AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY, AWS_REGION="us-east-1")
     server = start_seaweedfs(os.path.join(work, "seaweedfs"))
     proxy = FaultProxy(server.endpoint)
@@ -124,6 +126,7 @@ def main(argv=None) -> None:
     try:
         server.upload_folder(data, "bench", "ours")
         samples = list(_all_samples(data))
+        shards = sum(1 for r, _, fs in os.walk(data) for f in fs if f.endswith(".tar"))
         n = len(samples)
         MDSWriter, StreamingDataset, clean_shm = _import_streaming()
         mds_dir = os.path.join(work, "mds")
@@ -192,7 +195,9 @@ def main(argv=None) -> None:
         server.stop()
 
     print(f"\n{n} samples, {sum(sum(len(v) for v in m.values()) for _, m in samples) / 2**20:.1f} MiB of "
-          f"sample bytes, SeaweedFS on 127.0.0.1 behind a counting proxy, 1 process\n")
+          f"sample bytes, SeaweedFS on 127.0.0.1 behind a counting proxy, {a.workers} loader workers; "
+          f"{len([f for f in os.listdir(mds_dir) if f.endswith('.mds')])} MDS shards, "
+          f"{shards} tar shards + {shards} indexes\n")
     print(f"{'loader':<14}{'cache':<7}{'samples/s':>11}{'MiB/s':>9}{'req/sample':>12}{'first (s)':>11}")
     for label, temp, sps, mibs, rps, first in rows:
         print(f"{label:<14}{temp:<7}{sps:>11.0f}{mibs:>9.1f}{rps:>12.3f}{first:>11.3f}")

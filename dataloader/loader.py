@@ -192,6 +192,7 @@ class Loader:
         if self._pool is not None:
             self._pool.close()
             self._pool = None
+        self.reader.close()
 
     def __del__(self):
         try:

@@ -75,3 +75,9 @@ class TieredReader:
             data = self.store.get(key, (start, end))
             self.memory.put(mkey, data)
         return data
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._inflight.clear()

@@ -21,6 +21,8 @@ def test_epoch_has_every_sample_once_and_rows_follow_the_contract(demo_dir):
     while max_k < n + 4 * cfg.pack_buffer:
         batch = next(loader)
         batch.validate(media_id)
+        ids = [m.item_id for m in batch.media]
+        assert len(set(ids)) == len(ids), "media item ids must be unique within a step"
         for row, samples in enumerate(loader.last_step_samples):
             docs = batch.doc_ids[row]
             starts = [0] + [s for s in range(1, cfg.seq_len) if docs[s] != docs[s - 1]]
