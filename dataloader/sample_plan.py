@@ -8,6 +8,7 @@ sample's reference, the index, the stream config), so any process can redo it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from dataloader.augment import Geometry, plan_geometry, rng_for
 from dataloader.batch import merged_tokens
@@ -53,11 +54,11 @@ class SamplePlan:
     pieces: list[Piece]
     media: list[MediaPlan] = field(default_factory=list)
 
-    @property
+    @cached_property  # pieces never change after planning; the packer asks often
     def length(self) -> int:
         return layout_length(self.pieces)
 
-    @property
+    @cached_property
     def num_items(self) -> int:
         return sum(1 for p in self.pieces if p.kind == "media")
 
