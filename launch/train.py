@@ -23,12 +23,10 @@ def main(argv: list[str] | None = None, *, rank_logs: bool = False) -> int:
     argv = sys.argv[1:] if argv is None else argv
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    if "OMP_NUM_THREADS" not in os.environ:
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     try:
         cfg = load_config(argv)
         cfg.validate(world_size=world_size)
+        torch.set_num_threads(cfg.job.cpu_threads)
         if rank_logs:
             redirect_rank_output(cfg.job.run_dir, rank)
         summary = check_environment(world_size, rank)

@@ -25,6 +25,9 @@ class JobSection:
     run_dir: str = "runs/demo"
     log_every: int = 1  # console line every N steps (metrics.jsonl gets every step)
     tensorboard: bool = True  # scalars of every metric in <run_dir>/tensorboard
+    # intra-op CPU threads per rank. 1 keeps runs bitwise reproducible: with more threads,
+    # MKL's matrix products round differently depending on memory alignment
+    cpu_threads: int = 1
 
 
 @dataclass
@@ -114,7 +117,8 @@ class JobConfig:
         for key, value in {"train.steps": t.steps, "train.global_batch": t.global_batch,
                            "train.micro_batch": t.micro_batch, "data.seq_len": d.seq_len,
                            "parallel.pp": p.pp, "parallel.vpp": p.vpp, "parallel.ep": p.ep,
-                           "parallel.dp": p.dp, "job.log_every": self.job.log_every}.items():
+                           "parallel.dp": p.dp, "job.log_every": self.job.log_every,
+                           "job.cpu_threads": self.job.cpu_threads}.items():
             if value <= 0:
                 raise ConfigError(f"{key} must be positive, got {value}")
         if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
