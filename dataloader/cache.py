@@ -18,6 +18,8 @@ import re
 from collections import OrderedDict
 from contextlib import contextmanager
 
+from dataloader.store import read_file_range
+
 
 class MemoryLRU:
     def __init__(self, max_bytes: int):
@@ -87,12 +89,7 @@ class DiskLRU:
     def get(self, key: str, byte_range: tuple[int, int] | None = None) -> bytes | None:
         path = self.path(key)
         try:
-            with open(path, "rb") as f:
-                if byte_range is None:
-                    data = f.read()
-                else:
-                    f.seek(byte_range[0])
-                    data = f.read(byte_range[1] - byte_range[0])
+            data = read_file_range(path, byte_range)
         except FileNotFoundError:
             self.misses += 1
             return None

@@ -12,6 +12,15 @@ import os
 from abc import ABC, abstractmethod
 
 
+
+def read_file_range(path: str, byte_range: tuple[int, int] | None) -> bytes:
+    """The whole file, or bytes [start, end) of it."""
+    with open(path, "rb") as f:
+        if byte_range is None:
+            return f.read()
+        f.seek(byte_range[0])
+        return f.read(byte_range[1] - byte_range[0])
+
 class StoreError(IOError):
     """A request failed for good (after the retries); the message names the object key."""
 
@@ -58,12 +67,7 @@ class LocalStore(ObjectStore):
         path = self._path(key)
         self.requests += 1
         try:
-            with open(path, "rb") as f:
-                if byte_range is None:
-                    data = f.read()
-                else:
-                    f.seek(byte_range[0])
-                    data = f.read(byte_range[1] - byte_range[0])
+            data = read_file_range(path, byte_range)
         except FileNotFoundError as e:
             raise MissingObject(f"object {key!r} is missing from {self.describe()}") from e
         except OSError as e:
