@@ -202,8 +202,8 @@ def train(cfg: JobConfig, rank: int = 0, engine=None) -> list[dict]:
         records.append(record)
         done = step + 1
         stop = _stop_agreed()
-        if cfg.checkpoint.interval and (done % cfg.checkpoint.interval == 0 or stop
-                                        or done == cfg.train.steps):
+        if stop or (cfg.checkpoint.interval and (done % cfg.checkpoint.interval == 0
+                                                 or done == cfg.train.steps)):
             checkpoints.save(done, engine.named_tensors(), engine.optimizer_state(),
                              {"model": to_dict(cfg)["model"], "layout": _layout(cfg),
                               "data": data.state_dict()})
