@@ -18,7 +18,7 @@ import re
 from collections import OrderedDict
 from contextlib import contextmanager
 
-from dataloader.store import read_file_range
+from dataloader.store import atomic_write, read_file_range
 
 
 class MemoryLRU:
@@ -103,11 +103,7 @@ class DiskLRU:
     def put(self, key: str, data: bytes) -> None:
         if len(data) > self.max_bytes:
             return
-        path = self.path(key)
-        tmp = f"{path}.tmp.{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        atomic_write(self.path(key), data)
         self._evict()
 
     def _evict(self) -> None:

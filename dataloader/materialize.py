@@ -89,7 +89,8 @@ class Materializer:
                 mp = plan.media[index]
                 h, w = mp.geometry.grid_hw
                 t = mp.chunk_frames[chunk]
-                frames = decoded[index][4 * chunk:4 * chunk + t]
+                first = sum(mp.chunk_frames[:chunk])  # frames of the earlier chunks
+                frames = decoded[index][first:first + t]
                 if frames.shape[0] != t:
                     raise BadSample(f"{plan.object_key}.{mp.member}: fewer frames than the index says")
                 media_out.append((mp.first_item + chunk, (t, h, w), len(tokens), patchify(frames).numpy()))

@@ -18,6 +18,8 @@ import struct
 import time
 from contextlib import contextmanager
 
+from dataloader.store import atomic_write
+
 _STATE = struct.Struct("<dd")  # tokens, last refill (time.time())
 
 
@@ -54,10 +56,7 @@ class RequestBudget:
                 tokens -= 1.0
             else:
                 wait = (1.0 - tokens) / self.rate
-            tmp = f"{self._state_path}.{os.getpid()}"
-            with open(tmp, "wb") as f:
-                f.write(_STATE.pack(tokens, now))
-            os.replace(tmp, self._state_path)
+            atomic_write(self._state_path, _STATE.pack(tokens, now))
             return wait
         finally:
             os.close(fd)  # releases the flock

@@ -132,7 +132,3 @@ class S3Store(ObjectStore):
             raise StoreError(f"object {key!r} on {self.describe()} is shorter than its index says")
         self.bytes_read += len(data)
         return data
-
-    def put(self, key: str, data: bytes) -> None:
-        self._call("PUT", key, lambda: self.client.put_object(
-            Bucket=self.bucket, Key=self._key(key), Body=data))

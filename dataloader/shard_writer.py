@@ -30,15 +30,8 @@ from dataloader.media_decode import BadMedia, probe_image, probe_video
 from dataloader.shard_format import (
     FORMAT_VERSION, MANIFEST, SampleIndex, ShardIndex, index_key, member_kind, sha256_hex,
     split_member_name, tar_member_spans)
+from dataloader.store import atomic_write
 from dataloader.template import TextTokenizer, annotation_text
-
-
-def atomic_write(path: str, data: bytes) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def describe_sample(key: str, members: dict[str, bytes], tok: TextTokenizer) -> tuple[list[dict], int, str]:

@@ -13,6 +13,15 @@ from abc import ABC, abstractmethod
 
 
 
+def atomic_write(path: str, data: bytes) -> None:
+    """Write to a temporary file, then rename: readers see the old bytes or the new, never half."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
 def read_file_range(path: str, byte_range: tuple[int, int] | None) -> bytes:
     """The whole file, or bytes [start, end) of it."""
     with open(path, "rb") as f:
@@ -39,10 +48,6 @@ class ObjectStore(ABC):
     @abstractmethod
     def get(self, key: str, byte_range: tuple[int, int] | None = None) -> bytes:
         """The object's bytes, or bytes [start, end) of it."""
-
-    @abstractmethod
-    def put(self, key: str, data: bytes) -> None:
-        ...
 
     @abstractmethod
     def describe(self) -> str:
@@ -77,14 +82,6 @@ class LocalStore(ObjectStore):
                              f"{byte_range[0]}..{byte_range[1]}, got {len(data)})")
         self.bytes_read += len(data)
         return data
-
-    def put(self, key: str, data: bytes) -> None:
-        path = self._path(key)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp.{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
 
     def describe(self) -> str:
         return f"local directory {self.root}"

@@ -33,6 +33,11 @@ class TieredReader:
         the requests go through the same budget as every other."""
         if self.disk is None or self.read_mode != "shard":
             return
+        # finished read-aheads leave the table (with workers, `whole` never runs here to pop
+        # them, and a stale entry would block prefetching the shard again after eviction);
+        # failed ones stay so that `whole` re-raises them where the bad-data policy applies
+        self._inflight = {k: f for k, f in self._inflight.items()
+                          if not f.done() or f.exception() is not None}
         for key in keys:
             if key in self._inflight or self.memory.get(key) is not None or os.path.exists(self.disk.path(key)):
                 continue
