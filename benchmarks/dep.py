@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,14 +38,11 @@ def main() -> None:
             f"--train.global_batch {args.global_batch} --train.micro_batch 1 "
             f"--data.seq_len {args.seq_len} --data.max_image_patches_side {args.max_side} "
             f"--data.media_per_seq {args.media_per_seq} --job.run_dir {tempfile.mkdtemp()}")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = Path(tempfile.mkdtemp()) / "dep.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT),
                PYTHONWARNINGS="ignore::UserWarning")
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-                    "--master-addr", "127.0.0.1", "--master-port", str(port),
+                    "--standalone",
                     "-m", "benchmarks.dep_worker", "--out", str(out), "--steps", str(args.steps),
                     "--base", base], cwd=ROOT, env=env, check=True)
     results = json.loads(out.read_text())

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from trainer.config import load_config
 from trainer.lr_schedule import learning_rate
-from trainer.profile import (RankInfo, Span, peak_memory_bytes, spans_from_timeline,
+from trainer.profile import (RankInfo, peak_memory_bytes, step_spans,
                              torch_profiler_trace)
 from trainer.data import build_data
 from trainer.train import DistributedEngine
@@ -63,10 +63,7 @@ def main() -> None:
         t1 = time.perf_counter()
         if step < args.warmup:
             continue
-        spans = spans_from_timeline(topology.rank, runtime.timeline, t0)
-        schedule_end = max(s.end for s in spans)
-        spans.append(Span(topology.rank, "loss all-reduce + ZeRO-1 step", "optimizer", -1, -1,
-                          schedule_end, t1 - t0))
+        spans = step_spans(topology.rank, runtime.timeline, engine.engine.phases, t0)
         step_times.append(t1 - t0)
         spans_per_step.append([s.to_dict() for s in spans])
     if args.torch_profile:  # after the timed steps: the profiler's overhead skews timings

@@ -27,7 +27,6 @@ giving bitwise the same embeddings.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F

@@ -33,7 +33,7 @@ from parallel.adamw import AdamWConfig
 from parallel.dep import DecoupledEncoder, ReplicaMedia
 from parallel.expert_dispatch import AllToAllDispatcher
 from parallel.pipeline_runtime import PipelineRuntime
-from parallel.schedule import Op, schedule
+from parallel.schedule import COMPUTE_OPS, schedule
 from parallel.topology import Topology
 from parallel.zero1 import ParamGroup, Zero1Optimizer
 
@@ -171,7 +171,7 @@ class ParallelEngine:
         """This rank's idle share of its pipeline window (the bubble as this rank saw it)."""
         timeline = self.runtime.timeline
         window = timeline[-1].end - timeline[0].start
-        compute = sum(r.end - r.start for r in timeline if r.action.op in (Op.F, Op.B))
+        compute = sum(r.end - r.start for r in timeline if r.action.op in COMPUTE_OPS)
         return (window - compute) / window if window > 0 else 0.0
 
     # ------------------------------------------------------------------ checkpoints

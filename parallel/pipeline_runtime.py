@@ -10,7 +10,9 @@ The schedule is data (`parallel/schedule.py`); this runtime only walks it:
     SEND_B s.m  non-blocking send of the gradient of stage s's input    (to the rank of s-1)
 
 Sends are non-blocking and receives block, exactly the semantics the schedule
-simulator proves deadlock-free. Every action is timestamped (`timeline`), so
+simulator proves deadlock-free. Consecutive chunks always sit on different ranks
+(with pp = 1 there is one chunk: the layout check refuses vpp > 1 without pp > 1),
+so every hand-over between chunks is a SEND/RECV pair. Every action is timestamped (`timeline`), so
 the measured bubble can be compared with the simulated one.
 
 Why our own runtime rather than `torch.distributed.pipelining`'s
@@ -87,8 +89,6 @@ class PipelineRuntime:
                 if s == last:
                     out = loss_fn(out, mb)
                     loss_sum += out.detach()
-                elif self.stage_rank(s + 1) == self.stage_rank(s):
-                    inputs[(s + 1, mb)] = out.detach().requires_grad_()
                 outputs[key] = out
             elif action.op is Op.SEND_F:
                 payload = outputs[key].detach()
@@ -105,11 +105,7 @@ class PipelineRuntime:
                 else:
                     out.backward(output_grads.pop(key))
                 if s > 0:
-                    grad = inputs.pop(key).grad
-                    if self.stage_rank(s - 1) == self.stage_rank(s):
-                        output_grads[(s - 1, mb)] = grad
-                    else:
-                        input_grads[key] = grad
+                    input_grads[key] = inputs.pop(key).grad
             elif action.op is Op.SEND_B:
                 payload = input_grads.pop(key)
                 sends.append((dist.isend(payload, dst=self.stage_rank(s - 1),

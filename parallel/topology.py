@@ -141,10 +141,6 @@ class Topology:
     def is_first_stage(self) -> bool:
         return self.pp_rank == 0
 
-    @property
-    def is_last_stage(self) -> bool:
-        return self.pp_rank == self.sizes.pp - 1
-
     def stages_of_rank(self) -> list[int]:
         """Global chunk (virtual stage) indices held here: pp_rank, pp_rank + pp, ..."""
         return [c * self.sizes.pp + self.pp_rank for c in range(self.sizes.vpp)]

@@ -403,15 +403,6 @@ class Zero1Optimizer:
         return sum(t.numel() * t.element_size()
                    for g in self.groups for t in (*g.exp_avg, *g.exp_avg_sq))
 
-    def state_dict(self) -> dict:
-        """This rank's shard state as plain tensors (moments are shared, not copied)."""
-        return {
-            "step": self.step_count,
-            "groups": [{"exp_avg": list(g.exp_avg), "exp_avg_sq": list(g.exp_avg_sq),
-                        "shard_numel": [b.shard_numel for b in g.buckets]}
-                       for g in self.groups],
-        }
-
     @torch.no_grad()
     def full_state(self) -> dict[str, dict[str, torch.Tensor]]:
         """Every parameter's whole AdamW moments by name, gathered over its group.
@@ -444,19 +435,3 @@ class Zero1Optimizer:
                         shards[bucket.index][piece.shard_start:piece.shard_start + piece.numel] \
                             .copy_(full[piece.param_start:piece.param_start + piece.numel])
         self.step_count = int(step)
-
-    def load_state_dict(self, state: dict) -> None:
-        """Copy a ``state_dict()`` of the same layout (same groups, buckets, group sizes)."""
-        if len(state["groups"]) != len(self.groups):
-            raise ValueError(f"state has {len(state['groups'])} param groups, this optimizer "
-                             f"{len(self.groups)}; build it with the same groups as the saver")
-        for group_index, (group, saved) in enumerate(zip(self.groups, state["groups"])):
-            expected = [b.shard_numel for b in group.buckets]
-            if list(saved["shard_numel"]) != expected:
-                raise ValueError(f"param group {group_index}: saved shard sizes "
-                                 f"{list(saved['shard_numel'])} differ from this layout's "
-                                 f"{expected}; use the same params, bucket_numel and group size")
-            for mine, theirs in zip(group.exp_avg + group.exp_avg_sq,
-                                    list(saved["exp_avg"]) + list(saved["exp_avg_sq"])):
-                mine.copy_(theirs)
-        self.step_count = int(state["step"])

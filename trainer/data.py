@@ -15,6 +15,12 @@ from model.config import ConfigError
 from trainer.config import JobConfig
 
 
+def loader_config(cfg: JobConfig) -> LoaderConfig:
+    """The loader's own settings out of the job's data section (a superset of them)."""
+    return LoaderConfig(**{name: getattr(cfg.data, name)
+                           for name in LoaderConfig.__dataclass_fields__})
+
+
 class SyntheticSource:
     """The built-in generator: the global batch of step s is a pure function of (seed, s)."""
 
@@ -51,9 +57,7 @@ class LoaderSource:
     def __init__(self, cfg: JobConfig, dp_rank: int, dp: int):
         from dataloader.loader import build_loader
 
-        loader_cfg = LoaderConfig(**{name: getattr(cfg.data, name)
-                                     for name in LoaderConfig.__dataclass_fields__})
-        self.loader = build_loader(loader_cfg, seed=cfg.train.seed, dp_rank=dp_rank, dp_size=dp,
+        self.loader = build_loader(loader_config(cfg), seed=cfg.train.seed, dp_rank=dp_rank, dp_size=dp,
                                    rows_per_step=cfg.train.global_batch // dp)
         vocab, media_id, _ = self.loader.tokenizer_info
         if vocab > cfg.model.lm.vocab_size or media_id != cfg.model.media_token_id:
@@ -83,8 +87,7 @@ def check_data_config(cfg: JobConfig) -> None:
     if cfg.data.uri == "synthetic":
         return
     try:
-        LoaderConfig(**{name: getattr(cfg.data, name)
-                        for name in LoaderConfig.__dataclass_fields__}).validate()
+        loader_config(cfg).validate()
     except LoaderConfigError as e:
         raise ConfigError(str(e)) from None
     uri = cfg.data.uri

@@ -85,9 +85,6 @@ class LMFlops(_Parts):
     moe_shared: float
     head: float
 
-    @property
-    def moe(self) -> float:
-        return self.moe_router + self.moe_experts + self.moe_shared
 
 
 @dataclass(frozen=True)
@@ -197,10 +194,6 @@ def vision_flops_per_patch(cfg: ModelConfig, item_patches: int, frames: int = 1)
     embed, blocks, attention_pair, projector = _vision_linears(cfg)
     return VisionFlops(2 * embed, 2 * blocks, 2 * attention_pair * item_patches,
                        2 * projector / (cfg.vision.merge_kernel ** 2 * frames))
-
-
-def projector_flops_per_merged_token(cfg: ModelConfig) -> int:
-    return 2 * _vision_linears(cfg)[3]
 
 
 def vision_flops(cfg: ModelConfig, grid_thw: Sequence[Grid]) -> VisionFlops:

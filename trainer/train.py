@@ -73,7 +73,7 @@ class DistributedEngine:
         """One step on this replica's rows `batch`."""
         mbs = microbatches_of(batch, self.cfg.train.micro_batch)
         if self.cfg.parallel.encoder == "dep":
-            return self.engine.step([model_inputs(b) for b in mbs], lr,
+            return self.engine.step([model_inputs(b, with_patches=False) for b in mbs], lr,
                                     media=replica_media(mbs, self.topology.dp_rank),
                                     media_ids=[[m.item_id for m in b.media] for b in mbs])
         return self.engine.step([model_inputs(b) for b in mbs], lr)

@@ -138,7 +138,7 @@ def _scenario_one_world_group(rank: int, pgs: dict) -> None:
     for step in range(len(LRS)):
         if step == len(LRS) - 1:
             saved = ({k: p.detach().clone() for k, p in run.mine.items()},
-                     copy.deepcopy(run.zero.state_dict()))
+                     copy.deepcopy(run.zero.full_state()), run.zero.step_count)
         run.check(*run.step(step), what=f"one world group, step {step + 1}")
         assert run.ref_opt.state[run.ref["w0"]]["step"].item() == run.zero.step_count
 
@@ -148,22 +148,22 @@ def _scenario_one_world_group(rank: int, pgs: dict) -> None:
     assert 0 <= run.zero.state_bytes() - unsharded / WORLD < padding_bound, \
         (run.zero.state_bytes(), unsharded)
 
-    # state_dict round trip: a fresh optimizer loaded with the state before the last
-    # step redoes that step to the same bits.
-    params_before, state_before = saved
+    # checkpoint round trip (the layout-free moments checkpoints store): a fresh optimizer
+    # loaded with the state before the last step redoes that step to the same bits.
+    params_before, state_before, step_before = saved
     restored = {k: nn.Parameter(v.clone()) for k, v in params_before.items()}
     keys = [s.key for s in run.groups[0]]
     again = Zero1Optimizer([ParamGroup([restored[k] for k in keys], pgs[(0, 1, 2, 3)], keys)],
                            norm_group=dist.group.WORLD, config=CONFIG,
                            max_grad_norm=MAX_NORM, bucket_numel=BUCKET_NUMEL)
-    again.load_state_dict(state_before)
+    again.load_full_state(state_before, step_before)
     last = len(LRS) - 1
     for s in run.groups[0]:
         restored[s.key].grad = (None if (last, s.key, rank) in run.skip_grad
                                 else _rank_grad(s, last, rank))
     again.step(LRS[last])
     for key, param in restored.items():
-        assert torch.equal(param, run.mine[key]), f"state_dict round trip differs for {key}"
+        assert torch.equal(param, run.mine[key]), f"full_state round trip differs for {key}"
 
     # The dropped bucket: skipping one reduce-scatter must make the comparison fail.
     dropped = Run(rank, _one_world_group(), pgs)

@@ -140,8 +140,11 @@ def test_invalid_input_is_refused_with_a_reason():
 
 
 def test_peak_memory_covers_a_touched_allocation():
-    block = torch.ones(48 * 2**20 // 4)  # 48 MiB, written, so resident
-    assert peak_memory_bytes() >= block.numel() * 4
+    """An allocation larger than the whole process so far must raise the reported peak."""
+    before = peak_memory_bytes()
+    block = torch.ones((before + 256 * 2**20) // 4)  # written, so resident
+    assert peak_memory_bytes() >= block.numel() * 4 > before
+    del block
 
 
 def test_torch_profiler_trace_exports_per_rank(tmp_path: Path):
@@ -180,7 +183,7 @@ def test_two_rank_pipeline_run_is_profiled(tmp_path: Path):
     for spans in result.spans_per_step:
         sends = {}
         for rank, rank_spans in enumerate(spans):
-            pipeline = [s for s in rank_spans if s.category != "optimizer"]
+            pipeline = [s for s in rank_spans if s.category not in ("optimizer", "dep")]
             assert [s.name for s in pipeline] == [str(a) for a in actions[rank]]
             assert all(a.end <= b.start for a, b in zip(rank_spans, rank_spans[1:]))
             sends.update({s.name: s for s in pipeline if s.category == "send"})
@@ -195,7 +198,7 @@ def test_two_rank_pipeline_run_is_profiled(tmp_path: Path):
         assert {e["pid"] for e in events} == {0, 1}
         for rank in range(pp):
             assert sum(e["ph"] == "X" and e["pid"] == rank for e in events) == \
-                len(actions[rank]) + 1  # + the optimizer span
+                len(actions[rank]) + 3  # + DEP encode, DEP backward, optimizer (engine phases)
     bubble = min(result.bubbles())
     simulated = simulated_bubble(pp, vpp, m)
     assert simulated == pytest.approx((pp - 1) / (vpp * m))
