@@ -19,6 +19,7 @@ import os
 import tempfile
 from collections import deque
 
+import numpy as np
 import torch
 
 from dataloader.batch import Batch, MediaItem
@@ -52,12 +53,13 @@ def cache_folder(cfg: LoaderConfig) -> str:
 def make_reader(cfg: LoaderConfig) -> TieredReader:
     """Store + tiers for this process. Remote stores get the node's disk cache and budget."""
     remote = cfg.uri.startswith("s3://")
-    budget = (RequestBudget(os.path.join(cache_folder(cfg), "budget"), cfg.requests_per_s,
+    cache_dir = cache_folder(cfg)
+    budget = (RequestBudget(os.path.join(cache_dir, "budget"), cfg.requests_per_s,
                             cfg.max_concurrent_requests) if remote else None)
     store = open_store(cfg.uri, endpoint_url=cfg.s3_endpoint_url, region=cfg.s3_region, budget=budget,
                        max_retries=cfg.max_retries, retry_base_s=cfg.retry_base_s,
                        retry_max_s=cfg.retry_max_s, timeout_s=cfg.request_timeout_s)
-    disk = None if isinstance(store, LocalStore) else DiskLRU(cache_folder(cfg), cfg.disk_cache_mb << 20)
+    disk = None if isinstance(store, LocalStore) else DiskLRU(cache_dir, cfg.disk_cache_mb << 20)
     return TieredReader(store, memory_bytes=cfg.memory_cache_mb << 20, disk=disk, read_mode=cfg.read_mode)
 
 
@@ -185,7 +187,7 @@ class Loader:
                 self.skipped_keys.append((key, reason))
             for item_id, grid, offset, patches in r.media:
                 media.append(MediaItem(item_id, tuple(grid), row, offset, torch.from_numpy(patches)))
-        stack = lambda name: torch.from_numpy(__import__("numpy").stack([getattr(r, name) for r in results]))
+        stack = lambda name: torch.from_numpy(np.stack([getattr(r, name) for r in results]))
         return Batch(stack("tokens"), stack("labels"), stack("position_ids"), stack("doc_ids"), media)
 
     def close(self) -> None:
