@@ -1,15 +1,19 @@
 """The Kimi K2 / DeepSeek-V3 style language model, buildable as contiguous layer ranges.
 
     tokens ─embed─> [layer 0 (dense FFN)] ... [layer k (MoE)] ... ─norm─head─> logits
-    └──────────── chunk [0, a) ───────────┘ └─ chunk [a, b) ─┘ ... └ chunk [., L) ┘
+    └── chunk: embed, [0, a) ─────────────┘ └─ chunk [a, b) ─┘ ... └ chunk [., L), head ┘
 
-`LanguageModelChunk(cfg, start, stop)` holds layers [start, stop): the first chunk
-also owns the embedding, the last one the final norm and the head. The whole
-model is the chunk [0, L). Layers are kept in a dict keyed by their global
-index, so every parameter has the same name in a chunk as in the whole model
-(pipeline stages, checkpoints and equivalence tests rely on that).
+`LanguageModelChunk(cfg, ChunkSpec(embed, layers, head))` holds the decoder layers
+`layers` (a range of global indices, possibly empty), the embedding if `embed` and
+the final norm and head if `head`, so a pipeline chunk may be embedding-only,
+head-only or anything between (parallel/layout.py decides which). The whole model
+is `ChunkSpec.whole(cfg)`. Layers are kept in a dict keyed by their global index, so
+every parameter has the same name in a chunk as in the whole model (pipeline
+stages, checkpoints and equivalence tests rely on that).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -34,38 +38,57 @@ class DecoderLayer(nn.Module):
         return x_BSD + self.ffn(self.ffn_norm(x_BSD))
 
 
+@dataclass(frozen=True)
+class ChunkSpec:
+    """What one piece of the LM holds: the embedding, a range of decoder layers, the head."""
+
+    embed: bool
+    layers: range
+    head: bool
+
+    @classmethod
+    def whole(cls, cfg: LMConfig) -> "ChunkSpec":
+        return cls(True, range(cfg.layers), True)
+
+    def check(self, cfg: LMConfig) -> None:
+        if self.layers.step != 1 or not 0 <= self.layers.start <= self.layers.stop <= cfg.layers:
+            raise ValueError(f"layer range {self.layers} is not a contiguous range inside "
+                             f"[0, {cfg.layers})")
+        if not (self.embed or self.head or len(self.layers)):
+            raise ValueError("a chunk must hold the embedding, a decoder layer or the head")
+
+
 class LanguageModelChunk(nn.Module):
-    def __init__(self, cfg: LMConfig, start: int = 0, stop: int | None = None,
+    def __init__(self, cfg: LMConfig, spec: ChunkSpec | None = None,
                  local_experts: range | None = None):
         super().__init__()
-        stop = cfg.layers if stop is None else stop
-        if not 0 <= start < stop <= cfg.layers:
-            raise ValueError(f"layer range [{start}, {stop}) is not inside [0, {cfg.layers})")
-        self.cfg, self.start, self.stop = cfg, start, stop
-        self.is_first, self.is_last = start == 0, stop == cfg.layers
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden) if self.is_first else None
+        spec = ChunkSpec.whole(cfg) if spec is None else spec
+        spec.check(cfg)
+        self.cfg, self.spec = cfg, spec
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden) if spec.embed else None
         self.layers = nn.ModuleDict(
-            {str(i): DecoderLayer(cfg, i, local_experts) for i in range(start, stop)})
-        self.norm = nn.RMSNorm(cfg.hidden, eps=cfg.norm_eps) if self.is_last else None
-        self.head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False) if self.is_last else None
+            {str(i): DecoderLayer(cfg, i, local_experts) for i in spec.layers})
+        self.norm = nn.RMSNorm(cfg.hidden, eps=cfg.norm_eps) if spec.head else None
+        self.head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False) if spec.head else None
 
     def forward(self, x: torch.Tensor, position_ids_BS: torch.Tensor, doc_ids_BS: torch.Tensor,
                 media_embeds_MD: torch.Tensor | None = None,
                 media_index_M: torch.Tensor | None = None) -> torch.Tensor:
-        """x: token ids [B, S] for the first chunk, hidden states [B, S, D] otherwise.
+        """x: token ids [B, S] for the chunk with the embedding, hidden states [B, S, D] otherwise.
 
-        Returns hidden states, or logits [B, S, V] from the last chunk. On the
-        first chunk, `media_embeds_MD` replace the embeddings at the flat
+        Returns hidden states, or logits [B, S, V] from the chunk with the head. On the
+        embedding's chunk, `media_embeds_MD` replace the embeddings at the flat
         positions `media_index_M` (row * S + column) of the media placeholders.
         """
-        if self.is_first:
+        if self.embed is not None:
             x = self.embed(x)
             if media_embeds_MD is not None and media_index_M is not None and len(media_index_M):
                 x = merge_media(x, media_embeds_MD, media_index_M)
-        mask = packed_causal_mask(doc_ids_BS)
-        for layer in self.layers.values():
-            x = layer(x, position_ids_BS, mask)
-        if self.is_last:
+        if len(self.layers):
+            mask = packed_causal_mask(doc_ids_BS)
+            for layer in self.layers.values():
+                x = layer(x, position_ids_BS, mask)
+        if self.head is not None:
             x = self.head(self.norm(x))
         return x
 

@@ -38,20 +38,33 @@ def _mla(c: LMConfig) -> int:
             + c.heads * c.v_head_dim * c.hidden)
 
 
+def decoder_layer_params(c: LMConfig, layer: int, experts_held: int | None = None) -> int:
+    """Parameters of decoder layer `layer` (dense for the first `first_k_dense`), with
+    `experts_held` of its routed experts (default: all; a rank holds num_experts / ep)."""
+    attention = _mla(c) + 2 * c.hidden  # MLA and the two RMSNorms
+    if layer < c.first_k_dense:
+        return attention + _swiglu(c.hidden, c.dense_hidden)
+    experts = c.num_experts if experts_held is None else experts_held
+    shared = _swiglu(c.hidden, c.expert_hidden * c.num_shared_experts) if c.num_shared_experts else 0
+    router = c.num_experts * c.hidden
+    return attention + router + shared + experts * _swiglu(c.hidden, c.expert_hidden)
+
+
+def embedding_params(c: LMConfig) -> int:
+    return c.vocab_size * c.hidden
+
+
+def head_params(c: LMConfig) -> int:
+    """The final RMSNorm and the output projection."""
+    return c.hidden + c.vocab_size * c.hidden
+
+
 def lm_params(c: LMConfig) -> tuple[int, int]:
     """(total, active per token) of the language model."""
-    norms = 2 * c.hidden
-    attention = _mla(c) + norms
-    dense_layer = attention + _swiglu(c.hidden, c.dense_hidden)
-    expert = _swiglu(c.hidden, c.expert_hidden)
-    shared = _swiglu(c.hidden, c.expert_hidden * c.num_shared_experts) if c.num_shared_experts else 0
-    moe_common = attention + c.num_experts * c.hidden + shared  # router weight
-    embedding, head, final_norm = c.vocab_size * c.hidden, c.vocab_size * c.hidden, c.hidden
-    dense_layers, moe_layers = c.first_k_dense, c.num_moe_layers
-    total = (embedding + head + final_norm + dense_layers * dense_layer
-             + moe_layers * (moe_common + c.num_experts * expert))
-    active = (head + final_norm + dense_layers * dense_layer
-              + moe_layers * (moe_common + c.top_k * expert))
+    total = embedding_params(c) + head_params(c) + sum(
+        decoder_layer_params(c, i) for i in range(c.layers))
+    active = head_params(c) + sum(decoder_layer_params(c, i, experts_held=c.top_k)
+                                  for i in range(c.layers))
     return total, active
 
 

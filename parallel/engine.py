@@ -9,8 +9,8 @@
     │ 4. router balancing: expert load summed over DP, same bias update on every copy   │
     └────────────────────────────────────────────────────────────────────────────────────┘
 
-Each rank builds only its own chunks (layers [s*L/S, (s+1)*L/S) of every stage s
-it holds) and only its experts; parameters are initialised by name, so they
+Each rank builds only its own chunks (what `layout` puts in every stage it holds:
+parallel/layout.py) and only its experts; parameters are initialised by name, so they
 equal the single-process model's. With `encoder = "colocated"` the vision
 encoder lives in stage 0 and its gradients are reduced over the DP group like
 the rest of stage 0.
@@ -32,6 +32,7 @@ from model.vision_language import VisionEncoder
 from parallel.adamw import AdamWConfig
 from parallel.dep import DecoupledEncoder, ReplicaMedia
 from parallel.expert_dispatch import AllToAllDispatcher
+from parallel.layout import PipelineLayout
 from parallel.pipeline_runtime import PipelineRuntime
 from parallel.schedule import COMPUTE_OPS, schedule
 from parallel.topology import Topology
@@ -63,20 +64,21 @@ def is_expert_param(name: str) -> bool:
 
 
 class ParallelEngine:
-    def __init__(self, model_cfg: ModelConfig, topology: Topology, *, micro_batch: int,
-                 seq_len: int, microbatches: int, seed: int, adamw: AdamWConfig,
-                 grad_clip: float, encoder: str = "colocated"):
+    def __init__(self, model_cfg: ModelConfig, topology: Topology, layout: PipelineLayout, *,
+                 micro_batch: int, seq_len: int, microbatches: int, seed: int,
+                 adamw: AdamWConfig, grad_clip: float, encoder: str = "colocated"):
         if encoder not in ("colocated", "dep"):
             raise ValueError(f"encoder={encoder!r}: choose 'dep' or 'colocated'")
         self.cfg, self.topo = model_cfg, topology
         sizes = topology.sizes
         self.microbatches = microbatches
-        layers_per_stage = model_cfg.lm.layers // sizes.stages
+        if len(layout.chunks) != sizes.stages:
+            raise ValueError(f"layout has {len(layout.chunks)} chunks for {sizes.stages} stages")
+        self.layout = layout
         local_experts = topology.local_experts(model_cfg.lm.num_experts)
         self.stages: dict[int, StageModule] = {}
         for stage in topology.stages_of_rank():
-            lm = LanguageModelChunk(model_cfg.lm, stage * layers_per_stage,
-                                    (stage + 1) * layers_per_stage, local_experts)
+            lm = LanguageModelChunk(model_cfg.lm, layout.chunks[stage], local_experts)
             for moe in lm.moe_layers():
                 moe.dispatcher = AllToAllDispatcher(topology.ep_group, model_cfg.lm.num_experts)
             vision = VisionEncoder(model_cfg) if stage == 0 and encoder == "colocated" else None

@@ -23,7 +23,7 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
-from model.config import ConfigError
+from parallel.layout import LayoutError
 
 
 def init_distributed(backend: str = "gloo") -> None:
@@ -46,10 +46,6 @@ def init_distributed(backend: str = "gloo") -> None:
                             rank=rank, world_size=world)
 
 
-class LayoutError(ConfigError):
-    """A parallel layout that cannot run; the message says what to change."""
-
-
 @dataclass(frozen=True)
 class ParallelSizes:
     pp: int = 1
@@ -66,9 +62,11 @@ class ParallelSizes:
         return self.pp * self.vpp
 
 
-def check_layout(sizes: ParallelSizes, *, layers: int, num_experts: int, microbatches: int,
+def check_layout(sizes: ParallelSizes, *, num_experts: int, microbatches: int,
                  world_size: int | None = None) -> None:
-    """Refuse every layout that cannot run, naming the setting to change."""
+    """Refuse every size combination that cannot run, naming the setting to change.
+
+    Which layers go where is parallel/layout.py's to check (`resolve_layout`)."""
     for name in ("pp", "vpp", "ep", "dp"):
         if getattr(sizes, name) < 1:
             raise LayoutError(f"parallel.{name} must be >= 1")
@@ -76,11 +74,6 @@ def check_layout(sizes: ParallelSizes, *, layers: int, num_experts: int, microba
         raise LayoutError(
             f"the job has {world_size} ranks but parallel.pp x parallel.dp = {sizes.pp} x "
             f"{sizes.dp} = {sizes.world}: launch {sizes.world} ranks or change pp/dp")
-    if layers % sizes.stages:
-        raise LayoutError(
-            f"model.lm.layers={layers} do not split evenly into parallel.pp x parallel.vpp = "
-            f"{sizes.pp} x {sizes.vpp} = {sizes.stages} pipeline chunks: change pp or vpp "
-            "(or the number of layers)")
     if num_experts % sizes.ep:
         raise LayoutError(
             f"model.lm.num_experts={num_experts} do not split over parallel.ep={sizes.ep}: "

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from dataloader.config import LoaderConfig
 from model.config import ConfigError, ModelConfig, preset
+from parallel.layout import PipelineLayout, resolve_layout
 from parallel.topology import ParallelSizes, check_layout
 
 
@@ -74,6 +75,10 @@ class ParallelSection:
     # "dep": Decoupled Encoder Process (encoder replicated on all ranks, outside the pipeline);
     # "colocated": encoder inside pipeline stage 0 (the baseline most VLM trainers use)
     encoder: str = "dep"
+    # which layers each of the pp x vpp chunks holds: "auto" (balanced by a cost model) or
+    # Megatron-style notation, E embedding, t decoder layer, L head+loss, | between chunks,
+    # X*N repeats: e.g. "Et|(tt|)*30L" (parallel/layout.py)
+    layout: str = "auto"
 
 
 @dataclass
@@ -105,6 +110,13 @@ class JobConfig:
     def parallel_sizes(self) -> ParallelSizes:
         p = self.parallel
         return ParallelSizes(pp=p.pp, vpp=p.vpp, ep=p.ep, dp=p.dp)
+
+    def pipeline_layout(self) -> PipelineLayout:
+        """Which layers live in which pipeline chunk (raises LayoutError if impossible)."""
+        p = self.parallel
+        return resolve_layout(p.layout, self.model.lm, pp=p.pp, vpp=p.vpp,
+                              seq_len=self.data.seq_len, micro_batch=self.train.micro_batch,
+                              ep=p.ep)
 
     @property
     def microbatches_per_replica(self) -> int:
@@ -145,9 +157,9 @@ class JobConfig:
         if self.model.preset == "k25":
             raise ConfigError("model.preset='k25' is the full 1T-parameter model: it is only "
                               "counted (python -m launch.plan --model k25), not trained here")
-        check_layout(self.parallel_sizes, layers=self.model.lm.layers,
-                     num_experts=self.model.lm.num_experts,
+        check_layout(self.parallel_sizes, num_experts=self.model.lm.num_experts,
                      microbatches=self.microbatches_per_replica, world_size=world_size)
+        self.pipeline_layout()
         from trainer.data import check_data_config  # last: it looks at the disk
         check_data_config(self)
 

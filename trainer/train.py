@@ -21,7 +21,8 @@ from trainer.checkpoint import CheckpointManager
 from trainer.config import JobConfig, to_dict
 from trainer.data import build_data
 from trainer.lr_schedule import learning_rate
-from trainer.flops import device_peak_tflops, model_flops, throughput_metrics
+from model.flops import model_flops
+from trainer.flops import device_peak_tflops, throughput_metrics
 from trainer.metrics import MetricsWriter
 from trainer.tensorboard import TensorBoardWriter
 from trainer.profile import (RankInfo, peak_memory_bytes, step_spans, torch_profiler_trace,
@@ -59,7 +60,7 @@ class DistributedEngine:
         self.topology = Topology(cfg.parallel_sizes)
         o = cfg.optim
         self.engine = ParallelEngine(
-            cfg.model, self.topology, micro_batch=cfg.train.micro_batch, seq_len=cfg.data.seq_len,
+            cfg.model, self.topology, cfg.pipeline_layout(), micro_batch=cfg.train.micro_batch, seq_len=cfg.data.seq_len,
             microbatches=cfg.microbatches_per_replica, seed=cfg.train.seed,
             adamw=AdamWConfig(beta1=o.beta1, beta2=o.beta2, eps=o.eps, weight_decay=o.weight_decay),
             grad_clip=o.grad_clip, encoder=cfg.parallel.encoder)

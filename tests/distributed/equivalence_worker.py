@@ -9,6 +9,7 @@ A layout may name a mutant, a deliberate bug the test must catch:
   mutant=drop_expert_bucket   expert gradients are not reduced over expert-DP
   mutant=drop_microbatch      the schedule silently leaves out the last microbatch(es)
   mutant=skip_encoder_backward  DEP never back-propagates into the vision encoder
+  mutant=ignore_media         stage 0 drops the media embeddings DEP hands it
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ def job_config(base: list[str], layout: dict) -> JobConfig:
     for key in ("pp", "vpp", "ep", "dp"):
         setattr(cfg.parallel, key, int(layout.get(key, 1)))
     cfg.parallel.encoder = layout.get("encoder", cfg.parallel.encoder)
+    cfg.parallel.layout = layout.get("layout", cfg.parallel.layout)
     cfg.validate(world_size=dist.get_world_size())
     return cfg
 
@@ -58,6 +60,11 @@ def apply_mutant(dist_engine: DistributedEngine, mutant: str, microbatches: int)
         dropped = sizes.pp if sizes.vpp > 1 else 1  # interleaving needs a multiple of pp
         engine.runtime.actions = schedule(sizes.pp, sizes.vpp, microbatches - dropped)[
             dist_engine.topology.pp_rank]
+    elif mutant == "ignore_media":  # stage 0 drops the media embeddings it is handed
+        for module in engine.stages.values():
+            forward = module.forward
+            module.forward = lambda x, inputs, media_embeds=None, forward=forward: forward(
+                x, inputs, None)
     elif mutant == "skip_encoder_backward":
         dep = engine.dep
         dep.backward = lambda: setattr(dep, "_leaves", {})

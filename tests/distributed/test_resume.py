@@ -126,14 +126,15 @@ def test_sigkill_under_max_restarts_recovers_bitwise(tmp_path, reference):
 
 
 def test_resume_into_other_layouts_continues_the_same_run(tmp_path, reference):
-    """Saved with pp=2 vpp=2 ep=2 dp=2 (4 ranks); resumed with dp=1 ep=1 (2 ranks) and in
-    one process (pp=1): the same losses within float tolerance (the reduction order
-    changes), so the same data sequence and the same optimizer state."""
+    """Saved with pp=2 vpp=2 ep=2 dp=2 (4 ranks, the automatic layout Et|t|t|tL); resumed
+    with dp=1 ep=1 (2 ranks) on another pipeline layout (E|t|ttt|L: an embedding-only and a
+    head-only chunk) and in one process (pp=1): the same losses within float tolerance (the
+    reduction order changes), so the same data sequence and the same optimizer state."""
     from launch.train import main as train_main
 
     start = reference / "checkpoints" / "step_00000002"
     finish(torchrun(tmp_path / "dp1", "--parallel.pp", "2", "--parallel.vpp", "2",
-                    "--resume", str(start), nproc=2))
+                    "--parallel.layout", "E|t|ttt|L", "--resume", str(start), nproc=2))
     assert train_main(ARGS + ["--job.run_dir", str(tmp_path / "pp1"), "--resume", str(start)]) == 0
     ref = {s: (loss, norm) for s, loss, norm in metrics(reference)}
     for run, steps in (("dp1", range(2, STEPS)), ("pp1", range(2, STEPS))):

@@ -11,7 +11,7 @@ import torch
 from model.config import preset
 from model.init import initialize
 from model.inputs import ModelInputs
-from model.lm import LanguageModelChunk
+from model.lm import ChunkSpec, LanguageModelChunk
 from model.vision_language import VisionEncoder
 from parallel.activation_memory import SavedTensorBytes
 from parallel.engine import StageModule
@@ -31,7 +31,7 @@ def microbatch(frames: int) -> ModelInputs:
 
 def stage0_saved_bytes(mode: str, frames: int) -> int:
     cfg = preset("tiny")
-    lm = LanguageModelChunk(cfg.lm, 0, 1)
+    lm = LanguageModelChunk(cfg.lm, ChunkSpec(embed=True, layers=range(0, 1), head=False))
     vision = VisionEncoder(cfg)
     stage = StageModule(lm, vision if mode == "colocated" else None)
     initialize(stage, 0)

@@ -27,7 +27,8 @@ from model.lm import LanguageModelChunk
 from model.mla import MLA, packed_causal_mask
 from model.param_count import count
 from model.vision_language import VisionEncoder
-from trainer import flops
+from model import flops
+from trainer import flops as mfu_flops
 
 torch.set_num_threads(1)
 
@@ -215,15 +216,15 @@ def test_k25_attention_and_expert_formulas_match_flop_counter_on_meta_modules():
 
 
 def test_throughput_and_mfu():
-    assert flops.achieved_tflops(3e12, 1.5) == pytest.approx(2.0)
-    assert flops.mfu(494.5, 989.0) == pytest.approx(0.5)
-    assert flops.throughput_metrics(1e12, 1.0, None) == {"tflops": pytest.approx(1.0)}
-    assert flops.throughput_metrics(312e12, 2.0, 312.0) == {
+    assert mfu_flops.achieved_tflops(3e12, 1.5) == pytest.approx(2.0)
+    assert mfu_flops.mfu(494.5, 989.0) == pytest.approx(0.5)
+    assert mfu_flops.throughput_metrics(1e12, 1.0, None) == {"tflops": pytest.approx(1.0)}
+    assert mfu_flops.throughput_metrics(312e12, 2.0, 312.0) == {
         "tflops": pytest.approx(156.0), "mfu": pytest.approx(0.5)}
     with pytest.raises(ValueError, match="seconds"):
-        flops.achieved_tflops(1e12, 0.0)
+        mfu_flops.achieved_tflops(1e12, 0.0)
     with pytest.raises(ValueError, match="peak_tflops"):
-        flops.mfu(1.0, 0.0)
+        mfu_flops.mfu(1.0, 0.0)
 
 
 @pytest.mark.parametrize("device_name, peak", [
@@ -231,10 +232,10 @@ def test_throughput_and_mfu():
     ("NVIDIA GH200 480GB", 989.0), ("NVIDIA A100-SXM4-80GB", 312.0),
     ("NVIDIA A100 80GB PCIe", 312.0), ("NVIDIA H100 NVL", None), ("Tesla T4", None)])
 def test_peak_lookup_by_cuda_device_name(device_name, peak):
-    assert flops.peak_tflops_for(device_name) == peak
+    assert mfu_flops.peak_tflops_for(device_name) == peak
 
 
 def test_no_peak_without_cuda():
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
-    assert flops.device_peak_tflops() is None
+    assert mfu_flops.device_peak_tflops() is None
