@@ -22,14 +22,15 @@ from model.config import LMConfig
 from model.ffn import SwiGLU
 from model.mla import MLA, packed_causal_mask
 from model.moe import MoE
+from model.norm import RMSNorm
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: LMConfig, index: int, local_experts: range | None = None):
         super().__init__()
-        self.attn_norm = nn.RMSNorm(cfg.hidden, eps=cfg.norm_eps)
+        self.attn_norm = RMSNorm(cfg.hidden, eps=cfg.norm_eps)
         self.attn = MLA(cfg)
-        self.ffn_norm = nn.RMSNorm(cfg.hidden, eps=cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.hidden, eps=cfg.norm_eps)
         self.ffn = (SwiGLU(cfg.hidden, cfg.dense_hidden) if index < cfg.first_k_dense
                     else MoE(cfg, local_experts))
 
@@ -68,7 +69,7 @@ class LanguageModelChunk(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden) if spec.embed else None
         self.layers = nn.ModuleDict(
             {str(i): DecoderLayer(cfg, i, local_experts) for i in spec.layers})
-        self.norm = nn.RMSNorm(cfg.hidden, eps=cfg.norm_eps) if spec.head else None
+        self.norm = RMSNorm(cfg.hidden, eps=cfg.norm_eps) if spec.head else None
         self.head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False) if spec.head else None
 
     def forward(self, x: torch.Tensor, position_ids_BS: torch.Tensor, doc_ids_BS: torch.Tensor,

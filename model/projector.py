@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model.norm import LayerNorm
+
 INIT_STD = 0.02
 
 
@@ -22,7 +24,7 @@ class Projector(nn.Module):
                              f"lm_hidden={lm_hidden}, merge_group={merge_group}")
         self.vision_hidden, self.merge_group = vision_hidden, merge_group
         group_dim = merge_group * vision_hidden
-        self.norm = nn.LayerNorm(vision_hidden, eps=eps)
+        self.norm = LayerNorm(vision_hidden, eps=eps)
         self.fc1 = nn.Linear(group_dim, group_dim, bias=True)
         self.fc2 = nn.Linear(group_dim, lm_hidden, bias=True)
         self.reset_parameters()

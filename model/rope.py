@@ -53,8 +53,8 @@ class RotaryEmbedding(torch.nn.Module):
 
 
 def apply_rotary(x_BSHR: torch.Tensor, cos_BSR: torch.Tensor, sin_BSR: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (i, i + R/2) of the last dim ('rotate half' layout)."""
-    cos, sin = cos_BSR.unsqueeze(2), sin_BSR.unsqueeze(2)
+    """Rotate pairs (i, i + R/2) of the last dim ('rotate half' layout), in x's dtype."""
+    cos, sin = cos_BSR.unsqueeze(2).to(x_BSHR.dtype), sin_BSR.unsqueeze(2).to(x_BSHR.dtype)
     half = x_BSHR.shape[-1] // 2
     rotated = torch.cat([-x_BSHR[..., half:], x_BSHR[..., :half]], dim=-1)
     return x_BSHR * cos + rotated * sin

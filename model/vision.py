@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.config import VisionConfig
+from model.norm import LayerNorm
 
 Grid = tuple[int, int, int]
 
@@ -196,9 +197,9 @@ class VisionBlock(nn.Module):
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        self.attn_norm = nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps)
+        self.attn_norm = LayerNorm(cfg.hidden, eps=cfg.norm_eps)
         self.attn = VisionAttention(cfg)
-        self.mlp_norm = nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps)
+        self.mlp_norm = LayerNorm(cfg.hidden, eps=cfg.norm_eps)
         self.mlp = VisionMLP(cfg)
 
     def forward(self, x_ND: Tensor, rope_angles_NR: Tensor, cu_seqlens: Tensor) -> Tensor:
@@ -224,7 +225,7 @@ class MoonViT3D(nn.Module):
         self.register_buffer("time_emb_FD", sinusoidal_time_embedding(cfg.max_frames, cfg.hidden),
                              persistent=False)
         self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.layers))
-        self.final_norm = nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps)
+        self.final_norm = LayerNorm(cfg.hidden, eps=cfg.norm_eps)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -250,7 +251,8 @@ class MoonViT3D(nn.Module):
         grids = [tuple(int(v) for v in g) for g in grid_thw]
         validate_grids(grids, patches_NP.shape[0], self.cfg.max_frames)
 
-        x_ND = self.patch_embed(patches_NP) + self._position_embeddings(grids)
+        dtype = self.patch_embed.weight.dtype  # the compute dtype (pixels arrive in fp32)
+        x_ND = self.patch_embed(patches_NP.to(dtype)) + self._position_embeddings(grids)
         rope_angles_NR = self._rope_angles(grids, x_ND.device)
         lengths = torch.tensor([t * h * w for t, h, w in grids], dtype=torch.int64)
         cu_seqlens = F.pad(lengths.cumsum(0), (1, 0))
@@ -265,7 +267,7 @@ class MoonViT3D(nn.Module):
         for t, h, w in grids:
             item_THWD = self.pos_emb(h, w).unsqueeze(0).expand(t, h, w, self.cfg.hidden)
             if t > 1:
-                item_THWD = item_THWD + self.time_emb_FD[:t, None, None, :]
+                item_THWD = item_THWD + self.time_emb_FD[:t, None, None, :].to(item_THWD.dtype)
             per_item.append(item_THWD.reshape(t * h * w, self.cfg.hidden))
         if not per_item:
             return self.pos_emb.weight_HWD.reshape(-1, self.cfg.hidden)[:0]
