@@ -1,8 +1,8 @@
-"""AdamW math on flat fp32 shards.
+"""AdamW as a ZeRO-1 update rule: the math on flat fp32 shards.
 
 ZeRO-1 steps a contiguous slice of a flat bucket, not a list of parameters, so the
 update is written for one flat tensor per state (param, grad, m, v) plus the ranges
-of that slice that receive weight decay. The operations and their order copy
+of that slice that receive weight decay (computed once per bucket by `AdamW.prepare`). The operations and their order copy
 ``torch.optim.AdamW`` (single-tensor path, amsgrad=False, maximize=False) so that a
 sharded run matches an unsharded one to float rounding of the same elementwise ops:
 
@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+
+from parallel.update_rule import BucketShard
 
 
 @dataclass(frozen=True)
@@ -76,3 +78,20 @@ def adamw_update_(
     step_size = lr / bias_correction1
     denom_S = (exp_avg_sq_S.sqrt() / bias_correction2**0.5).add_(config.eps)
     param_S.addcdiv_(exp_avg_S, denom_S, value=-step_size)
+
+
+class AdamW:
+    """The `UpdateRule` for AdamW: moments ``exp_avg`` and ``exp_avg_sq`` per element."""
+
+    state_names = ("exp_avg", "exp_avg_sq")
+
+    def __init__(self, config: AdamWConfig = AdamWConfig()):
+        self.config = config
+
+    def prepare(self, shard: BucketShard) -> list[tuple[int, int]]:
+        """The shard's weight-decayed ranges (merged), so a step does not recompute them."""
+        return shard.layout.decay_ranges(shard.rank)
+
+    def update(self, shard: BucketShard, grad_S: torch.Tensor, *, lr: float, step: int) -> None:
+        adamw_update_(shard.master, grad_S, shard.state["exp_avg"], shard.state["exp_avg_sq"],
+                      lr=lr, step=step, config=self.config, decay_ranges=shard.plan)

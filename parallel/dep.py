@@ -87,8 +87,9 @@ class DecoupledEncoder:
                         received.split([m.num_patches for m in items])))
 
     def _encode(self) -> torch.Tensor:
-        if not self._mine:
-            return torch.zeros(0, self.encoder.projector.fc2.out_features)
+        if not self._mine:  # the compute dtype: every rank's all_to_all buffers must agree
+            fc2 = self.encoder.projector.fc2
+            return fc2.weight.new_zeros(0, fc2.out_features)
         patches = torch.cat([self._patches[m.item_id] for m in self._mine])
         return self.encoder(patches, [self._grids[m.item_id] for m in self._mine])
 
@@ -121,10 +122,10 @@ class DecoupledEncoder:
         ex = self._exchange
         items = [m for per_src in ex.recv for m in per_src]
         grads = [self._leaves[m.item_id].grad for m in items]
-        hidden = self.encoder.projector.fc2.out_features
-        grads = [torch.zeros(m.num_tokens, hidden) if g is None else g
+        weight = self.encoder.projector.fc2.weight  # its dtype is the embeddings' dtype
+        grads = [weight.new_zeros(m.num_tokens, weight.shape[0]) if g is None else g
                  for m, g in zip(items, grads)]
-        back = torch.cat(grads) if grads else torch.zeros(0, hidden)
+        back = torch.cat(grads) if grads else weight.new_zeros(0, weight.shape[0])
         returned = all_to_all(back, ex.recv_rows, ex.send_rows, self.group)
         sent_items = [m for per_dst in ex.send for m in per_dst]
         grad_by_item = dict(zip([m.item_id for m in sent_items],

@@ -4,8 +4,10 @@
     │ 1. global count of labelled tokens (all_reduce over the DP group)                  │
     │ 2. pipeline schedule (interleaved 1F1B) over this rank's chunks; MoE layers talk   │
     │    to their experts through the all-to-all dispatcher of the EP group             │
-    │ 3. ZeRO-1 step: dense grads reduce-scattered over DP, expert grads over expert-DP,│
-    │    one global grad norm over the world, AdamW on the shards, params all-gathered  │
+    │ 3. ZeRO-1: dense grads reduce-scattered over DP, expert grads over expert-DP,     │
+    │    each bucket as soon as the chunk's last backward completes it (overlapped);   │
+    │    one global grad norm over the world, the update rule on the fp32 shards,       │
+    │    params all-gathered in the compute dtype (fp32 or bf16)                        │
     │ 4. router balancing: expert load summed over DP, same bias update on every copy   │
     └────────────────────────────────────────────────────────────────────────────────────┘
 
@@ -29,14 +31,14 @@ from model.inputs import ModelInputs
 from model.lm import LanguageModelChunk
 from model.loss import IGNORE_INDEX, cross_entropy_sum
 from model.vision_language import VisionEncoder
-from parallel.adamw import AdamWConfig
 from parallel.dep import DecoupledEncoder, ReplicaMedia
 from parallel.expert_dispatch import AllToAllDispatcher
 from parallel.layout import PipelineLayout
 from parallel.pipeline_runtime import PipelineRuntime
 from parallel.schedule import COMPUTE_OPS, schedule
 from parallel.topology import Topology
-from parallel.zero1 import ParamGroup, Zero1Optimizer
+from parallel.update_rule import UpdateRule
+from parallel.zero1 import DEFAULT_BUCKET_NUMEL, ParamGroup, Zero1Optimizer
 
 
 class StageModule(nn.Module):
@@ -66,7 +68,9 @@ def is_expert_param(name: str) -> bool:
 class ParallelEngine:
     def __init__(self, model_cfg: ModelConfig, topology: Topology, layout: PipelineLayout, *,
                  micro_batch: int, seq_len: int, microbatches: int, seed: int,
-                 adamw: AdamWConfig, grad_clip: float, encoder: str = "colocated"):
+                 rule: UpdateRule, grad_clip: float, encoder: str = "colocated",
+                 dtype: torch.dtype = torch.float32, bucket_numel: int = DEFAULT_BUCKET_NUMEL,
+                 overlap_grad_reduce: bool = True):
         if encoder not in ("colocated", "dep"):
             raise ValueError(f"encoder={encoder!r}: choose 'dep' or 'colocated'")
         self.cfg, self.topo = model_cfg, topology
@@ -101,15 +105,18 @@ class ParallelEngine:
                   for params, group in ((dense, topology.dp_group), (expert, topology.edp_group),
                                         (encoder_params, topology.world_group))
                   if params]
-        self.optimizer = Zero1Optimizer(groups, norm_group=topology.world_group, config=adamw,
-                                        max_grad_norm=grad_clip)
+        self.optimizer = Zero1Optimizer(groups, norm_group=topology.world_group, rule=rule,
+                                        max_grad_norm=grad_clip, bucket_numel=bucket_numel,
+                                        param_dtype=dtype,
+                                        overlap_grad_reduce=overlap_grad_reduce)
+        self.stage_params = {stage: list(m.parameters()) for stage, m in self.stages.items()}
         actions = schedule(sizes.pp, sizes.vpp, microbatches)[topology.pp_rank]
         self.phases: list[tuple[str, str, float, float]] = []
         self.stats: dict[str, float] = {}  # last step's extra metrics (load balance, idle)
         self.runtime = PipelineRuntime(
             actions, num_stages=sizes.stages, microbatches=microbatches,
             stage_rank=topology.stage_rank,
-            activation_shape=(micro_batch, seq_len, model_cfg.lm.hidden))
+            activation_shape=(micro_batch, seq_len, model_cfg.lm.hidden), dtype=dtype)
 
     def step(self, microbatches: list[ModelInputs], lr: float, media: ReplicaMedia | None = None,
              media_ids: list[list[int]] | None = None) -> tuple[float, float]:
@@ -144,10 +151,12 @@ class ParallelEngine:
         def loss_fn(logits: torch.Tensor, mb: int) -> torch.Tensor:
             return cross_entropy_sum(logits, microbatches[mb].labels) / count
 
-        loss = self.runtime.run(forward, loss_fn).double()
+        loss = self.runtime.run(forward, loss_fn, lambda stage: self.optimizer.last_backward(
+            self.stage_params[stage])).double()
         if self.dep is not None:
             start = clock()
-            self.dep.backward()
+            with self.optimizer.last_backward(self.dep.encoder.parameters()):
+                self.dep.backward()
             self.phases.append(("DEP grads back + recompute + backward", "dep", start, clock()))
         start = clock()
         dist.all_reduce(loss, group=self.topo.world_group)  # only last stages contribute
@@ -178,20 +187,18 @@ class ParallelEngine:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def optimizer_state(self) -> dict[str, dict[str, torch.Tensor]]:
-        return self.optimizer.full_state()
+    def checkpoint_state(self) -> tuple[dict, dict]:
+        """(model tensors, optimizer state pieces) this rank writes; see trainer/checkpoint.py."""
+        return self.named_tensors(), self.optimizer.state_pieces()
 
-    def empty_optimizer_state(self) -> dict[str, dict[str, torch.Tensor]]:
-        return {n: {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
-                for g in self.optimizer.groups for bucket in g.buckets for slot in bucket.slots
-                for n, p in [(slot.name, g.params[slot.index])]}
+    def checkpoint_targets(self, saved: set[str]) -> tuple[dict, dict]:
+        """Where a load writes, given the checkpoint's tensor names (`model.*`, `optim.*`)."""
+        buffers = {n: t for n, t in self.named_tensors().items() if n.endswith("router.bias")}
+        weights, state = self.optimizer.load_targets(lambda n: f"optim.{n}.master" in saved)
+        return {**buffers, **weights}, state
 
-    def load_optimizer_state(self, state: dict[str, dict[str, torch.Tensor]], step: int) -> None:
-        self.optimizer.load_full_state(state, step)
-
-    @property
-    def optimizer_steps(self) -> int:
-        return self.optimizer.step_count
+    def finish_load(self, step: int) -> None:
+        self.optimizer.finish_load(step)
 
     def named_tensors(self) -> dict[str, torch.Tensor]:
         """Parameters and router-bias buffers this rank holds, by their global names."""

@@ -10,7 +10,9 @@ The schedule is data (`parallel/schedule.py`); this runtime only walks it:
     SEND_B s.m  non-blocking send of the gradient of stage s's input    (to the rank of s-1)
 
 Sends are non-blocking and receives block, exactly the semantics the schedule
-simulator proves deadlock-free. Consecutive chunks always sit on different ranks
+simulator proves deadlock-free. The last B of each chunk in the step runs inside
+`last_backward(stage)` when the caller passes it: that is when the chunk's parameter
+gradients become final, so ZeRO-1 can start reducing them while later backwards run. Consecutive chunks always sit on different ranks
 (with pp = 1 there is one chunk: the layout check refuses vpp > 1 without pp > 1),
 so every hand-over between chunks is a SEND/RECV pair. Every action is timestamped (`timeline`), so
 the measured bubble can be compared with the simulated one.
@@ -29,6 +31,7 @@ runtime is small because the schedule, not the runtime, carries the logic.
 from __future__ import annotations
 
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
@@ -41,6 +44,8 @@ from parallel.schedule import Action, Op
 StageForward = Callable[[int, "torch.Tensor | None", int], torch.Tensor]
 # (logits of the last stage, microbatch index) -> scalar loss contribution
 LossFn = Callable[[torch.Tensor, int], torch.Tensor]
+# stage -> context around that chunk's last backward of the step
+LastBackward = Callable[[int], AbstractContextManager]
 
 
 @dataclass
@@ -66,9 +71,11 @@ class PipelineRuntime:
         """Unique per message: activation into `stage`, or gradient out of `stage`."""
         return ((self.num_stages if backward else 0) + stage) * self.microbatches + microbatch
 
-    def run(self, forward: StageForward, loss_fn: LossFn) -> torch.Tensor:
+    def run(self, forward: StageForward, loss_fn: LossFn,
+            last_backward: LastBackward | None = None) -> torch.Tensor:
         """Run the schedule; return the summed loss of the microbatches this rank finished."""
         last = self.num_stages - 1
+        final_backward = {a.stage: i for i, a in enumerate(self.actions) if a.op is Op.B}
         inputs: dict[tuple[int, int], torch.Tensor] = {}  # stage input, requires grad
         outputs: dict[tuple[int, int], torch.Tensor] = {}  # stage output, or loss on the last
         output_grads: dict[tuple[int, int], torch.Tensor] = {}
@@ -76,7 +83,7 @@ class PipelineRuntime:
         sends: list[tuple[dist.Work, torch.Tensor]] = []
         loss_sum = torch.zeros((), dtype=torch.float32)
         self.timeline = []
-        for action in self.actions:
+        for index, action in enumerate(self.actions):
             start = time.perf_counter()
             key = (action.stage, action.microbatch)
             s, mb = key
@@ -100,10 +107,12 @@ class PipelineRuntime:
                 output_grads[key] = buf
             elif action.op is Op.B:
                 out = outputs.pop(key)
-                if s == last:
-                    out.backward()
-                else:
-                    out.backward(output_grads.pop(key))
+                is_final = last_backward is not None and final_backward[s] == index
+                with last_backward(s) if is_final else nullcontext():
+                    if s == last:
+                        out.backward()
+                    else:
+                        out.backward(output_grads.pop(key))
                 if s > 0:
                     input_grads[key] = inputs.pop(key).grad
             elif action.op is Op.SEND_B:

@@ -1,19 +1,30 @@
-"""ZeRO-1: optimizer state sharded over each parameter group's process group.
+"""ZeRO-1: persistent flat buffers, optimizer state and master weights sharded per group.
 
-Every rank of a group holds the full (replicated) fp32 parameters and computes full
-local gradients; the AdamW moments are split so each rank keeps and updates only its
-1/N contiguous slice of every bucket. One step, per group and bucket::
+Every rank of a group holds the full parameters (in the compute dtype) and computes
+full local gradients; each rank keeps fp32 master weights and optimizer state only
+for its 1/N contiguous slice of every bucket. Parameters and gradients are views
+into one flat buffer per group, so nothing is copied in or out per step::
 
-    rank r:  params p[0..k)   grads g_r[0..k)                (replicated params, local grads)
-               |  copy grads into one flat fp32 bucket, zero padding to a multiple of N
-               v
-    flat_r = [ g_r(p0) | g_r(p1) | ... | g_r(pk) | 0 pad ]
-               |  reduce_scatter_tensor(SUM) over the group
-               v
-    grad shard r = sum over ranks of flat[r*S:(r+1)*S]       (S = padded / N)
-               |  global norm  -> clip  -> AdamW on shard r (m, v held for shard r only)
-               v
-    param shard r  --all_gather_into_tensor-->  flat params --copy--> p[0..k) on every rank
+    group buffers (persistent)      | bucket 0           | bucket 1           | ...
+      params  (fp32 | bf16)         [ p0 | p1 | pad    ][ p2          | pad ]   params are views
+      grads   (fp32, summed)        [ g0 | g1 | pad    ][ g2          | pad ]   .grad (fp32) or
+                                                                                main grad (bf16)
+    this rank's shards (rank r of N: [r*S, (r+1)*S) of each bucket)
+      master  (fp32)                = the params' own shard in fp32; a separate fp32 copy with bf16
+      state   (fp32, per rule)      e.g. exp_avg, exp_avg_sq
+
+One step, per group::
+
+    backward   gradient hooks: fp32 grads accumulate in place in the buffer; bf16 grads
+               are added into the fp32 buffer and dropped. When the LAST backward of the
+               step that touches a parameter has run (the engine says which one, see
+               `last_backward`), the parameter is final; a bucket whose parameters are
+               all final starts its reduce_scatter(SUM) asynchronously, in place, while
+               the backward goes on (buckets launch in descending index order, the order
+               the backward completes them, identical on every rank of the group)
+    step       wait for the remaining buckets -> global grad norm -> clip -> rule.update
+               on each shard (master and state) -> cast the shard into the param buffer
+               -> all_gather in place (asynchronous, waited at the end of the step)
 
 Gradients are SUMMED, not averaged: the loss is already normalised by the global token
 count, so the sum over the group is the true gradient.
@@ -29,38 +40,42 @@ element lies in exactly one rank's shard, and the sum is the squared norm of the
 gradient. A caller that registers the same parameter on two ranks outside a common
 group breaks this and over-counts the norm.
 
+fp32 contract: with fp32 parameters the numbers are bitwise those of the previous
+(copying) implementation and of an unsharded `torch.optim.AdamW` fed the same summed
+gradients: the bucket packing (parallel/bucket_layout.py) is unchanged, the in-place
+reduce-scatter and all-gather give the same bits as out-of-place ones, the AdamW math
+is elementwise, and the norm is summed in float64 in the same bucket order.
+
+Mixed precision (``param_dtype=torch.bfloat16``): the parameters arrive in fp32 (their
+initial values become the masters), then become bf16 views of the param buffer. Known
+limits: fp16 is refused (it would need loss scaling); a parameter's gradient must not
+be replaced or set to None by other code between backward and `step` (checked).
+
+Update rules are pluggable (parallel/update_rule.py): ZeRO-1 hands each rule a
+`BucketShard` (layout, pieces, master, named state, a group all-gather), so a matrix
+optimizer such as Muon plugs in without touching the buffers or the collectives.
+
 Weight decay: decided per parameter by ``decay_rule(name, param)``; the default decays
 matrices and higher (ndim >= 2) and leaves biases and norm scales alone.
-
-Layout for a later matrix optimizer (Muon): ``ShardedGroup.buckets`` lists, per bucket,
-a ``ParamSlot`` for each parameter (its [offset, offset + numel) in the flat bucket and
-its shape) and ``BucketLayout.pieces(rank)`` says which part of a rank's shard each
-parameter overlaps, so such an optimizer can gather a whole matrix's gradient or pick
-another split.
-
-Buckets: parameters are packed in order into buckets of at most ``bucket_numel``
-elements; a parameter never straddles two buckets; one larger than ``bucket_numel``
-gets a bucket of its own (so a matrix always lies whole in one bucket). The flat
-buffers exist only during ``step()``, one bucket at a time, so the transient memory is
-one bucket; the per-step grad shards total 1/N of the group's parameters.
 """
 from __future__ import annotations
 
 import hashlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from parallel.adamw import AdamWConfig, adamw_update_
-
-# torch 2.13 renamed the flat collectives (the old names warn); older torch lacks the new.
-_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+from parallel.adamw import AdamW
+from parallel.bucket_layout import BucketLayout, ShardPiece, plan_buckets
+from parallel.flat_chunks import FlatChunks
+from parallel.update_rule import BucketShard, UpdateRule, all_gather_flat, reduce_scatter_flat
 
 DEFAULT_BUCKET_NUMEL = 40_000_000
+PARAM_DTYPES = (torch.float32, torch.bfloat16)
 
 DecayRule = Callable[[str, torch.Tensor], bool]
 
@@ -76,7 +91,7 @@ class ParamGroup:
     """Parameters sharded together over ``process_group`` (``None``: a world of one).
 
     Every rank of ``process_group`` must pass the same parameters (shapes, order).
-    ``names`` only serve the decay rule and error messages; default ``"p<i>"``.
+    ``names`` name the parameters in checkpoints and error messages; default ``"p<i>"``.
     """
 
     params: list[nn.Parameter]
@@ -84,159 +99,90 @@ class ParamGroup:
     names: list[str] | None = None
 
 
-@dataclass(frozen=True)
-class ParamSlot:
-    """Where one parameter lives in its group's flat buckets."""
-
-    index: int  # position in the group's parameter list
-    name: str
-    bucket: int
-    offset: int  # first element in the flat bucket
-    numel: int
-    shape: tuple[int, ...]
-    decay: bool
-
-    @property
-    def end(self) -> int:
-        return self.offset + self.numel
-
-
-@dataclass(frozen=True)
-class ShardPiece:
-    """The overlap of one parameter with one rank's shard of a bucket."""
-
-    slot: ParamSlot
-    bucket_start: int  # [bucket_start, bucket_end) in flat-bucket coordinates
-    bucket_end: int
-    shard_start: int  # same first element, in shard coordinates
-    param_start: int  # same first element, as a flat index into the parameter
-
-    @property
-    def numel(self) -> int:
-        return self.bucket_end - self.bucket_start
-
-
-@dataclass(frozen=True)
-class BucketLayout:
-    """One flat bucket: its parameters and how it splits into ``group_size`` shards."""
-
-    index: int
-    slots: tuple[ParamSlot, ...]
-    numel: int  # elements used by parameters
-    padded_numel: int  # numel rounded up to a multiple of group_size
-    group_size: int
-
-    @property
-    def shard_numel(self) -> int:
-        return self.padded_numel // self.group_size
-
-    def shard_range(self, rank: int) -> tuple[int, int]:
-        """[start, end) of ``rank``'s shard in flat-bucket coordinates."""
-        if not 0 <= rank < self.group_size:
-            raise ValueError(f"rank {rank} is outside a group of size {self.group_size}")
-        return rank * self.shard_numel, (rank + 1) * self.shard_numel
-
-    def pieces(self, rank: int) -> list[ShardPiece]:
-        """The parameters overlapping ``rank``'s shard, in order."""
-        shard_start, shard_end = self.shard_range(rank)
-        pieces = []
-        for slot in self.slots:
-            start, end = max(slot.offset, shard_start), min(slot.end, shard_end)
-            if start < end:
-                pieces.append(ShardPiece(slot, start, end, start - shard_start,
-                                         start - slot.offset))
-        return pieces
-
-    def decay_ranges(self, rank: int) -> list[tuple[int, int]]:
-        """Shard-coordinate ranges of decayed parameters, adjacent ones merged."""
-        ranges: list[tuple[int, int]] = []
-        for piece in self.pieces(rank):
-            if not piece.slot.decay:
-                continue
-            start, end = piece.shard_start, piece.shard_start + piece.numel
-            if ranges and ranges[-1][1] == start:
-                ranges[-1] = (ranges[-1][0], end)
-            else:
-                ranges.append((start, end))
-        return ranges
-
-
-def plan_buckets(shapes: Sequence[Sequence[int]], names: Sequence[str],
-                 decays: Sequence[bool], *, bucket_numel: int,
-                 group_size: int) -> list[BucketLayout]:
-    """Pack parameters in order into buckets (pure function of shapes; no comms)."""
-    if bucket_numel < 1:
-        raise ValueError(f"bucket_numel must be >= 1, got {bucket_numel}")
-    if group_size < 1:
-        raise ValueError(f"group_size must be >= 1, got {group_size}")
-    groups_of_slots: list[list[ParamSlot]] = []
-    used = 0
-    for index, (shape, name, decay) in enumerate(zip(shapes, names, decays, strict=True)):
-        numel = 1
-        for size in shape:
-            numel *= int(size)
-        if not groups_of_slots or (used + numel > bucket_numel and used > 0):
-            groups_of_slots.append([])
-            used = 0
-        groups_of_slots[-1].append(ParamSlot(index, name, len(groups_of_slots) - 1, used,
-                                             numel, tuple(int(s) for s in shape), decay))
-        used += numel
-    buckets = []
-    for bucket_index, slots in enumerate(groups_of_slots):
-        numel = slots[-1].end
-        padded = -(-max(numel, 1) // group_size) * group_size
-        buckets.append(BucketLayout(bucket_index, tuple(slots), numel, padded, group_size))
-    return buckets
-
-
 @dataclass
 class ShardedGroup:
-    """One param group as this rank sees it: layout plus this rank's AdamW moments."""
+    """One param group as this rank sees it: layout, flat buffers, shards, step progress."""
 
     params: list[nn.Parameter]
+    names: list[str]
     process_group: dist.ProcessGroup | None
     rank: int  # this rank's index inside process_group (0 for a world of one)
     size: int
     buckets: list[BucketLayout]
-    exp_avg: list[torch.Tensor] = field(default_factory=list)  # one shard per bucket
-    exp_avg_sq: list[torch.Tensor] = field(default_factory=list)
+    bucket_base: list[int]  # first element of each bucket in the flat buffers
+    params_flat: torch.Tensor  # compute dtype; the parameters are views into it
+    grads_flat: torch.Tensor  # fp32; summed gradients (this rank's shard after the reduce)
+    shards: list[BucketShard]  # one per bucket: what the update rule sees
+    bucket_of: list[int]  # bucket of each parameter
+    # parameter index -> its (piece, shard) on this rank, for checkpoints
+    pieces_of: list[list[tuple[ShardPiece, BucketShard]]]
+    master_flat: torch.Tensor | None = None  # fp32 masters of all shards (bf16 only)
+    state_flat: dict[str, torch.Tensor] = field(default_factory=dict)
+    # progress of the current step
+    final: list[bool] = field(default_factory=list)  # no more gradient this step
+    armed: list[bool] = field(default_factory=list)  # inside its last backward
+    pending: list[int] = field(default_factory=list)  # non-final params per bucket
+    next_launch: int = -1  # buckets launch in descending order; the next one to go
+    handles: list[dist.Work | None] = field(default_factory=list)
+
+    def bucket_view(self, flat: torch.Tensor, b: int) -> torch.Tensor:
+        base = self.bucket_base[b]
+        return flat[base:base + self.buckets[b].padded_numel]
+
+    def grad_shard(self, b: int) -> torch.Tensor:
+        start, end = self.buckets[b].shard_range(self.rank)
+        return self.bucket_view(self.grads_flat, b)[start:end]
 
 
 class Zero1Optimizer:
-    """AdamW with ZeRO-1 sharded state over several param groups and one global clip.
+    """ZeRO-1 over several param groups with one global clip and a pluggable update rule.
 
-    ``step(lr)`` reduce-scatters (SUM) the gradients, computes the global grad norm
-    over ``norm_group``, clips (``max_grad_norm <= 0`` disables), steps each shard and
-    all-gathers the parameters; it returns the pre-clip norm as a 0-d fp32 tensor.
-    A parameter whose ``.grad`` is None counts as a zero gradient (all ranks of its group
-    must still take part in the collectives).
+    ``step(lr)`` finishes the gradient reduce-scatters, computes the global grad norm
+    over ``norm_group``, clips (``max_grad_norm <= 0`` disables), updates each shard
+    with ``rule`` and all-gathers the parameters; it returns the pre-clip norm as a 0-d
+    fp32 tensor. A parameter that received no gradient counts as a zero gradient (all
+    ranks of its group still take part in the collectives).
 
-    Collectives run group by group in list order, so ranks whose groups share ranks must
-    list those groups in the same order (e.g. dense, then experts, then encoder).
-    ``norm_group`` may be None only in a single-process job.
+    Collectives of one group run in one order on all its ranks (buckets in descending
+    index order). ``norm_group`` may be None only in a single-process job.
     """
 
     def __init__(self, param_groups: Sequence[ParamGroup | tuple], *,
                  norm_group: dist.ProcessGroup | None,
-                 config: AdamWConfig = AdamWConfig(),
+                 rule: UpdateRule | None = None,
                  max_grad_norm: float = 1.0,
                  bucket_numel: int = DEFAULT_BUCKET_NUMEL,
-                 decay_rule: DecayRule = decay_matrices_only) -> None:
-        self.config = config
+                 decay_rule: DecayRule = decay_matrices_only,
+                 param_dtype: torch.dtype = torch.float32,
+                 overlap_grad_reduce: bool = True) -> None:
+        if param_dtype not in PARAM_DTYPES:
+            raise ValueError(f"ZeRO-1 param_dtype {param_dtype} is not supported; choose "
+                             f"torch.float32 or torch.bfloat16 (fp16 would need loss scaling)")
+        self.rule = rule if rule is not None else AdamW()
         self.max_grad_norm = float(max_grad_norm)
         self.norm_group = norm_group
+        self.param_dtype = param_dtype
+        self.mixed = param_dtype != torch.float32
+        self.overlap_grad_reduce = overlap_grad_reduce
         self.step_count = 0
         groups = [g if isinstance(g, ParamGroup) else ParamGroup(*g) for g in param_groups]
         self._check_params(groups)
         self.device = groups[0].params[0].device if groups and groups[0].params else \
             torch.device("cpu")
-        self.groups: list[ShardedGroup] = []
-        for group_index, group in enumerate(groups):
-            self.groups.append(self._build_group(group_index, group, bucket_numel, decay_rule))
         if norm_group is None and dist.is_available() and dist.is_initialized() \
                 and dist.get_world_size() > 1:
             raise ValueError("norm_group is None in a job of more than one rank; pass the world "
                              "group as norm_group so the grad norm covers every rank's shard")
+        self.groups: list[ShardedGroup] = []
+        self._where: dict[int, tuple[int, int]] = {}  # id(param) -> (group, param index)
+        for group_index, group in enumerate(groups):
+            self.groups.append(self._build_group(group_index, group, bucket_numel, decay_rule))
+        names = [n for g in self.groups for n in g.names]
+        if len(set(names)) != len(names):
+            raise ValueError("ZeRO-1 parameter names must be unique (checkpoints store state by "
+                             "name); pass distinct names")
+        self._full_weights: dict[str, torch.Tensor] = {}  # checkpoint load in progress
+        self._new_step()
 
     # ------------------------------------------------------------------ construction
 
@@ -254,8 +200,9 @@ class Zero1Optimizer:
                 where = f"param group {group_index}, param #{i} " \
                         f"({group.names[i] if group.names else 'p' + str(i)})"
                 if param.dtype != torch.float32:
-                    raise ValueError(f"ZeRO-1 keeps fp32 params as their own master copy; "
-                                     f"{where} is {param.dtype}: convert the model to fp32")
+                    raise ValueError(f"ZeRO-1 takes fp32 params (their values become the fp32 "
+                                     f"masters; param_dtype sets the compute dtype); {where} is "
+                                     f"{param.dtype}: build the model in fp32")
                 if not param.requires_grad:
                     raise ValueError(f"{where} does not require grad; leave frozen params out "
                                      f"of the optimizer")
@@ -269,6 +216,7 @@ class Zero1Optimizer:
         if len(devices) > 1:
             raise ValueError(f"ZeRO-1 params must share one device, got {sorted(map(str, devices))}")
 
+    @torch.no_grad()
     def _build_group(self, group_index: int, group: ParamGroup, bucket_numel: int,
                      decay_rule: DecayRule) -> ShardedGroup:
         names = group.names or [f"p{i}" for i in range(len(group.params))]
@@ -285,10 +233,51 @@ class Zero1Optimizer:
             self._check_same_layout(group_index, pg, names, shapes, decays)
         buckets = plan_buckets(shapes, names, decays, bucket_numel=bucket_numel,
                                group_size=size)
-        sharded = ShardedGroup(list(group.params), pg, rank, size, buckets)
+        bases, shard_bases, total, shard_total = [], [], 0, 0
         for bucket in buckets:
-            sharded.exp_avg.append(torch.zeros(bucket.shard_numel, device=self.device))
-            sharded.exp_avg_sq.append(torch.zeros(bucket.shard_numel, device=self.device))
+            bases.append(total)
+            shard_bases.append(shard_total)
+            total += bucket.padded_numel
+            shard_total += bucket.shard_numel
+        device = self.device
+        params_flat = torch.zeros(total, dtype=self.param_dtype, device=device)
+        grads_flat = torch.zeros(total, dtype=torch.float32, device=device)
+        master_flat = torch.zeros(shard_total, device=device) if self.mixed else None
+        state_flat = {name: torch.zeros(shard_total, device=device)
+                      for name in self.rule.state_names}
+        shards, bucket_of = [], [0] * len(group.params)
+        pieces_of: list[list[tuple[ShardPiece, BucketShard]]] = [[] for _ in group.params]
+        for b, bucket in enumerate(buckets):
+            start, end = bucket.shard_range(rank)
+            s0, s1 = shard_bases[b], shard_bases[b] + bucket.shard_numel
+            master = (master_flat[s0:s1] if self.mixed
+                      else params_flat[bases[b] + start:bases[b] + end])
+            shard = BucketShard(bucket, rank, size, pg, tuple(bucket.pieces(rank)), master,
+                                {name: t[s0:s1] for name, t in state_flat.items()})
+            shard.plan = self.rule.prepare(shard)
+            shards.append(shard)
+            for piece in shard.pieces:
+                pieces_of[piece.slot.index].append((piece, shard))
+                param = group.params[piece.slot.index].detach().reshape(-1)
+                master[piece.shard_start:piece.shard_end].copy_(
+                    param[piece.param_start:piece.param_start + piece.numel])
+        sharded = ShardedGroup(list(group.params), names, pg, rank, size, buckets, bases,
+                               params_flat, grads_flat, shards, bucket_of, pieces_of,
+                               master_flat, state_flat)
+        for bucket in buckets:
+            for slot in bucket.slots:
+                param = group.params[slot.index]
+                bucket_of[slot.index] = bucket.index
+                start, end = bases[bucket.index] + slot.offset, bases[bucket.index] + slot.end
+                view = params_flat[start:end].view(slot.shape)
+                view.copy_(param.detach())
+                param.data = view
+                grad_view = grads_flat[start:end].view(slot.shape)
+                if not self.mixed:
+                    param.grad = grad_view  # autograd accumulates into the buffer in place
+                param.register_post_accumulate_grad_hook(
+                    self._grad_hook(sharded, group_index, slot.index, grad_view))
+                self._where[id(param)] = (group_index, slot.index)
         return sharded
 
     def _check_same_layout(self, group_index: int, pg: dist.ProcessGroup, names: list[str],
@@ -300,7 +289,7 @@ class Zero1Optimizer:
         mine = torch.tensor([digest, len(shapes)], dtype=torch.int64, device=self.device)
         size = dist.get_world_size(pg)
         everyone = torch.empty(size * 2, dtype=torch.int64, device=self.device)
-        _all_gather_flat(everyone, mine, group=pg)
+        all_gather_flat(everyone, mine, group=pg)
         if bool((everyone.view(size, 2) == mine).all()):
             return
         described = [None] * size
@@ -325,11 +314,96 @@ class Zero1Optimizer:
             f"{entry(b, diff)}. Every rank of a group must pass the same params (shapes, "
             f"order, decay) to the optimizer.")
 
+    # ------------------------------------------------------------------ the backward
+
+    def _grad_hook(self, group: ShardedGroup, group_index: int, index: int,
+                   grad_view: torch.Tensor) -> Callable[[torch.Tensor], None]:
+        def hook(param: torch.Tensor) -> None:
+            if group.final[index]:
+                raise RuntimeError(
+                    f"a gradient of {group.names[index]!r} arrived after its last backward of "
+                    f"the step (its bucket's reduce-scatter may have started): declare the last "
+                    f"backward that touches a parameter with Zero1Optimizer.last_backward")
+            if self.mixed:  # accumulate in fp32, drop the low-precision gradient
+                grad_view.add_(param.grad)
+                param.grad = None
+            if group.armed[index]:
+                self._mark_final(group, index)
+        return hook
+
+    @contextmanager
+    def last_backward(self, params: Iterable[torch.Tensor]) -> Iterator[None]:
+        """Run the step's LAST backward that touches ``params`` inside this context.
+
+        Their gradient hooks then mark them final, and a bucket whose parameters are all
+        final starts its reduce-scatter while the backward continues; parameters the
+        backward did not reach (e.g. an expert without tokens) become final when the
+        context exits. Without the context (or with overlap off) everything is reduced
+        in `step`. With pipeline parallelism a chunk's parameters accumulate over several
+        microbatches: only the chunk's last backward of the step belongs in here.
+        """
+        where = []
+        for param in params:
+            if id(param) not in self._where:
+                raise ValueError(f"last_backward got a tensor of shape {tuple(param.shape)} "
+                                 f"that is not a parameter of this optimizer")
+            where.append(self._where[id(param)])
+        if not self.overlap_grad_reduce:
+            yield
+            return
+        for g, i in where:
+            self.groups[g].armed[i] = True
+        yield  # an exception propagates without launching collectives other ranks may skip
+        for g, i in where:
+            group = self.groups[g]
+            group.armed[i] = False
+            self._mark_final(group, i)
+
+    def _mark_final(self, group: ShardedGroup, index: int) -> None:
+        if group.final[index]:
+            return
+        group.final[index] = True
+        group.pending[group.bucket_of[index]] -= 1
+        while group.next_launch >= 0 and group.pending[group.next_launch] == 0:
+            self._launch_reduce_scatter(group, group.next_launch)
+            group.next_launch -= 1
+
+    def _launch_reduce_scatter(self, group: ShardedGroup, b: int) -> None:
+        """Start bucket ``b``'s reduce-scatter(SUM), in place: its shard of the gradient
+        buffer becomes the group's summed gradient once the handle completes."""
+        if group.size == 1:
+            return
+        flat = group.bucket_view(group.grads_flat, b)
+        group.handles[b] = reduce_scatter_flat(group.grad_shard(b), flat, op=dist.ReduceOp.SUM,
+                                               group=group.process_group, async_op=True)
+
+    def _wait_reduce_scatter(self, group: ShardedGroup, b: int) -> torch.Tensor:
+        """Bucket ``b``'s summed gradient shard, after its reduce-scatter completed."""
+        handle = group.handles[b]
+        if handle is not None:
+            handle.wait()
+            group.handles[b] = None
+        return group.grad_shard(b)
+
+    def _new_step(self) -> None:
+        for group in self.groups:
+            group.final = [False] * len(group.params)
+            group.armed = [False] * len(group.params)
+            group.pending = [len(bucket.slots) for bucket in group.buckets]
+            group.next_launch = len(group.buckets) - 1
+            group.handles = [None] * len(group.buckets)
+
     # ------------------------------------------------------------------ the step
 
     @torch.no_grad()
     def step(self, lr: float) -> torch.Tensor:
-        grad_shards = [[self._reduce_scatter_bucket(g, b) for b in g.buckets]
+        if not self.mixed:
+            self._check_grad_views()
+        for group in self.groups:  # buckets no declared last backward has completed
+            while group.next_launch >= 0:
+                self._launch_reduce_scatter(group, group.next_launch)
+                group.next_launch -= 1
+        grad_shards = [[self._wait_reduce_scatter(g, b) for b in range(len(g.buckets))]
                        for g in self.groups]
         sum_of_squares = torch.zeros((), dtype=torch.float64, device=self.device)
         for shards in grad_shards:
@@ -343,95 +417,134 @@ class Zero1Optimizer:
             for shards in grad_shards:
                 torch._foreach_mul_(shards, clip_coef)
         self.step_count += 1
+        gathers = []
         for group, shards in zip(self.groups, grad_shards):
-            for bucket, grad_S in zip(group.buckets, shards):
-                self._step_bucket(group, bucket, grad_S, lr)
+            for b, grad_S in enumerate(shards):
+                self.rule.update(group.shards[b], grad_S, lr=lr, step=self.step_count)
+                gathers.append(self._gather_params(group, b))
+        for handle in gathers:
+            if handle is not None:
+                handle.wait()
+        self._new_step()
         return total_norm
 
-    def _reduce_scatter_bucket(self, group: ShardedGroup, bucket: BucketLayout) -> torch.Tensor:
-        """This rank's shard of the bucket's gradient, summed over the group."""
-        flat = torch.zeros(bucket.padded_numel, device=self.device)
-        for slot in bucket.slots:
-            grad = group.params[slot.index].grad
-            if grad is None:
-                continue
-            if grad.shape != group.params[slot.index].shape or grad.dtype != torch.float32:
-                raise ValueError(f"grad of {slot.name!r} is {grad.dtype} {tuple(grad.shape)}, "
-                                 f"expected float32 {slot.shape}")
-            flat[slot.offset:slot.end].copy_(grad.reshape(-1))
+    def _gather_params(self, group: ShardedGroup, b: int) -> dist.Work | None:
+        """Cast the updated master shard into the param buffer; start the in-place
+        all-gather that brings every rank's shard into everyone's parameters."""
+        shard = group.shards[b]
+        flat = group.bucket_view(group.params_flat, b)
+        start, end = group.buckets[b].shard_range(group.rank)
+        if self.mixed:
+            flat[start:end].copy_(shard.master)
         if group.size == 1:
-            return flat
-        shard_S = torch.empty(bucket.shard_numel, device=self.device)
-        _reduce_scatter_flat(shard_S, flat, op=dist.ReduceOp.SUM,
-                                   group=group.process_group)
-        return shard_S
+            return None
+        return all_gather_flat(flat, flat[start:end], group=group.process_group, async_op=True)
 
-    def _step_bucket(self, group: ShardedGroup, bucket: BucketLayout, grad_S: torch.Tensor,
-                     lr: float) -> None:
-        """AdamW on this rank's shard, then all-gather the shards back into the params."""
-        param_S = torch.zeros(bucket.shard_numel, device=self.device)
-        for piece in bucket.pieces(group.rank):
-            param = group.params[piece.slot.index].detach().view(-1)
-            param_S[piece.shard_start:piece.shard_start + piece.numel].copy_(
-                param[piece.param_start:piece.param_start + piece.numel])
-        adamw_update_(param_S, grad_S, group.exp_avg[bucket.index],
-                      group.exp_avg_sq[bucket.index], lr=lr, step=self.step_count,
-                      config=self.config, decay_ranges=bucket.decay_ranges(group.rank))
-        flat = self._gather_bucket(group, bucket, param_S)
-        for slot in bucket.slots:
-            group.params[slot.index].detach().view(-1).copy_(flat[slot.offset:slot.end])
-
-    def _gather_bucket(self, group: ShardedGroup, bucket: BucketLayout,
-                       shard_S: torch.Tensor) -> torch.Tensor:
-        """The whole flat bucket from every rank's shard of it."""
-        if group.size == 1:
-            return shard_S
-        flat = torch.empty(bucket.padded_numel, device=self.device)
-        _all_gather_flat(flat, shard_S, group=group.process_group)
-        return flat
+    def _check_grad_views(self) -> None:
+        for group in self.groups:
+            for bucket in group.buckets:
+                base = group.bucket_base[bucket.index]
+                for slot in bucket.slots:
+                    grad = group.params[slot.index].grad
+                    if grad is None or grad.data_ptr() != \
+                            group.grads_flat[base + slot.offset:].data_ptr():
+                        raise RuntimeError(
+                            f"the gradient of {slot.name!r} is no longer its view of the ZeRO-1 "
+                            f"gradient buffer (something set .grad or ran backward with "
+                            f"create_graph=True); use Zero1Optimizer.zero_grad() and plain "
+                            f"backward()")
 
     def zero_grad(self) -> None:
-        """Drop the gradients (set to None) so the next backward allocates fresh ones."""
+        """Zero the gradient buffers (the parameters keep their views into them)."""
         for group in self.groups:
-            for param in group.params:
-                param.grad = None
+            if any(handle is not None for handle in group.handles):
+                raise RuntimeError("zero_grad while a gradient reduce-scatter is in flight: "
+                                   "call step() first")
+            group.grads_flat.zero_()
+        self._new_step()
 
     # ------------------------------------------------------------------ state
 
     def state_bytes(self) -> int:
-        """Bytes of AdamW moments held by this rank (about 1/N of the unsharded state)."""
+        """Bytes of optimizer state held by this rank (about 1/N of the unsharded state)."""
         return sum(t.numel() * t.element_size()
-                   for g in self.groups for t in (*g.exp_avg, *g.exp_avg_sq))
+                   for g in self.groups for t in g.state_flat.values())
 
-    @torch.no_grad()
-    def full_state(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Every parameter's whole AdamW moments by name, gathered over its group.
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes this rank holds for the parameters, by role (fp32 masters are the params'
+        own shards unless the compute dtype is lower: then they are counted separately)."""
+        def nbytes(tensors):
+            return sum(t.numel() * t.element_size() for t in tensors)
+        return {"weights": nbytes(g.params_flat for g in self.groups),
+                "grads": nbytes(g.grads_flat for g in self.groups),
+                "master": nbytes(g.master_flat for g in self.groups if g.master_flat is not None),
+                "state": self.state_bytes()}
 
-        Checkpoints store this layout-free form, so a run saved with one dp / pp / ep
-        loads into another: `load_full_state` takes each rank's slice again.
-        """
-        out: dict[str, dict[str, torch.Tensor]] = {}
+    def state_pieces(self) -> dict[str, dict[str, FlatChunks]]:
+        """This rank's pieces of every parameter's optimizer state, by parameter name, as
+        1-D entries of the parameter's numel (see parallel/flat_chunks.py); with a
+        compute dtype below fp32 also ``"master"``, the fp32 weights. Views: saving and
+        loading read and write the shards themselves."""
+        kinds = list(self.rule.state_names) + (["master"] if self.mixed else [])
+        out: dict[str, dict[str, FlatChunks]] = {}
         for group in self.groups:
-            for bucket in group.buckets:
-                for kind, shards in (("exp_avg", group.exp_avg), ("exp_avg_sq", group.exp_avg_sq)):
-                    flat = self._gather_bucket(group, bucket, shards[bucket.index])
-                    for slot in bucket.slots:
-                        out.setdefault(slot.name, {})[kind] = \
-                            flat[slot.offset:slot.end].view(slot.shape).clone()
+            for index, pieces in enumerate(group.pieces_of):
+                if not pieces:
+                    continue
+                numel = group.params[index].numel()
+                out[group.names[index]] = {
+                    kind: FlatChunks(numel, [
+                        (piece.param_start,
+                         (shard.master if kind == "master" else shard.state[kind])
+                         [piece.shard_start:piece.shard_end]) for piece, shard in pieces])
+                    for kind in kinds}
         return out
 
-    @torch.no_grad()
-    def load_full_state(self, state: dict[str, dict[str, torch.Tensor]], step: int) -> None:
-        """Take this rank's shard of every parameter's moments from `full_state()` output."""
+    def load_targets(self, has_master: Callable[[str], bool]
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, FlatChunks]]]:
+        """Where a checkpoint load writes: (weights by name, state pieces by name).
+
+        A parameter whose checkpoint holds fp32 masters (``has_master(name)``, saved by a
+        bf16 run) is read from them, piece by piece, into this rank's masters; otherwise
+        from its full weights: straight into the parameter in fp32, into a temporary fp32
+        copy with bf16 (`finish_load` takes the pieces; a known cost when switching an
+        fp32 checkpoint to bf16: one whole fp32 parameter set per rank, transiently).
+        Call `finish_load` after the read.
+        """
+        state = self.state_pieces()
+        weights: dict[str, torch.Tensor] = {}
+        self._full_weights = {}
         for group in self.groups:
-            for bucket in group.buckets:
-                for piece in bucket.pieces(group.rank):
-                    name = piece.slot.name
-                    if name not in state:
-                        raise KeyError(f"optimizer state has no moments for parameter {name!r}")
-                    for kind, shards in (("exp_avg", group.exp_avg),
-                                         ("exp_avg_sq", group.exp_avg_sq)):
-                        full = state[name][kind].reshape(-1)
-                        shards[bucket.index][piece.shard_start:piece.shard_start + piece.numel] \
-                            .copy_(full[piece.param_start:piece.param_start + piece.numel])
+            for index, (name, param) in enumerate(zip(group.names, group.params)):
+                if has_master(name):
+                    if not self.mixed and group.pieces_of[index]:
+                        state.setdefault(name, {})["master"] = FlatChunks(param.numel(), [
+                            (piece.param_start, shard.master[piece.shard_start:piece.shard_end])
+                            for piece, shard in group.pieces_of[index]])
+                elif self.mixed:
+                    self._full_weights[name] = weights[name] = torch.empty(
+                        param.shape, dtype=torch.float32, device=self.device)
+                    state.get(name, {}).pop("master", None)
+                else:
+                    weights[name] = param.detach()
+        return weights, state
+
+    @torch.no_grad()
+    def finish_load(self, step: int) -> None:
+        """After a checkpoint read into `load_targets`: masters from full weights where
+        needed, then the parameters from the masters (cast, all-gathered); the step."""
+        for group in self.groups:
+            for index, name in enumerate(group.names):
+                full = self._full_weights.get(name)
+                if full is None:
+                    continue
+                flat = full.reshape(-1)
+                for piece, shard in group.pieces_of[index]:
+                    shard.master[piece.shard_start:piece.shard_end].copy_(
+                        flat[piece.param_start:piece.param_start + piece.numel])
+        self._full_weights = {}
+        handles = [self._gather_params(g, b) for g in self.groups for b in range(len(g.buckets))]
+        for handle in handles:
+            if handle is not None:
+                handle.wait()
         self.step_count = int(step)

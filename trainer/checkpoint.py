@@ -1,4 +1,4 @@
-"""Checkpoints: complete or absent, layout-free, verified before use.
+"""Checkpoints: complete or absent, layout-free, sharded, verified where they are read.
 
     <run_dir>/checkpoints/
         step_00000020/              a complete checkpoint (renamed into place last)
@@ -8,17 +8,30 @@
         .tmp-step_00000030/         a save in progress or one that crashed: never loaded
 
 What is saved, by global name so any layout can load it: every parameter of
-every chunk, expert and the vision encoder, the routers' balancing biases, the
-AdamW moments of every parameter gathered from the ZeRO-1 shards, the optimizer
-step (the LR schedule is a function of it), each rank's torch RNG state and the
-data state. A checkpoint saved with one dp / pp / vpp / ep loads into another
-(names are global; each rank takes what it holds and re-shards the moments).
+every chunk, expert and the vision encoder (`model.<name>`, in the compute dtype),
+the routers' balancing biases, the optimizer state of every parameter
+(`optim.<name>.<state>`, e.g. exp_avg, exp_avg_sq; with bf16 also `master`, the
+fp32 weights), each rank's torch RNG state and, in meta.json, the optimizer step
+(the LR schedule is a function of it) and the data state.
 
-Loading picks the newest checkpoint whose MANIFEST matches the files on disk; a
-truncated or corrupt one is skipped with a warning. A checkpoint of another
-model config is refused with the differing fields named. The DCP metadata is a
-pickle written by this job itself; never point `--resume` at files from
-someone you do not trust.
+Sharded: optimizer state is a 1-D entry per parameter that each rank writes only
+the flat ranges of its ZeRO-1 shard of (parallel/flat_chunks.py); no rank gathers
+a whole moment. Loading asks DCP for the ranges the new layout needs, so a
+checkpoint saved with one dp / pp / vpp / ep loads into another (and into one process).
+
+    save:  every rank  DCP writes its files -> crc32 of ITS OWN files -> its manifest part
+           rank 0      every rank's part present and every file .metadata names covered
+                       -> MANIFEST.json (the merged parts) -> rename .tmp-step_N -> step_N
+    load:  rank 0      picks the newest checkpoint whose MANIFEST lists files of the right
+                       sizes (cheap: no checksums) and tells every rank
+           every rank  checks .metadata and meta.json, then only the data files its read
+                       plan touches, each once, before reading them
+
+A damaged file makes the load fail on every rank (DCP shares the failure); with
+`--resume auto` the job then falls back to the next older checkpoint. A checkpoint
+of another model config is refused with the differing fields named. The DCP
+metadata is a pickle written by this job itself; never point `--resume` at files
+from someone you do not trust.
 """
 from __future__ import annotations
 
@@ -33,12 +46,21 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import MetadataIndex
 
 from model.config import ConfigError
 
 MANIFEST = "MANIFEST.json"
+MANIFEST_PARTS = "manifest"  # <rank>.json from every writer, merged into MANIFEST.json
 META = "meta.json"
+DCP_METADATA = ".metadata"
 PREFIX = "step_"
+
+
+class CorruptCheckpoint(ConfigError):
+    """A checkpoint file does not match its manifest (size or checksum)."""
 
 
 def _barrier() -> None:
@@ -50,6 +72,19 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _from_rank0(value):
+    """Rank 0's `value` on every rank (a decision only rank 0 made)."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def _crc32(path: Path) -> int:
     crc = 0
     with path.open("rb") as f:
@@ -58,29 +93,48 @@ def _crc32(path: Path) -> int:
     return crc
 
 
-def _manifest(directory: Path) -> dict:
-    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
-    return {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "crc32": _crc32(p)}
-            for p in files}
+def _file_entry(path: Path) -> dict:
+    return {"bytes": path.stat().st_size, "crc32": _crc32(path)}
 
 
-def verify(directory: Path) -> str | None:
-    """None if the checkpoint is complete and intact, else what is wrong with it."""
+def _check_file(directory: Path, name: str, info: dict | None, checksum: bool) -> str | None:
+    """None if `name` matches its manifest entry, else what is wrong with it."""
+    path = directory / name
+    if info is None:
+        return f"{name} is not in the manifest"
+    if not path.is_file():
+        return f"{name} is missing"
+    if path.stat().st_size != info["bytes"]:
+        return f"{name} has {path.stat().st_size} bytes, the manifest says {info['bytes']}"
+    if checksum and _crc32(path) != info["crc32"]:
+        return f"{name} does not match its checksum"
+    return None
+
+
+def _read_manifest(directory: Path) -> tuple[dict | None, str | None]:
+    """(file entries, None) or (None, what is wrong)."""
     manifest_path = directory / MANIFEST
     if not manifest_path.is_file():
-        return "no MANIFEST.json (the save did not finish)"
+        return None, "no MANIFEST.json (the save did not finish)"
     try:
-        expected = json.loads(manifest_path.read_text())
+        manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError:
-        return "MANIFEST.json is not valid JSON"
-    for name, info in expected.items():
-        path = directory / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != info["bytes"]:
-            return f"{name} has {path.stat().st_size} bytes, the manifest says {info['bytes']}"
-        if _crc32(path) != info["crc32"]:
-            return f"{name} does not match its checksum"
+        return None, "MANIFEST.json is not valid JSON"
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        return None, "MANIFEST.json has no file list (written by an older version?)"
+    return manifest["files"], None
+
+
+def verify(directory: Path, checksums: bool = True) -> str | None:
+    """None if the checkpoint is complete (and, with `checksums`, intact), else what is
+    wrong with it. Checksums read every byte: `load` checks only what a rank reads."""
+    files, problem = _read_manifest(directory)
+    if problem is not None:
+        return problem
+    for name, info in files.items():
+        problem = _check_file(directory, name, info, checksums)
+        if problem is not None:
+            return problem
     return None
 
 
@@ -92,9 +146,12 @@ def checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]), reverse=True)
 
 
-def newest_valid(root: Path) -> Path | None:
+def newest_complete(root: Path, skip: set[Path] = frozenset()) -> Path | None:
+    """The newest checkpoint whose manifest lists files of the right sizes (no checksums)."""
     for path in checkpoints(root):
-        problem = verify(path)
+        if path in skip:
+            continue
+        problem = verify(path, checksums=False)
         if problem is None:
             return path
         warnings.warn(f"skipping checkpoint {path}: {problem}", stacklevel=2)
@@ -112,6 +169,84 @@ def _config_differences(saved: dict, current: dict, prefix: str = "") -> list[st
     return diffs
 
 
+class _SavePlanner(DefaultSavePlanner):
+    """DCP's planner, plus entries this rank holds only ranges of (FlatChunks)."""
+
+    def lookup_object(self, index: MetadataIndex):
+        piece = _piece(self.state_dict, index)
+        return piece if piece is not None else super().lookup_object(index)
+
+
+class _LoadPlanner(DefaultLoadPlanner):
+    def set_up_planner(self, state_dict, metadata=None, is_coordinator=False) -> None:
+        # DCP's set-up replaces, in place, every object it does not know by None; put the
+        # ranged entries back, in the nested dict and in the flat one the planner reads
+        ranged = _ranged_entries(state_dict)
+        super().set_up_planner(state_dict, metadata, is_coordinator)
+        for path, entry in ranged.items():
+            node = state_dict
+            for key in path[:-1]:
+                node = node[key]
+            node[path[-1]] = self.state_dict[".".join(path)] = entry
+
+    def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
+        piece = _piece(self.state_dict, index)
+        return piece if piece is not None else super().lookup_tensor(index)
+
+
+def _is_ranged(entry) -> bool:
+    return not isinstance(entry, torch.Tensor) and hasattr(entry, "__get_tensor_shard__")
+
+
+def _ranged_entries(state_dict: dict, path: tuple = ()) -> dict[tuple, object]:
+    found = {}
+    for key, value in state_dict.items():
+        if isinstance(value, dict):
+            found.update(_ranged_entries(value, path + (key,)))
+        elif _is_ranged(value):
+            found[path + (key,)] = value
+    return found
+
+
+def _piece(state_dict: dict, index: MetadataIndex) -> torch.Tensor | None:
+    entry = state_dict.get(index.fqn)
+    return entry.__get_tensor_shard__(index) if _is_ranged(entry) else None
+
+
+class _ManifestWriter(dcp.FileSystemWriter):
+    """Remembers the files this rank wrote, so it can checksum them into its part."""
+
+    def __init__(self, path: Path):
+        super().__init__(str(path))
+        self.files: set[str] = set()
+
+    def write_data(self, plan, planner):
+        future = super().write_data(plan, planner)
+        self.files.update(r.storage_data.relative_path for r in future.wait())
+        return future
+
+
+class _VerifyingReader(dcp.FileSystemReader):
+    """Checks every data file its rank's read plan touches against the manifest, once,
+    before reading it; files no read of this rank touches are never opened."""
+
+    def __init__(self, path: Path, files: dict):
+        super().__init__(str(path))
+        self.directory, self.files = path, files
+        self.verified: set[str] = set()
+
+    def verify(self, names) -> None:
+        for name in sorted(set(names) - self.verified):
+            problem = _check_file(self.directory, name, self.files.get(name), checksum=True)
+            if problem is not None:
+                raise CorruptCheckpoint(f"checkpoint {self.directory}: {problem}")
+            self.verified.add(name)
+
+    def read_data(self, plan, planner):
+        self.verify(self.storage_data[item.storage_index].relative_path for item in plan.items)
+        return super().read_data(plan, planner)
+
+
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint, in one process (for inspection and tests)."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -126,58 +261,131 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _agree(problem: str | None) -> str | None:
+    """A problem one rank found is every rank's problem (so all take the same branch)."""
+    if not dist.is_initialized():
+        return problem
+    flag = torch.tensor(1 if problem else 0)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item() and problem is None:
+        problem = "another rank found it damaged (see that rank's log)"
+    return problem
+
+
+def _load_failure(path: Path, error: BaseException) -> ConfigError:
+    """DCP reports a failure on any rank as a CheckpointException on every rank."""
+    failures = ([exc for exc, _ in error.failures.values()]
+                if isinstance(error, CheckpointException) else [error])
+    corrupt = next((f for f in failures if isinstance(f, CorruptCheckpoint)), None)
+    if corrupt is not None:
+        return CorruptCheckpoint(str(corrupt))
+    return ConfigError(f"cannot load checkpoint {path} into this layout: {failures[0]}")
+
+
 class CheckpointManager:
     def __init__(self, run_dir: str | Path, keep: int):
         self.root = Path(run_dir) / "checkpoints"
         self.keep = keep
 
-    def save(self, step: int, model: dict[str, torch.Tensor],
-             optimizer: dict[str, dict[str, torch.Tensor]], meta: dict) -> Path:
-        """Collective: every rank passes the tensors it holds (replicas may repeat names)."""
+    def save(self, step: int, model: dict[str, torch.Tensor], optimizer: dict[str, dict],
+             meta: dict) -> Path:
+        """Collective: every rank passes the tensors it holds (replicas may repeat names)
+        and the pieces of the optimizer state it holds (`FlatChunks`)."""
         rank = _rank()
         final = self.root / f"{PREFIX}{step:08d}"
         tmp = self.root / f".tmp-{final.name}"
+        parts = tmp / MANIFEST_PARTS
         if rank == 0:
             if tmp.exists():
                 shutil.rmtree(tmp)  # a crashed earlier attempt
-            tmp.mkdir(parents=True)
+            parts.mkdir(parents=True)
         _barrier()
         state = {"model": model, "optim": optimizer,
                  "rng": {f"rank{rank}": torch.get_rng_state()}}
+        writer = _ManifestWriter(tmp)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # single process: DCP warns that it is one
-            dcp.save(state, checkpoint_id=str(tmp))
-        _barrier()
+            metadata = dcp.save(state, storage_writer=writer, planner=_SavePlanner())
+        mine = {name: _file_entry(tmp / name) for name in sorted(writer.files)}
         if rank == 0:
             (tmp / META).write_text(json.dumps(dict(meta, step=step, saved_at=time.time()),
                                                indent=1))
-            manifest = _manifest(tmp)
-            with (tmp / MANIFEST).open("w") as f:
-                json.dump(manifest, f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            for old in checkpoints(self.root)[self.keep:]:
-                shutil.rmtree(old, ignore_errors=True)
+            mine.update({name: _file_entry(tmp / name) for name in (DCP_METADATA, META)})
+        (parts / f"{rank}.json").write_text(json.dumps(mine))
         _barrier()
+        problem = None
+        if rank == 0:
+            problem = self._finish(tmp, final, parts, metadata)
+        problem = _from_rank0(problem)
+        if problem is not None:
+            raise RuntimeError(f"checkpoint {final} was not completed: {problem}")
         return final
 
-    def resolve(self, resume: str) -> Path | None:
-        """The checkpoint `--resume` names: None (fresh start), newest valid, or a path."""
+    def _finish(self, tmp: Path, final: Path, parts: Path, metadata) -> str | None:
+        """Rank 0: merge the parts, check they cover every file, publish by renaming."""
+        files: dict[str, dict] = {}
+        for rank in range(_world()):
+            part = parts / f"{rank}.json"
+            if not part.is_file():
+                return f"rank {rank} wrote no manifest part"
+            files.update(json.loads(part.read_text()))
+        named = {info.relative_path for info in metadata.storage_data.values()}
+        missing = sorted((named | {DCP_METADATA, META}) - files.keys())
+        if missing:
+            return f"{missing[:3]} are in no rank's manifest part"
+        shutil.rmtree(parts)
+        with (tmp / MANIFEST).open("w") as f:
+            json.dump({"world": _world(), "files": files}, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        for old in checkpoints(self.root)[self.keep:]:
+            shutil.rmtree(old, ignore_errors=True)
+        return None
+
+    def resolve(self, resume: str, skip: set[Path] = frozenset()) -> Path | None:
+        """The checkpoint `--resume` names: None (fresh start), the newest complete one not
+        in `skip`, or a path. Collective: rank 0 looks at the files, every rank gets the
+        answer (checksums are checked later, by each rank, for what it reads)."""
         if resume == "none":
             return None
         if resume == "auto":
-            return newest_valid(self.root)
+            return _from_rank0(newest_complete(self.root, skip) if _rank() == 0 else None)
         path = Path(resume)
-        problem = verify(path) if path.is_dir() else "no such directory"
+        problem = None
+        if _rank() == 0:
+            problem = verify(path, checksums=False) if path.is_dir() else "no such directory"
+        problem = _from_rank0(problem)
         if problem is not None:
             raise ConfigError(f"--resume {resume}: cannot use this checkpoint: {problem}")
         return path
 
     @staticmethod
-    def read_meta(path: Path, model_config: dict) -> dict:
+    def _reader(path: Path) -> _VerifyingReader:
+        """A DCP reader of `path` whose .metadata has been checked (on every rank)."""
+        files, problem = _read_manifest(path)
+        reader = None
+        if problem is None:
+            reader = _VerifyingReader(path, files)
+            try:
+                reader.verify([DCP_METADATA])
+            except CorruptCheckpoint as e:
+                problem = str(e)
+        problem = _agree(problem)
+        if problem is not None:
+            raise CorruptCheckpoint(f"checkpoint {path}: {problem}")
+        return reader
+
+    @classmethod
+    def read_meta(cls, path: Path, model_config: dict) -> dict:
+        """meta.json (checked against the manifest); refuses another model config."""
+        files, problem = _read_manifest(path)
+        problem = problem or _check_file(path, META, files.get(META), checksum=True)
+        problem = _agree(problem)
+        if problem is not None:
+            raise CorruptCheckpoint(f"checkpoint {path}: {problem}")
         meta = json.loads((path / META).read_text())
         diffs = _config_differences(meta["model"], model_config)
         if diffs:
@@ -186,13 +394,21 @@ class CheckpointManager:
                               "or start a new job.run_dir / --resume none")
         return meta
 
-    @staticmethod
-    def load(path: Path, model: dict[str, torch.Tensor],
-             optimizer: dict[str, dict[str, torch.Tensor]], same_world: bool) -> None:
-        """Collective: fills `model` (in place) and `optimizer` (pre-allocated) from `path`.
+    @classmethod
+    def saved_keys(cls, path: Path) -> set[str]:
+        """Names of the tensors in the checkpoint (`model.<param>`, `optim.<param>.<state>`)."""
+        return set(cls._reader(path).read_metadata().state_dict_metadata)
+
+    @classmethod
+    def load(cls, path: Path, model: dict[str, torch.Tensor], optimizer: dict[str, dict],
+             same_world: bool) -> None:
+        """Collective: fills `model` (in place) and `optimizer` (tensors or `FlatChunks`
+        views into the optimizer's shards) from `path`. Raises `CorruptCheckpoint` on every
+        rank if a file any rank reads does not match the manifest.
 
         RNG states are per rank, so they are restored only when the world size is unchanged.
         """
+        reader = cls._reader(path)
         state: dict = {"model": model, "optim": optimizer}
         rng = torch.empty_like(torch.get_rng_state())
         if same_world:
@@ -200,8 +416,8 @@ class CheckpointManager:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                dcp.load(state, checkpoint_id=str(path))
-        except Exception as e:  # e.g. a layout that holds a name the checkpoint lacks
-            raise ConfigError(f"cannot load checkpoint {path} into this layout: {e}") from e
+                dcp.load(state, storage_reader=reader, planner=_LoadPlanner())
+        except (Exception, CheckpointException) as e:  # e.g. a name the checkpoint lacks
+            raise _load_failure(path, e) from e
         if same_world:
             torch.set_rng_state(rng)

@@ -15,10 +15,15 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from dataloader.config import LoaderConfig
 from model.config import ConfigError, ModelConfig, preset
 from parallel.layout import PipelineLayout, resolve_layout
 from parallel.topology import ParallelSizes, check_layout
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -37,6 +42,10 @@ class TrainSection:
     seed: int = 0
     global_batch: int = 8  # sequences per optimizer step, over all data-parallel replicas
     micro_batch: int = 1  # sequences per microbatch
+    # compute dtype of weights and activations. "bf16": router scores, norm statistics,
+    # softmax and the loss stay fp32; gradients accumulate in fp32; fp32 master weights
+    # and optimizer state live in each rank's ZeRO-1 shard
+    dtype: str = "fp32"
 
 
 @dataclass
@@ -50,6 +59,12 @@ class OptimSection:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+
+    def update_rule(self):
+        """The ZeRO-1 update rule these settings describe."""
+        from parallel.adamw import AdamW, AdamWConfig
+        return AdamW(AdamWConfig(beta1=self.beta1, beta2=self.beta2, eps=self.eps,
+                                 weight_decay=self.weight_decay))
 
 
 @dataclass
@@ -79,6 +94,10 @@ class ParallelSection:
     # Megatron-style notation, E embedding, t decoder layer, L head+loss, | between chunks,
     # X*N repeats: e.g. "Et|(tt|)*30L" (parallel/layout.py)
     layout: str = "auto"
+    # ZeRO-1: elements per gradient bucket (a parameter never straddles two); a bucket's
+    # reduce-scatter starts during the backward once its parameters' grads are final
+    bucket_numel: int = 40_000_000
+    overlap_grad_reduce: bool = True  # false: every reduce-scatter waits for the optimizer step
 
 
 @dataclass
@@ -119,6 +138,10 @@ class JobConfig:
                               ep=p.ep)
 
     @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.train.dtype]
+
+    @property
     def microbatches_per_replica(self) -> int:
         return self.train.global_batch // (self.parallel.dp * self.train.micro_batch)
 
@@ -129,7 +152,8 @@ class JobConfig:
         for key, value in {"train.steps": t.steps, "train.global_batch": t.global_batch,
                            "train.micro_batch": t.micro_batch, "data.seq_len": d.seq_len,
                            "parallel.pp": p.pp, "parallel.vpp": p.vpp, "parallel.ep": p.ep,
-                           "parallel.dp": p.dp, "job.log_every": self.job.log_every,
+                           "parallel.dp": p.dp, "parallel.bucket_numel": p.bucket_numel,
+                           "job.log_every": self.job.log_every,
                            "job.cpu_threads": self.job.cpu_threads}.items():
             if value <= 0:
                 raise ConfigError(f"{key} must be positive, got {value}")
@@ -143,6 +167,8 @@ class JobConfig:
             raise ConfigError(
                 f"train.global_batch={t.global_batch} must be divisible by parallel.dp x "
                 f"train.micro_batch = {p.dp} x {t.micro_batch}")
+        if t.dtype not in DTYPES:
+            raise ConfigError(f"train.dtype={t.dtype!r}: choose one of {sorted(DTYPES)}")
         if p.encoder not in ("colocated", "dep"):
             raise ConfigError(f"parallel.encoder={p.encoder!r}: choose 'dep' or 'colocated'")
         if d.media_per_seq < 0 or d.max_image_patches_side < 2:

@@ -5,6 +5,11 @@ simplest correct thing: gradient accumulation over microbatches, the global
 mean loss (sum over labelled tokens / their count), `clip_grad_norm_`,
 `torch.optim.AdamW`, then the routers' balancing-bias update from the step's
 expert load.
+
+With `dtype=torch.bfloat16` the optimizer is instead ZeRO-1 over a world of one
+(parallel/zero1.py): bf16 weights for compute, fp32 gradient accumulation, fp32
+master weights and state. That is the reference bf16 layouts are compared to, and
+`torch.optim.AdamW` stays the fp32 reference (and keeps its numbers).
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from dataloader.batch import Batch
 from model.config import ModelConfig
 from model.loss import cross_entropy_sum
 from model.vision_language import VisionLanguageModel
+from parallel.zero1 import ParamGroup, Zero1Optimizer
 from trainer.batch_inputs import model_inputs
 from trainer.config import OptimSection
 
@@ -47,13 +53,22 @@ def clip_grad_norm_fp64(params: list[torch.nn.Parameter], max_norm: float) -> fl
 
 
 class SingleProcessEngine:
-    def __init__(self, model_cfg: ModelConfig, optim: OptimSection, micro_batch: int, seed: int):
+    def __init__(self, model_cfg: ModelConfig, optim: OptimSection, micro_batch: int, seed: int,
+                 dtype: torch.dtype = torch.float32):
         self.model = VisionLanguageModel(model_cfg, seed=seed)
         self.micro_batch = micro_batch
         self.grad_clip = optim.grad_clip
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = adamw(self.params, optim)
-        self.steps_done = 0
+        self.zero1: Zero1Optimizer | None = None
+        if dtype == torch.float32:
+            self.optimizer = adamw(self.params, optim)
+        else:  # masters from the fp32 init, then the parameters become bf16
+            named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+            self.zero1 = Zero1Optimizer(
+                [ParamGroup([p for _, p in named], None, [n for n, _ in named])],
+                norm_group=None, rule=optim.update_rule(), max_grad_norm=optim.grad_clip,
+                param_dtype=dtype)
+        self._loaded: dict[str, dict[str, torch.Tensor]] = {}
         self.stats: dict[str, float] = {}
 
     def step(self, batch: Batch, lr: float) -> tuple[float, float]:
@@ -67,15 +82,11 @@ class SingleProcessEngine:
             loss = cross_entropy_sum(logits, x.labels) / count
             loss.backward()
             loss_total += loss.item()
-        for p in self.params:  # an unused parameter (an expert without tokens) has a zero
-            if p.grad is None:  # gradient, as in ZeRO-1's flat buffers, not a skipped update
-                p.grad = torch.zeros_like(p)
-        grad_norm = clip_grad_norm_fp64(self.params, self.grad_clip)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.steps_done += 1
+        if self.zero1 is not None:
+            grad_norm = float(self.zero1.step(lr))
+            self.zero1.zero_grad()
+        else:
+            grad_norm = self._adamw_step(lr)
         balance = []
         for moe in self.model.lm.moe_layers():
             load = moe.expert_load.clone()
@@ -85,10 +96,22 @@ class SingleProcessEngine:
                       "loss_tokens": float(batch.num_loss_tokens())}
         return loss_total, grad_norm
 
+    def _adamw_step(self, lr: float) -> float:
+        for p in self.params:  # an unused parameter (an expert without tokens) has a zero
+            if p.grad is None:  # gradient, as in ZeRO-1's flat buffers, not a skipped update
+                p.grad = torch.zeros_like(p)
+        grad_norm = clip_grad_norm_fp64(self.params, self.grad_clip)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
     def named_parameters(self) -> dict[str, torch.Tensor]:
         return {name: p.detach() for name, p in self.model.named_parameters()}
 
     # ------------------------------------------------------------------ checkpoints
+    # The layout of trainer/checkpoint.py: optimizer state as 1-D entries per parameter.
 
     def named_tensors(self) -> dict[str, torch.Tensor]:
         """Parameters and router balancing biases by their global names."""
@@ -96,25 +119,39 @@ class SingleProcessEngine:
         out.update({n: b for n, b in self.model.named_buffers() if n.endswith("router.bias")})
         return out
 
-    def optimizer_state(self) -> dict[str, dict[str, torch.Tensor]]:
-        out = {}
+    def checkpoint_state(self) -> tuple[dict, dict]:
+        if self.zero1 is not None:
+            return self.named_tensors(), self.zero1.state_pieces()
+        optim = {}
         for name, p in self.model.named_parameters():
             st = self.optimizer.state.get(p)  # empty only before the first step
-            out[name] = ({"exp_avg": st["exp_avg"], "exp_avg_sq": st["exp_avg_sq"]} if st else
-                         {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)})
-        return out
+            optim[name] = {kind: (st[kind] if st else torch.zeros_like(p)).reshape(-1)
+                           for kind in ("exp_avg", "exp_avg_sq")}
+        return self.named_tensors(), optim
 
-    def empty_optimizer_state(self) -> dict[str, dict[str, torch.Tensor]]:
-        return {n: {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
-                for n, p in self.model.named_parameters()}
-
-    def load_optimizer_state(self, state: dict[str, dict[str, torch.Tensor]], step: int) -> None:
+    def checkpoint_targets(self, saved: set[str]) -> tuple[dict, dict]:
+        """Where a load writes. fp32 weights come from a bf16 run's masters when it has them."""
+        if self.zero1 is not None:
+            buffers = {n: t for n, t in self.named_tensors().items() if n.endswith("router.bias")}
+            weights, state = self.zero1.load_targets(lambda n: f"optim.{n}.master" in saved)
+            return {**buffers, **weights}, state
+        model = self.named_tensors()
+        self._loaded = {}
         for name, p in self.model.named_parameters():
-            self.optimizer.state[p] = {"step": torch.tensor(float(step)),
-                                       "exp_avg": state[name]["exp_avg"].clone(),
-                                       "exp_avg_sq": state[name]["exp_avg_sq"].clone()}
-        self.steps_done = step
+            self._loaded[name] = {kind: torch.zeros(p.numel()) for kind in ("exp_avg",
+                                                                           "exp_avg_sq")}
+            if f"optim.{name}.master" in saved:
+                self._loaded[name]["master"] = model.pop(name).view(-1)  # the param, flat
+        return model, self._loaded
 
-    @property
-    def optimizer_steps(self) -> int:
-        return self.steps_done
+    def finish_load(self, step: int) -> None:
+        if self.zero1 is not None:
+            self.zero1.finish_load(step)
+        else:
+            for name, p in self.model.named_parameters():
+                loaded = self._loaded[name]
+                self.optimizer.state[p] = {
+                    "step": torch.tensor(float(step)),
+                    "exp_avg": loaded["exp_avg"].view(p.shape),
+                    "exp_avg_sq": loaded["exp_avg_sq"].view(p.shape)}
+            self._loaded = {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ import torch.distributed as dist
 
 from dataloader.batch import Batch
 from trainer.batch_inputs import model_inputs
-from trainer.checkpoint import CheckpointManager
+from trainer.checkpoint import CheckpointManager, CorruptCheckpoint
 from trainer.config import JobConfig, to_dict
 from trainer.data import build_data
 from trainer.lr_schedule import learning_rate
@@ -52,18 +53,18 @@ class DistributedEngine:
     """The parallel engine and its process groups (only for world size > 1)."""
 
     def __init__(self, cfg: JobConfig):
-        from parallel.adamw import AdamWConfig
         from parallel.engine import ParallelEngine
         from parallel.topology import Topology, init_distributed
 
         init_distributed("gloo")
         self.topology = Topology(cfg.parallel_sizes)
-        o = cfg.optim
+        p = cfg.parallel
         self.engine = ParallelEngine(
             cfg.model, self.topology, cfg.pipeline_layout(), micro_batch=cfg.train.micro_batch, seq_len=cfg.data.seq_len,
             microbatches=cfg.microbatches_per_replica, seed=cfg.train.seed,
-            adamw=AdamWConfig(beta1=o.beta1, beta2=o.beta2, eps=o.eps, weight_decay=o.weight_decay),
-            grad_clip=o.grad_clip, encoder=cfg.parallel.encoder)
+            rule=cfg.optim.update_rule(), grad_clip=cfg.optim.grad_clip, encoder=p.encoder,
+            dtype=cfg.dtype, bucket_numel=p.bucket_numel,
+            overlap_grad_reduce=p.overlap_grad_reduce)
         self.cfg = cfg
 
     @property
@@ -83,20 +84,21 @@ class DistributedEngine:
     def named_tensors(self):
         return self.engine.named_tensors()
 
-    def optimizer_state(self):
-        return self.engine.optimizer_state()
+    def checkpoint_state(self):
+        return self.engine.checkpoint_state()
 
-    def empty_optimizer_state(self):
-        return self.engine.empty_optimizer_state()
+    def checkpoint_targets(self, saved: set[str]):
+        return self.engine.checkpoint_targets(saved)
 
-    def load_optimizer_state(self, state, step: int) -> None:
-        self.engine.load_optimizer_state(state, step)
+    def finish_load(self, step: int) -> None:
+        self.engine.finish_load(step)
 
 
 def build_engine(cfg: JobConfig):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1 and cfg.parallel_sizes.world == 1 and cfg.parallel.vpp == 1:
-        return SingleProcessEngine(cfg.model, cfg.optim, cfg.train.micro_batch, cfg.train.seed)
+        return SingleProcessEngine(cfg.model, cfg.optim, cfg.train.micro_batch, cfg.train.seed,
+                                   dtype=cfg.dtype)
     return DistributedEngine(cfg)
 
 
@@ -108,17 +110,25 @@ def _layout(cfg: JobConfig) -> dict:
 
 def resume_step(cfg: JobConfig, engine, data, checkpoints: CheckpointManager) -> int:
     """Load the checkpoint `--resume` names into the engine and the data source; return the
-    step to continue at (0 for a fresh start)."""
-    path = checkpoints.resolve(cfg.resume)
-    if path is None:
-        return 0
-    meta = checkpoints.read_meta(path, to_dict(cfg)["model"])
-    optimizer = engine.empty_optimizer_state()
-    checkpoints.load(path, engine.named_tensors(), optimizer,
-                     same_world=meta["layout"]["world"] == _layout(cfg)["world"])
-    engine.load_optimizer_state(optimizer, meta["step"])
-    data.load_state_dict(meta["data"])
-    return int(meta["step"])
+    step to continue at (0 for a fresh start). With `--resume auto`, a checkpoint whose
+    files turn out damaged while loading is skipped for the next older one."""
+    skip: set[Path] = set()
+    while (path := checkpoints.resolve(cfg.resume, skip)) is not None:
+        meta = checkpoints.read_meta(path, to_dict(cfg)["model"])
+        model, optimizer = engine.checkpoint_targets(checkpoints.saved_keys(path))
+        try:
+            checkpoints.load(path, model, optimizer,
+                             same_world=meta["layout"]["world"] == _layout(cfg)["world"])
+        except CorruptCheckpoint as e:
+            if cfg.resume != "auto":
+                raise
+            warnings.warn(f"skipping checkpoint {path}: {e}", stacklevel=2)
+            skip.add(path)
+            continue
+        engine.finish_load(meta["step"])
+        data.load_state_dict(meta["data"])
+        return int(meta["step"])
+    return 0
 
 
 def write_step_profile(cfg: JobConfig, engine, t0: float, out_dir: Path, rank: int) -> None:
@@ -205,7 +215,7 @@ def train(cfg: JobConfig, rank: int = 0, engine=None) -> list[dict]:
         stop = _stop_agreed()
         if stop or (cfg.checkpoint.interval and (done % cfg.checkpoint.interval == 0
                                                  or done == cfg.train.steps)):
-            checkpoints.save(done, engine.named_tensors(), engine.optimizer_state(),
+            checkpoints.save(done, *engine.checkpoint_state(),
                              {"model": to_dict(cfg)["model"], "layout": _layout(cfg),
                               "data": data.state_dict()})
         if stop:

@@ -1,6 +1,8 @@
 """Worker: train the tiny model under several parallel layouts in one torchrun launch.
 
-For each layout given on the command line (e.g. `pp=2,vpp=2` or `pp=2,ep=2,dp=2`),
+For each layout given on the command line (e.g. `pp=2,vpp=2` or `pp=2,ep=2,dp=2`; also
+`bucket=N` ZeRO-1 bucket elements, `overlap=0` reduce-scatters only in the step,
+`dtype=bf16`),
 build the topology and the parallel engine, train `--steps` steps on the
 synthetic data and gather every parameter (and router bias) to rank 0, which
 saves {layout: {"loss": [...], "grad_norm": [...], "tensors": {name: tensor}}}.
@@ -10,6 +12,7 @@ A layout may name a mutant, a deliberate bug the test must catch:
   mutant=drop_microbatch      the schedule silently leaves out the last microbatch(es)
   mutant=skip_encoder_backward  DEP never back-propagates into the vision encoder
   mutant=ignore_media         stage 0 drops the media embeddings DEP hands it
+  mutant=read_before_reduce_scatter  ZeRO-1 reads gradient shards before their collectives land
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from parallel.topology import ParallelSizes
+from tests.parallel.zero1_mutants import drop_reduce_scatter, read_before_reduce_scatter
 from trainer.config import JobConfig, load_config
 from trainer.train import DistributedEngine, train
 
@@ -31,29 +35,20 @@ def job_config(base: list[str], layout: dict) -> JobConfig:
         setattr(cfg.parallel, key, int(layout.get(key, 1)))
     cfg.parallel.encoder = layout.get("encoder", cfg.parallel.encoder)
     cfg.parallel.layout = layout.get("layout", cfg.parallel.layout)
+    cfg.parallel.bucket_numel = int(layout.get("bucket", cfg.parallel.bucket_numel))
+    cfg.parallel.overlap_grad_reduce = layout.get("overlap", "1") == "1"
+    cfg.train.dtype = layout.get("dtype", cfg.train.dtype)
     cfg.validate(world_size=dist.get_world_size())
     return cfg
 
 
 def apply_mutant(dist_engine: DistributedEngine, mutant: str, microbatches: int) -> None:
     engine = dist_engine.engine
-    if mutant == "drop_expert_bucket":
-        opt = engine.optimizer
-        original = opt._reduce_scatter_bucket
-        expert_group = opt.groups[-1]
-
-        def skip(group, bucket):
-            shard = original(group, bucket)
-            if group is expert_group and group.size > 1:
-                start, end = bucket.shard_range(group.rank)
-                flat = torch.zeros(bucket.padded_numel)
-                for slot in bucket.slots:
-                    grad = group.params[slot.index].grad
-                    if grad is not None:
-                        flat[slot.offset:slot.end] = grad.reshape(-1)
-                return flat[start:end].clone()  # this rank's own gradient only
-            return shard
-        opt._reduce_scatter_bucket = skip
+    if mutant == "drop_expert_bucket":  # expert buckets keep this rank's own gradient
+        drop_reduce_scatter(engine.optimizer,
+                            lambda group, b: any(".experts." in n for n in group.names))
+    elif mutant == "read_before_reduce_scatter":
+        read_before_reduce_scatter(engine.optimizer)
     elif mutant == "drop_microbatch":
         from parallel.schedule import schedule
         sizes = dist_engine.topology.sizes
