@@ -112,7 +112,11 @@ def _check_file(directory: Path, name: str, info: dict | None, checksum: bool) -
 
 
 def _read_manifest(directory: Path) -> tuple[dict | None, str | None]:
-    """(file entries, None) or (None, what is wrong)."""
+    """(file entries, None) or (None, what is wrong).
+
+    Known limit: every rank of a resume reads the merged manifest, one entry per file
+    (about one file per rank): some 100 KB at thousands of ranks, read once per resume.
+    """
     manifest_path = directory / MANIFEST
     if not manifest_path.is_file():
         return None, "no MANIFEST.json (the save did not finish)"
@@ -401,10 +405,11 @@ class CheckpointManager:
 
     @classmethod
     def load(cls, path: Path, model: dict[str, torch.Tensor], optimizer: dict[str, dict],
-             same_world: bool) -> None:
+             same_world: bool) -> list[str]:
         """Collective: fills `model` (in place) and `optimizer` (tensors or `FlatChunks`
-        views into the optimizer's shards) from `path`. Raises `CorruptCheckpoint` on every
-        rank if a file any rank reads does not match the manifest.
+        views into the optimizer's shards) from `path`; returns the files this rank checked
+        (those it read). Raises `CorruptCheckpoint` on every rank if a file any rank reads
+        does not match the manifest.
 
         RNG states are per rank, so they are restored only when the world size is unchanged.
         """
@@ -421,3 +426,4 @@ class CheckpointManager:
             raise _load_failure(path, e) from e
         if same_world:
             torch.set_rng_state(rng)
+        return sorted(reader.verified)

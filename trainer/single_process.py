@@ -138,8 +138,8 @@ class SingleProcessEngine:
         model = self.named_tensors()
         self._loaded = {}
         for name, p in self.model.named_parameters():
-            self._loaded[name] = {kind: torch.zeros(p.numel()) for kind in ("exp_avg",
-                                                                           "exp_avg_sq")}
+            self._loaded[name] = {kind: torch.zeros(p.numel(), device=p.device)
+                                  for kind in ("exp_avg", "exp_avg_sq")}
             if f"optim.{name}.master" in saved:
                 self._loaded[name]["master"] = model.pop(name).view(-1)  # the param, flat
         return model, self._loaded

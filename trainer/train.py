@@ -114,11 +114,11 @@ def resume_step(cfg: JobConfig, engine, data, checkpoints: CheckpointManager) ->
     files turn out damaged while loading is skipped for the next older one."""
     skip: set[Path] = set()
     while (path := checkpoints.resolve(cfg.resume, skip)) is not None:
-        meta = checkpoints.read_meta(path, to_dict(cfg)["model"])
-        model, optimizer = engine.checkpoint_targets(checkpoints.saved_keys(path))
         try:
-            checkpoints.load(path, model, optimizer,
-                             same_world=meta["layout"]["world"] == _layout(cfg)["world"])
+            meta = checkpoints.read_meta(path, to_dict(cfg)["model"])
+            model, optimizer = engine.checkpoint_targets(checkpoints.saved_keys(path))
+            checked = checkpoints.load(path, model, optimizer,
+                                       same_world=meta["layout"]["world"] == _layout(cfg)["world"])
         except CorruptCheckpoint as e:
             if cfg.resume != "auto":
                 raise
@@ -127,6 +127,10 @@ def resume_step(cfg: JobConfig, engine, data, checkpoints: CheckpointManager) ->
             continue
         engine.finish_load(meta["step"])
         data.load_state_dict(meta["data"])
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        shown = " ".join(checked[:8]) + (" ..." if len(checked) > 8 else "")
+        print(f"rank {rank}: resumed from {path} at step {meta['step']}; checked the "
+              f"{len(checked)} checkpoint files this rank read: {shown}", flush=True)
         return int(meta["step"])
     return 0
 

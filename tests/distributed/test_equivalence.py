@@ -6,8 +6,9 @@ is skewed on purpose: one image with more patches than the rest of the batch,
 4-frame video chunks, text-only microbatches and media-only rows. The reference
 is the plain single-process engine on the same config, data and seed. Mutants
 (a dropped expert-gradient reduction, a schedule that leaves out microbatches,
-DEP without the encoder backward) must fail the same comparison, so the test is
-proven to check.
+DEP without the encoder backward, gradient shards read before their overlapped
+reduce-scatter landed) must fail the same comparison, so the test is proven to
+check. The overlapped ZeRO-1 reduce-scatter equals the synchronous one bit for bit.
 
 Tolerance: 1e-5 relative on losses, 1e-5 on parameters. The AdamW eps is 1e-6
 rather than 1e-8: Adam divides by sqrt(v) + eps, so an element whose gradient
@@ -82,14 +83,23 @@ def test_two_ranks(tmp_path, reference):
 
 
 def test_four_ranks_dep_and_colocated(tmp_path, reference):
-    dep, colocated = "pp=2,vpp=2,ep=2,dp=2,encoder=dep", "pp=2,vpp=2,ep=2,dp=2,encoder=colocated"
+    # small ZeRO-1 buckets: many reduce-scatters start from the gradient hooks of each
+    # chunk's last backward while other backwards still run
+    dep = "pp=2,vpp=2,ep=2,dp=2,encoder=dep,bucket=20000"
+    colocated = "pp=2,vpp=2,ep=2,dp=2,encoder=colocated"
+    synchronous = dep + ",overlap=0"
     good = ["pp=2,dp=2,encoder=dep", dep, colocated]
     mutants = ["pp=2,vpp=2,dp=2,encoder=dep,mutant=drop_microbatch",
-               "pp=2,dp=2,encoder=dep,mutant=skip_encoder_backward"]
-    results = launch(tmp_path, 4, good + mutants)
+               "pp=2,dp=2,encoder=dep,mutant=skip_encoder_backward",
+               dep + ",mutant=read_before_reduce_scatter"]
+    results = launch(tmp_path, 4, good + [synchronous] + mutants)
     check(results, reference, good, mutants)
     # DEP and colocated agree with each other as closely as each agrees with the reference
     assert not mismatches(results[dep], results[colocated])
+    # the overlapped reduce-scatter gives the synchronous path's numbers, bit for bit
+    a, b = results[dep], results[synchronous]
+    assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"]
+    assert all(torch.equal(a["tensors"][k], b["tensors"][k]) for k in a["tensors"])
 
 
 def test_eight_ranks_all_dimensions(tmp_path, reference):

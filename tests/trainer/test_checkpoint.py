@@ -73,3 +73,73 @@ def test_other_model_config_is_refused(tmp_path, reference, capsys):
 def test_resume_path_must_be_a_complete_checkpoint(tmp_path, capsys):
     assert train_main(ARGS + ["--job.run_dir", str(tmp_path), "--resume", str(tmp_path)]) == 2
     assert "no MANIFEST.json" in capsys.readouterr().err
+
+
+def _flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_same_size_corruption_is_found_while_loading_and_auto_falls_back(tmp_path):
+    run(tmp_path)
+    newest = checkpoints(tmp_path / "checkpoints")[0]
+    _flip_a_byte(next(newest.glob("*.distcp")))
+    assert verify(newest, checksums=False) is None  # sizes still match: found only by the crc
+    assert "checksum" in verify(newest)
+    with pytest.warns(UserWarning, match="skipping checkpoint .*step_00000004.*checksum"):
+        resumed = run(tmp_path, "--resume", "auto")
+    assert [r["step"] for r in resumed] == [0, 1, 2, 3]  # steps 2, 3 redone from step 2
+
+
+def _multi_file_checkpoint(directory):
+    """A checkpoint with one file per tensor, so a load can read only some of the files."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from trainer.checkpoint import DCP_METADATA, MANIFEST, _file_entry
+
+    model = {"a": torch.arange(6.0), "b": torch.ones(4), "c": torch.zeros(3)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"model": model}, storage_writer=dcp.FileSystemWriter(
+            str(directory), single_file_per_rank=False))
+    names = sorted(p.name for p in directory.glob("*.distcp")) + [DCP_METADATA]
+    (directory / MANIFEST).write_text(json.dumps(
+        {"world": 1, "files": {n: _file_entry(directory / n) for n in names}}))
+    return model
+
+
+def test_a_load_checks_only_the_files_it_reads(tmp_path):
+    import torch
+    from trainer.checkpoint import CheckpointManager, CorruptCheckpoint
+
+    saved = _multi_file_checkpoint(tmp_path)
+
+    def load(*keys):
+        model = {k: torch.empty_like(saved[k]) for k in keys}
+        checked = CheckpointManager.load(tmp_path, model, {}, same_world=False)
+        assert all(torch.equal(model[k], saved[k]) for k in keys)
+        return {name for name in checked if name.endswith(".distcp")}
+
+    assert len(list(tmp_path.glob("*.distcp"))) == 3
+    (file_of_b,) = load("b")
+    assert load("a", "c").isdisjoint({file_of_b}) and len(load("a", "c")) == 2
+    _flip_a_byte(tmp_path / file_of_b)
+    load("a", "c")  # the damaged file is not read, so not checked: no error
+    with pytest.raises(CorruptCheckpoint, match=f"{file_of_b} does not match its checksum"):
+        load("b")
+
+
+def test_rank0_refuses_to_publish_a_manifest_that_misses_a_file(tmp_path):
+    from types import SimpleNamespace
+    from trainer.checkpoint import DCP_METADATA, META, MANIFEST_PARTS, CheckpointManager
+
+    tmp = tmp_path / ".tmp-step_00000001"
+    (tmp / MANIFEST_PARTS).mkdir(parents=True)
+    (tmp / MANIFEST_PARTS / "0.json").write_text(json.dumps(
+        {DCP_METADATA: {"bytes": 1, "crc32": 0}, META: {"bytes": 1, "crc32": 0}}))
+    metadata = SimpleNamespace(storage_data={0: SimpleNamespace(relative_path="__1_0.distcp")})
+    problem = CheckpointManager(tmp_path, keep=1)._finish(
+        tmp, tmp_path / "step_00000001", tmp / MANIFEST_PARTS, metadata)
+    assert "__1_0.distcp" in problem and "no rank's manifest part" in problem
+    assert not (tmp_path / "step_00000001").exists()
