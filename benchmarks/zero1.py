@@ -1,12 +1,12 @@
 """Benchmark: ZeRO-1 and its checkpoints before and after the rebuild (issue 12).
 
     python -m benchmarks.zero1 [--configs tiny,small] [--dp 2] [--rounds 3] [--steps 3]
-                               [--small-layers 3] [--out runs/bench_zero1]
+                               [--small-layers 2] [--out runs/bench_zero1]
 
 Per config, one launch of --dp gloo ranks (one thread each) holds that config's parameters
 as one pipeline stage would: `tiny` whole, `small` its embedding and first --small-layers LM
-layers (stage 0 of pp=4) plus the replicated vision encoder; dense, expert and encoder
-parameters are three ZeRO-1 groups over the --dp ranks. The variants
+layers (stage 0 of pp=6: 130M parameters) plus the replicated vision encoder; dense,
+expert and encoder parameters are three ZeRO-1 groups over the --dp ranks. The variants
 
     old fp32   parallel/zero1.py and trainer/checkpoint.py of commit BASELINE (git show):
                grads copied into a fresh flat bucket per step, params copied in and out,
@@ -15,10 +15,11 @@ parameters are three ZeRO-1 groups over the --dp ranks. The variants
     new fp32   persistent flat buffers, in-place collectives, sharded checkpoints
     new bf16   bf16 weights, fp32 grads, fp32 masters and moments in the shard only
 
-run in turn, round after round (A B C A B C ...). Each round builds the variant's
-parameters and optimizer, times --steps optimizer steps on fixed random gradients (the
-step after the backward: reduce-scatter, norm, clip, AdamW, all-gather; the overlap of
-the reduce-scatter with the backward is not in this number), saves a checkpoint of
+run in turn, round after round (A B C A B C ...); the table is printed after each config.
+Each round builds the variant's parameters and optimizer, takes one untimed step (it
+touches every buffer's pages), times --steps optimizer steps on fixed random gradients
+(the step after the backward: reduce-scatter, norm, clip, AdamW, all-gather; the overlap
+of the reduce-scatter with the backward is not in this number), saves a checkpoint of
 parameters + optimizer state and loads it back, then frees everything. Printed: medians
 over rounds (and steps) of the slowest rank; memory is the largest rank's.
 
@@ -47,16 +48,18 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from model.config import preset
-from model.lm import LanguageModelChunk
+from model.lm import ChunkSpec, LanguageModelChunk
 from model.vision_language import VisionEncoder
 from parallel.adamw import AdamW, AdamWConfig
-from parallel.zero1 import ParamGroup, Zero1Optimizer
+from parallel.zero1 import Zero1Optimizer
 from trainer.checkpoint import CheckpointManager
 from trainer.profile import format_columns
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = "7910fd8"  # main before the rebuild
 VARIANTS = ("old fp32", "new fp32", "new bf16")
+HEADER = ("config", "variant", "step ms", "weights MiB", "grads MiB", "master MiB",
+          "moments MiB", "step +MiB", "save s", "save +MiB", "load s", "load +MiB", "ckpt MiB")
 ADAMW = AdamWConfig(weight_decay=0.1)
 MiB = 2 ** 20
 
@@ -95,7 +98,8 @@ def build_params(config: str, small_layers: int) -> list[tuple[str, torch.nn.Par
     cfg = preset(config)
     layers = cfg.lm.layers if config == "tiny" else small_layers
     torch.manual_seed(0)
-    modules = {"lm": LanguageModelChunk(cfg.lm, 0, layers), "vision": VisionEncoder(cfg)}
+    spec = ChunkSpec(embed=True, layers=range(layers), head=layers == cfg.lm.layers)
+    modules = {"lm": LanguageModelChunk(cfg.lm, spec), "vision": VisionEncoder(cfg)}
     named = [(f"{prefix}.{n}", p) for prefix, m in modules.items() for n, p in m.named_parameters()]
     with torch.no_grad():
         for _, p in named:
@@ -103,12 +107,13 @@ def build_params(config: str, small_layers: int) -> list[tuple[str, torch.nn.Par
     return named
 
 
-def param_groups(named, group) -> list[ParamGroup]:
+def param_groups(named, group) -> list[tuple]:
+    """(params, process group, names) per group: both versions take these tuples."""
     kinds = {"dense": [], "expert": [], "encoder": []}
     for n, p in named:
         kinds["encoder" if n.startswith("vision.") else
               "expert" if ".experts." in n else "dense"].append((n, p))
-    return [ParamGroup([p for _, p in items], group, [n for n, _ in items])
+    return [([p for _, p in items], group, [n for n, _ in items])
             for items in kinds.values() if items]
 
 
@@ -142,6 +147,7 @@ def largest(value: int) -> int:
 
 
 def run_variant(variant: str, args, old, out: Path) -> dict:
+    gc.collect()  # the previous variant's parameters and optimizer (hooks make cycles)
     world = dist.group.WORLD
     named = build_params(args.config, args.small_layers)
     gen = torch.Generator().manual_seed(1 + dist.get_rank())
@@ -152,6 +158,9 @@ def run_variant(variant: str, args, old, out: Path) -> dict:
     else:
         opt = Zero1Optimizer(param_groups(named, world), norm_group=world, rule=AdamW(ADAMW),
                              param_dtype=torch.bfloat16 if "bf16" in variant else torch.float32)
+    fill_grads(variant, opt, named, grads)  # a first step touches every buffer's pages
+    opt.step(1e-3)
+    opt.zero_grad()
     result = {"step": []}
     with PeakRss() as peak:
         for _ in range(args.steps):
@@ -228,7 +237,7 @@ def main() -> None:
     parser.add_argument("--dp", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--small-layers", type=int, default=3)
+    parser.add_argument("--small-layers", type=int, default=2)
     parser.add_argument("--out", default="runs/bench_zero1")
     args = parser.parse_args()
     rows = []
@@ -250,12 +259,9 @@ def main() -> None:
                          f"{median('save s'):.2f}", f"{median('save +MiB') / MiB:.0f}",
                          f"{median('load s'):.2f}", f"{median('load +MiB') / MiB:.0f}",
                          f"{median('ckpt') / MiB:.0f}"))
-    header = ("config", "variant", "step ms", "weights MiB", "grads MiB", "master MiB",
-              "moments MiB", "step +MiB", "save s", "save +MiB", "load s", "load +MiB",
-              "ckpt MiB")
-    print(f"ZeRO-1 over dp={args.dp} gloo ranks (1 thread each), {args.rounds} rounds x "
-          f"{args.steps} steps; per rank; medians; old = commit {BASELINE}")
-    print(format_columns(header, rows))
+        print(f"ZeRO-1 over dp={args.dp} gloo ranks (1 thread each), {args.rounds} rounds x "
+              f"{args.steps} steps; per rank; medians; old = commit {BASELINE}", flush=True)
+        print(format_columns(HEADER, rows), flush=True)  # the table so far
 
 
 if __name__ == "__main__":

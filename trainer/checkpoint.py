@@ -232,7 +232,11 @@ class _ManifestWriter(dcp.FileSystemWriter):
 
 class _VerifyingReader(dcp.FileSystemReader):
     """Checks every data file its rank's read plan touches against the manifest, once,
-    before reading it; files no read of this rank touches are never opened."""
+    before reading it; files no read of this rank touches are never opened.
+
+    Known cost: a file is read once more for its checksum, whole, even when the rank
+    needs a few of its byte ranges (the manifest has one crc32 per file; per-chunk
+    checksums would let a rank check only what it reads)."""
 
     def __init__(self, path: Path, files: dict):
         super().__init__(str(path))
