@@ -18,7 +18,7 @@ import re
 from collections import OrderedDict
 from contextlib import contextmanager
 
-from dataloader.store import atomic_write, read_file_range
+from dataloader.store import atomic_write, private_dir, read_file_range
 
 
 class MemoryLRU:
@@ -68,8 +68,8 @@ class DiskLRU:
         self.folder, self.max_bytes = folder, max_bytes
         self._data = os.path.join(folder, "objects")
         self._locks = os.path.join(folder, "locks")
-        os.makedirs(self._data, exist_ok=True)
-        os.makedirs(self._locks, exist_ok=True)
+        private_dir(self._data)  # 0700: the cached bytes are this user's only
+        private_dir(self._locks)
         for name in os.listdir(self._data):  # leftovers of crashed writers
             m = _TMP.search(name)
             if m and not _pid_alive(int(m.group(1))):

@@ -55,7 +55,8 @@ class LoaderConfig:
     max_retries: int = 8
     retry_base_s: float = 0.05
     retry_max_s: float = 2.0
-    request_timeout_s: float = 30.0
+    request_timeout_s: float = 20.0  # connect and read timeout of one S3 request
+    retry_deadline_s: float = 60.0  # no S3 retry starts later than this after the first attempt
 
     _STREAM_FIELDS = (
         "seq_len", "blend", "shuffle", "shuffle_window", "pack_buffer", "max_media_per_row",
@@ -93,6 +94,9 @@ class LoaderConfig:
             raise LoaderConfigError("data.requests_per_s must be positive")
         if self.max_retries < 0:
             raise LoaderConfigError("data.max_retries must be >= 0")
+        if self.request_timeout_s <= 0 or self.retry_deadline_s < 0:
+            raise LoaderConfigError("data.request_timeout_s must be positive and "
+                                    "data.retry_deadline_s >= 0")
 
     def stream_checksum(self) -> str:
         stream = {name: getattr(self, name) for name in self._STREAM_FIELDS}

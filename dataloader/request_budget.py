@@ -18,7 +18,7 @@ import struct
 import time
 from contextlib import contextmanager
 
-from dataloader.store import atomic_write
+from dataloader.store import atomic_write, private_dir
 
 _STATE = struct.Struct("<dd")  # tokens, last refill (time.time())
 
@@ -27,7 +27,7 @@ class RequestBudget:
     def __init__(self, folder: str, requests_per_s: float, max_concurrent: int):
         if requests_per_s <= 0 or max_concurrent <= 0:
             raise ValueError("request budget needs requests_per_s > 0 and max_concurrent > 0")
-        os.makedirs(folder, exist_ok=True)
+        private_dir(folder)
         self.folder, self.rate, self.max_concurrent = folder, float(requests_per_s), int(max_concurrent)
         self._state_path = os.path.join(folder, "budget.state")
         self._lock_path = os.path.join(folder, "budget.lock")

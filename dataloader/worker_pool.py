@@ -6,29 +6,42 @@
 
 A worker that raises sends the traceback back and the main process re-raises it; a
 worker that dies (killed, segfault) is detected while waiting and reported with its
-exit code. Nothing fails silently.
+exit code. Nothing fails silently. A worker whose main process died (killed, no chance
+to close the pool) notices within a second and exits, so no orphan keeps running: the
+pool holds the write end of a pipe that nobody writes, the workers poll its read end
+(EOF: the main process is gone; spawn and forkserver pass only the read end), and with
+fork, where every child inherits both ends, the main process is the workers' parent.
 """
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import queue
 import time
 import traceback
 
 
-def _worker_main(worker_id: int, init: dict, tasks, results) -> None:
+def _worker_main(worker_id: int, init: dict, tasks, results, main_alive) -> None:
     import torch
 
     torch.set_num_threads(1)
     from dataloader.loader import make_materializer
 
     try:
-        materializer = make_materializer(init["cfg"], init["seed"], init["tokenizer_bytes"])
+        materializer = make_materializer(init["cfg"], init["seed"], init["tokenizer_bytes"],
+                                         init["version"])
     except Exception:
         results.put((None, "error", f"worker {worker_id} failed to start:\n{traceback.format_exc()}"))
         return
+    parent = os.getppid()
     while True:
-        task = tasks.get()
+        try:
+            task = tasks.get(timeout=1.0)
+        except queue.Empty:
+            if main_alive.poll() or os.getppid() != parent:  # the main process is gone
+                results.cancel_join_thread()  # nobody reads them: exit without flushing
+                return
+            continue
         if task is None:  # exit flushes results still buffered; close() reads and drops them
             return
         task_id, plans = task
@@ -52,10 +65,13 @@ class WorkerPool:
         self.stall_timeout_s = stall_timeout_s
         self._tasks = ctx.Queue()
         self._results = ctx.Queue()
-        self._procs = [ctx.Process(target=_worker_main, args=(i, init, self._tasks, self._results),
+        alive_r, self._alive_w = ctx.Pipe(duplex=False)  # never written: EOF when we die
+        self._procs = [ctx.Process(target=_worker_main,
+                                   args=(i, init, self._tasks, self._results, alive_r),
                                    daemon=True, name=f"loader-worker-{i}") for i in range(num_workers)]
         for p in self._procs:
             p.start()
+        alive_r.close()  # the workers have theirs
         self._done: dict = {}
 
     def submit(self, task_id, plans) -> None:
@@ -99,3 +115,4 @@ class WorkerPool:
                 p.terminate()
                 p.join(timeout=5)
         self._procs = []
+        self._alive_w.close()

@@ -129,6 +129,7 @@ class FaultProxy:
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.arrivals: list[float] = []
+        self.statuses: list[int] = []  # upstream answers passed through, in order
         self.injected_503 = self.injected_resets = 0
         proxy = self
 
@@ -169,6 +170,8 @@ class FaultProxy:
                 conn.request(self.command, self.path, body=body, headers=headers)
                 resp = conn.getresponse()
                 data = resp.read()
+                with proxy.lock:
+                    proxy.statuses.append(resp.status)
                 self.send_response(resp.status)
                 for k, v in resp.getheaders():
                     if k.lower() not in ("transfer-encoding", "connection", "content-length"):

@@ -20,7 +20,8 @@ def s3_config(uri, endpoint, cache, **kw):
     return tiny_config(uri, s3_endpoint_url=endpoint, s3_region="us-east-1", disk_cache_dir=str(cache), **kw)
 
 
-def test_same_stream_as_local_and_warm_cache_needs_no_requests(s3_dataset, local_rows, tmp_path):
+def test_same_stream_as_local_and_warm_cache_asks_only_if_the_manifest_changed(
+        s3_dataset, local_rows, tmp_path):
     server, uri = s3_dataset
     proxy = FaultProxy(server.endpoint)  # no faults: only counts requests
     try:
@@ -32,7 +33,8 @@ def test_same_stream_as_local_and_warm_cache_needs_no_requests(s3_dataset, local
         before = len(proxy.arrivals)
         warm = build_loader(cfg, seed=4, dp_rank=0, dp_size=1, rows_per_step=2)
         assert_same_rows(take_rows(warm, STEPS), local_rows)
-        assert len(proxy.arrivals) == before, "a warm disk cache must not touch the store"
+        # a warm disk cache asks one thing: is dataset.json unchanged? (304 Not Modified)
+        assert len(proxy.arrivals) == before + 1 and proxy.statuses[-1] == 304
     finally:
         proxy.stop()
 
