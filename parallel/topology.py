@@ -26,15 +26,18 @@ import torch.distributed as dist
 from parallel.layout import LayoutError
 
 
-def init_distributed(backend: str = "gloo") -> None:
-    """Join the job's default process group from torchrun's environment.
+def init_distributed(backend: str = "gloo", timeout_s: float = 1800.0):
+    """Join the job's default process group from torchrun's environment; return its store
+    (None when the group already exists: the first caller gets it).
 
     The store is prefixed with torchrun's restart count: after a restart
     (`--max-restarts`) the agent's store still holds the previous attempt's keys,
     and gloo would read a dead peer's address from them and fail to connect.
+    `timeout_s` bounds every collective (a frozen peer makes it raise instead of
+    waiting forever); the groups built later by `Topology` get the same bound.
     """
     if dist.is_initialized():
-        return
+        return None
     env = os.environ
     rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
     agent_hosts_store = env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
@@ -42,8 +45,10 @@ def init_distributed(backend: str = "gloo") -> None:
                           is_master=not agent_hosts_store and rank == 0,
                           timeout=timedelta(minutes=10), multi_tenant=not agent_hosts_store)
     attempt = env.get("TORCHELASTIC_RESTART_COUNT", "0")
-    dist.init_process_group(backend, store=dist.PrefixStore(f"k25/attempt_{attempt}", store),
-                            rank=rank, world_size=world)
+    prefixed = dist.PrefixStore(f"k25/attempt_{attempt}", store)
+    dist.init_process_group(backend, store=prefixed, rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout_s))
+    return prefixed
 
 
 @dataclass(frozen=True)
@@ -95,7 +100,8 @@ def check_layout(sizes: ParallelSizes, *, num_experts: int, microbatches: int,
 class Topology:
     """Sizes, this rank's coordinates and the process groups of the job."""
 
-    def __init__(self, sizes: ParallelSizes):
+    def __init__(self, sizes: ParallelSizes, timeout_s: float = 1800.0):
+        """`timeout_s` bounds every collective of the groups built here (as init_distributed's)."""
         if not dist.is_initialized():
             raise RuntimeError("Topology needs torch.distributed initialised (torchrun sets it up)")
         with warnings.catch_warnings():  # megatron warns that TE/Apex are absent: expected on CPU
@@ -112,6 +118,7 @@ class Topology:
             virtual_pipeline_model_parallel_size=sizes.vpp if sizes.vpp > 1 else None,
             expert_model_parallel_size=sizes.ep,
             create_gloo_process_groups=False,
+            distributed_timeout_minutes=timeout_s / 60,
         )
         self.world_group = dist.group.WORLD
         self.pp_group = ps.get_pipeline_model_parallel_group()

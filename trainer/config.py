@@ -29,6 +29,13 @@ class JobSection:
     # intra-op CPU threads per rank. 1 keeps runs bitwise reproducible: with more threads,
     # MKL's matrix products round differently depending on memory alignment
     cpu_threads: int = 1
+    # progress watchdog: a rank that finishes no phase of a step (data, forward/backward/
+    # optimizer, checkpoint save) in this many seconds logs where it waits and exits 124
+    # (trainer/watchdog.py); 0: off. Must exceed the slowest such phase (the first step, a save)
+    step_timeout_s: float = 600.0
+    # every collective raises after this long instead of waiting forever for a lost peer;
+    # keep it above step_timeout_s so that the watchdog's report comes first
+    collective_timeout_s: float = 900.0
 
 
 @dataclass
@@ -133,6 +140,10 @@ class JobConfig:
                            "job.cpu_threads": self.job.cpu_threads}.items():
             if value <= 0:
                 raise ConfigError(f"{key} must be positive, got {value}")
+        if self.job.step_timeout_s < 0 or self.job.collective_timeout_s <= 0:
+            raise ConfigError(f"job.step_timeout_s must be >= 0 (0 disables the watchdog) and "
+                              f"job.collective_timeout_s > 0 (got {self.job.step_timeout_s}, "
+                              f"{self.job.collective_timeout_s})")
         if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
             raise ConfigError(f"need 0 <= optim.min_lr <= optim.lr and optim.lr > 0 "
                               f"(got lr={o.lr}, min_lr={o.min_lr})")
@@ -243,6 +254,9 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, list[tuple[str, str]]]
             if i + 1 >= len(argv):
                 raise ConfigError(f"{arg} needs a value")
             value = argv[i + 1]
+            if value.startswith("--"):  # `--job.run_dir --train.steps=2`: a value forgotten
+                raise ConfigError(f"{arg} needs a value, got the option {value!r}; write "
+                                  f"{arg} VALUE (or {arg}=VALUE)")
             i += 1
         i += 1
         if key == "config":

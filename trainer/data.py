@@ -6,6 +6,7 @@ checkpoint stores, so a resumed run continues the identical data sequence.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 from dataloader.batch import Batch
@@ -13,6 +14,21 @@ from dataloader.config import LoaderConfig, LoaderConfigError
 from dataloader.synthetic import SyntheticBatches, SyntheticConfig
 from model.config import ConfigError
 from trainer.config import JobConfig
+
+
+@contextmanager
+def _refusals(uri: str):
+    """The loader's refusals at start (a malformed manifest, a store that says no, a loader
+    state of another dataset) as one-line ConfigErrors; failures later in the run stay
+    exceptions with their traceback."""
+    from dataloader.dataset import DatasetError
+    from dataloader.loader import LoaderStateError
+    from dataloader.store import StoreError
+
+    try:
+        yield
+    except (DatasetError, LoaderStateError, StoreError) as e:
+        raise ConfigError(f"data.uri={uri}: {e}") from e
 
 
 def loader_config(cfg: JobConfig) -> LoaderConfig:
@@ -45,6 +61,10 @@ class SyntheticSource:
         return {"synthetic_step": self.step}
 
     def load_state_dict(self, state: dict) -> None:
+        if "synthetic_step" not in state:
+            raise ConfigError("the checkpoint was written by a run on a dataset (the streaming "
+                              "loader), not on synthetic data: resume it with that run's "
+                              "data.uri")
         self.step = int(state["synthetic_step"])
 
     def close(self) -> None:
@@ -57,8 +77,9 @@ class LoaderSource:
     def __init__(self, cfg: JobConfig, dp_rank: int, dp: int):
         from dataloader.loader import build_loader
 
-        self.loader = build_loader(loader_config(cfg), seed=cfg.train.seed, dp_rank=dp_rank, dp_size=dp,
-                                   rows_per_step=cfg.train.global_batch // dp)
+        with _refusals(cfg.data.uri):
+            self.loader = build_loader(loader_config(cfg), seed=cfg.train.seed, dp_rank=dp_rank,
+                                       dp_size=dp, rows_per_step=cfg.train.global_batch // dp)
         vocab, media_id, _ = self.loader.tokenizer_info
         if vocab > cfg.model.lm.vocab_size or media_id != cfg.model.media_token_id:
             raise ConfigError(
@@ -76,7 +97,8 @@ class LoaderSource:
         if "loader" not in state:
             raise ConfigError("the checkpoint was written by a run on synthetic data; "
                               "resume it with --data.uri synthetic")
-        self.loader.load_state_dict(state["loader"])
+        with _refusals(self.loader.cfg.uri):
+            self.loader.load_state_dict(state["loader"])
 
     def close(self) -> None:
         self.loader.close()

@@ -56,8 +56,8 @@ class DistributedEngine:
         from parallel.engine import ParallelEngine
         from parallel.topology import Topology, init_distributed
 
-        init_distributed("gloo")
-        self.topology = Topology(cfg.parallel_sizes)
+        init_distributed("gloo", timeout_s=cfg.job.collective_timeout_s)
+        self.topology = Topology(cfg.parallel_sizes, timeout_s=cfg.job.collective_timeout_s)
         o = cfg.optim
         self.engine = ParallelEngine(
             cfg.model, self.topology, cfg.pipeline_layout(), micro_batch=cfg.train.micro_batch, seq_len=cfg.data.seq_len,
@@ -142,7 +142,8 @@ def write_step_profile(cfg: JobConfig, engine, t0: float, out_dir: Path, rank: i
 
 
 class StopRequest:
-    """Set by SIGTERM/SIGINT (see launch.train): finish the step, checkpoint, exit cleanly."""
+    """Set by SIGTERM/SIGINT or the loss of the torchrun agent (see launch.train): finish the
+    step, checkpoint, exit cleanly."""
 
     requested = False
 
@@ -155,30 +156,38 @@ def _stop_agreed() -> bool:
     return bool(flag)
 
 
-def train(cfg: JobConfig, rank: int = 0, engine=None) -> list[dict]:
-    """Run from the resumed step (or 0) to `cfg.train.steps`; return the metric records."""
+def train(cfg: JobConfig, rank: int = 0, engine=None, progress=None) -> list[dict]:
+    """Run from the resumed step (or 0) to `cfg.train.steps`; return the metric records.
+
+    `progress(what, timed=True)` is told what the rank is about to do (trainer/watchdog.py)."""
+    progress = progress or (lambda what, timed=True: None)
     run_dir = Path(cfg.job.run_dir)
     is_logger = rank == 0
-    if is_logger:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     torch.manual_seed(cfg.train.seed)
+    progress("start-up: building the model and the process groups", timed=False)
     engine = engine or build_engine(cfg)
     dp_rank = engine.topology.dp_rank if isinstance(engine, DistributedEngine) else 0
+    progress("start-up: opening the data", timed=False)
     data = build_data(cfg, dp_rank, cfg.parallel.dp)
     checkpoints = CheckpointManager(run_dir, cfg.checkpoint.keep)
+    progress(f"start-up: resuming ({cfg.resume})", timed=False)
     start = resume_step(cfg, engine, data, checkpoints)
+    if is_logger:  # only now: a refused resume leaves the previous run's config in place
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     metrics = MetricsWriter(run_dir, is_logger, cfg.job.log_every, first_step=start)
     records = []
     tensorboard = TensorBoardWriter(run_dir, is_logger and cfg.job.tensorboard)
     peak_tflops = device_peak_tflops()
     for step in range(start, cfg.train.steps):
+        progress(f"step {step}: reading data")
         fetch_start = time.perf_counter()
         batch = data.next_batch()  # this replica's rows
         batch.validate(cfg.model.media_token_id)
         data_wait = time.perf_counter() - fetch_start
         lr = learning_rate(step, cfg.optim, cfg.train.steps)
         profiling = cfg.profile.enabled and step == cfg.profile.step
+        progress(f"step {step}: forward, backward and optimizer (collectives with other ranks)")
         if profiling and dist.is_initialized():
             dist.barrier()  # one time origin for all ranks
         t0 = time.perf_counter()
@@ -187,6 +196,7 @@ def train(cfg: JobConfig, rank: int = 0, engine=None) -> list[dict]:
             loss, grad_norm = engine.step(batch, lr)
         elapsed = time.perf_counter() - t0
         if profiling:
+            progress(f"step {step}: gathering the profile")
             write_step_profile(cfg, engine, t0, run_dir / "profile", rank)
         tokens = cfg.train.global_batch * cfg.data.seq_len
         record = {"step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr,
@@ -202,9 +212,11 @@ def train(cfg: JobConfig, rank: int = 0, engine=None) -> list[dict]:
         tensorboard.write(record)
         records.append(record)
         done = step + 1
+        progress(f"step {step}: agreeing whether to stop")
         stop = _stop_agreed()
         if stop or (cfg.checkpoint.interval and (done % cfg.checkpoint.interval == 0
                                                  or done == cfg.train.steps)):
+            progress(f"step {step}: saving the step-{done} checkpoint")
             checkpoints.save(done, engine.named_tensors(), engine.optimizer_state(),
                              {"model": to_dict(cfg)["model"], "layout": _layout(cfg),
                               "data": data.state_dict()})
@@ -213,6 +225,7 @@ def train(cfg: JobConfig, rank: int = 0, engine=None) -> list[dict]:
                 print(f"stopped on request after step {step}; resume with --resume auto",
                       flush=True)
             break
+    progress("closing", timed=False)
     metrics.close()
     tensorboard.close()
     data.close()

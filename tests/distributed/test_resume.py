@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.distributed.launcher import ROOT, free_port
+from tests.distributed.launcher import ROOT, free_port, worker_pids as workers
 from trainer.checkpoint import checkpoints, read_tensors
 
 STEPS = 6
@@ -57,11 +57,6 @@ def finish(proc: subprocess.Popen, timeout: int = 300) -> str:
 def metrics(run_dir: Path) -> list[tuple]:
     records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [(r["step"], r["loss"], r["grad_norm"]) for r in records]
-
-
-def workers(proc: subprocess.Popen) -> list[int]:
-    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-    return [int(pid) for pid in children]
 
 
 def wait_for(condition, proc, timeout=240):
