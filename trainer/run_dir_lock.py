@@ -11,14 +11,16 @@ job writes nothing (its rank 0 exits 2, torchrun stops the others).
 
 The file stays (deleting a lock file races with a job that just opened it).
 
-What flock guarantees where (multi-node runs keep run_dir on a shared filesystem):
+What flock guarantees where (multi-node runs keep run_dir on a shared filesystem), from
+the filesystems' documentation (only a local filesystem was tried here):
 - one machine: always;
-- NFSv4, NFSv3 with lockd, GPFS, BeeGFS, Lustre mounted with `-o flock`: across nodes
-  (Linux maps flock to the filesystem's byte-range locks; a crashed client's lock lasts
-  until its lease expires, about 90 s on NFSv4);
-- Lustre with `-o localflock`, some FUSE filesystems: only against a second job whose
-  rank 0 runs on the same node. Where flock is refused outright (ENOLCK, EOPNOTSUPP),
-  the job warns that it cannot lock and runs unprotected.
+- NFSv4, NFSv3 with lockd, GPFS, Lustre mounted with `-o flock`, BeeGFS with global file
+  locks on: across nodes (Linux maps flock to the filesystem's byte-range locks); a lock
+  of a crashed node lasts until its lease expires (about 90 s on NFSv4);
+- Lustre with `-o localflock`, BeeGFS with its default node-local locks, some FUSE
+  filesystems: only against a second job whose rank 0 runs on the same node. Where
+  flock is refused outright (ENOLCK, EOPNOTSUPP, ENOSYS), the job warns that it cannot
+  lock and runs unprotected.
 """
 from __future__ import annotations
 

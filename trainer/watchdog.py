@@ -8,7 +8,7 @@ forward/backward/optimizer, checkpoint); a daemon thread checks the time since t
 call:
 
     main thread:  progress("step 7: reading data") ... progress("step 7: forward, ...") ...
-    watchdog:     every timeout/10 s: now - last > timeout ?
+    watchdog:     every min(1 s, timeout/10): now - last > timeout ?
                     1. log: "rank 3 made no progress for 60 s; waiting in: step 7: forward,
                        ..." and the main thread's Python stack (where exactly it waits)
                     2. append "3," to one key of the job's store; wait `grace_s`; read it:
@@ -54,12 +54,11 @@ def _ranges(ranks: list[int]) -> str:
 
 
 class Watchdog:
-    def __init__(self, timeout_s: float, rank: int = 0, world: int = 1,
-                 grace_s: float | None = None):
+    def __init__(self, timeout_s: float, rank: int = 0, world: int = 1):
         self.timeout_s, self.rank, self.world = timeout_s, rank, world
         # how long to wait for the other ranks' reports: they time out within about one step
         # of each other
-        self.grace_s = min(30.0, max(2.0, timeout_s / 5)) if grace_s is None else grace_s
+        self.grace_s = min(30.0, max(2.0, timeout_s / 5))
         self.store = None
         self._what, self._last, self._timed = "start-up", time.monotonic(), False
         self._stop = threading.Event()

@@ -261,3 +261,5 @@ def test_watchdog_reports_where_it_waits_and_exits(tmp_path):
     assert "rank 0 made no progress for" in out.stderr
     assert "waiting in: step 3: waiting for a peer" in out.stderr
     assert "time.sleep(30)" in out.stderr  # the main thread's stack says where
+    from trainer.watchdog import _ranges
+    assert _ranges([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8" and _ranges([]) == "none"
