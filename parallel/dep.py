@@ -63,6 +63,9 @@ class DecoupledEncoder:
         self._grids: dict[int, Grid] = {}
         self._patches: dict[int, torch.Tensor] = {}  # pixels of the items this rank encodes
         self._leaves: dict[int, torch.Tensor] = {}
+        # what this rank's last encoder call ran on (media items, patch rows): the engine
+        # reports it, and tests check it against the plan (balance in the real path)
+        self.stats: dict[str, int] = {"dep_encoded_items": 0, "dep_encoded_patches": 0}
 
     def _gather_metadata(self, media: ReplicaMedia, is_owner: bool
                          ) -> tuple[list[MediaRef], dict[int, Grid]]:
@@ -87,10 +90,12 @@ class DecoupledEncoder:
                         received.split([m.num_patches for m in items])))
 
     def _encode(self) -> torch.Tensor:
-        if not self._mine:
+        patches = [self._patches[m.item_id] for m in self._mine]
+        self.stats = {"dep_encoded_items": len(patches),
+                      "dep_encoded_patches": sum(p.shape[0] for p in patches)}
+        if not patches:
             return torch.zeros(0, self.encoder.projector.fc2.out_features)
-        patches = torch.cat([self._patches[m.item_id] for m in self._mine])
-        return self.encoder(patches, [self._grids[m.item_id] for m in self._mine])
+        return self.encoder(torch.cat(patches), [self._grids[m.item_id] for m in self._mine])
 
     def forward(self, media: ReplicaMedia, is_owner: bool) -> dict[int, torch.Tensor]:
         """Steps 1-2: returns {item_id: leaf embeddings [tokens, D]} for the items this rank owns.

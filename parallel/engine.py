@@ -133,6 +133,7 @@ class ParallelEngine:
                   if self.dep is not None else {})
         if self.dep is not None:
             self.phases.append(("DEP plan + encode + send", "dep", start, clock()))
+            self.stats.update(self.dep.stats)
 
         def forward(stage: int, x: torch.Tensor | None, mb: int) -> torch.Tensor:
             inputs = microbatches[mb]

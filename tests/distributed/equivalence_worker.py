@@ -3,23 +3,36 @@
 For each layout given on the command line (e.g. `pp=2,vpp=2` or `pp=2,ep=2,dp=2`),
 build the topology and the parallel engine, train `--steps` steps on the
 synthetic data and gather every parameter (and router bias) to rank 0, which
-saves {layout: {"loss": [...], "grad_norm": [...], "tensors": {name: tensor}}}.
+saves {layout: {"loss": [...], "grad_norm": [...], "tensors": {name: tensor},
+"dep_problems": [...], "dep_encoded_patches": [per rank]}}.
+
+DEP balance in the real engine path: after every DEP forward each rank compares what
+its encoder actually ran on (`DecoupledEncoder.stats`: items and patch rows) with what
+the LPT plan assigns it, recomputed here from the step's media metadata with the real
+planner; every disagreement is a "dep_problems" entry.
 
 A layout may name a mutant, a deliberate bug the test must catch:
   mutant=drop_expert_bucket   expert gradients are not reduced over expert-DP
   mutant=drop_microbatch      the schedule silently leaves out the last microbatch(es)
   mutant=skip_encoder_backward  DEP never back-propagates into the vision encoder
   mutant=ignore_media         stage 0 drops the media embeddings DEP hands it
+  mutant=average_dp_grads     the ZeRO-1 reduction averages gradients instead of summing
+                              them (with clipping and Adam, losses and parameters barely move)
+  mutant=encode_on_owners     DEP skips the balancing: each stage-0 rank encodes its own
+                              replica's media (numerically the same run)
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
+from unittest import mock
 
 import torch
 import torch.distributed as dist
 
+from parallel.dep_plan import plan_media
 from parallel.topology import ParallelSizes
 from trainer.config import JobConfig, load_config
 from trainer.train import DistributedEngine, train
@@ -35,7 +48,9 @@ def job_config(base: list[str], layout: dict) -> JobConfig:
     return cfg
 
 
-def apply_mutant(dist_engine: DistributedEngine, mutant: str, microbatches: int) -> None:
+def apply_mutant(dist_engine: DistributedEngine, mutant: str, microbatches: int,
+                 patches: contextlib.ExitStack) -> None:
+    """Break the engine on purpose; module-level patches go on `patches` (undone after)."""
     engine = dist_engine.engine
     if mutant == "drop_expert_bucket":
         opt = engine.optimizer
@@ -68,8 +83,43 @@ def apply_mutant(dist_engine: DistributedEngine, mutant: str, microbatches: int)
     elif mutant == "skip_encoder_backward":
         dep = engine.dep
         dep.backward = lambda: setattr(dep, "_leaves", {})
+    elif mutant == "average_dp_grads":
+        opt = engine.optimizer
+        original = opt._reduce_scatter_bucket
+        opt._reduce_scatter_bucket = lambda group, bucket: original(group, bucket) / group.size
+    elif mutant == "encode_on_owners":
+        def owners_encode(refs, world, stage0_rank_of_replica):
+            plan = plan_media(refs, world, stage0_rank_of_replica)
+            return dataclasses.replace(plan, encoder_rank=plan.owner_rank)
+        patches.enter_context(mock.patch("parallel.dep.plan_media", owners_encode))
     elif mutant:
         raise ValueError(f"unknown mutant {mutant!r}")
+
+
+def watch_dep_balance(dist_engine: DistributedEngine, problems: list[str]) -> list[int]:
+    """After every DEP forward, compare what this rank encoded with what the plan assigns it.
+
+    Returns a one-element list holding this rank's total of encoded patches (grows per step).
+    """
+    dep = dist_engine.engine.dep
+    total = [0]
+    if dep is None:
+        return total
+    forward = dep.forward
+
+    def checked_forward(media, is_owner):
+        leaves = forward(media, is_owner)
+        plan = plan_media(dep.plan.items, dep.world, dep.stage0_rank_of_replica)
+        assigned = plan.items_encoded_by(dep.rank)
+        want = (len(assigned), sum(m.num_patches for m in assigned))
+        got = (dep.stats["dep_encoded_items"], dep.stats["dep_encoded_patches"])
+        if got != want:
+            problems.append(f"rank {dep.rank}: encoded {got[0]} items / {got[1]} patches, "
+                            f"the plan assigns {want[0]} items / {want[1]} patches")
+        total[0] += got[1]
+        return leaves
+    dep.forward = checked_forward
+    return total
 
 
 def main() -> None:
@@ -86,8 +136,11 @@ def main() -> None:
         cfg = job_config(args.base.split(), layout)
         cfg.job.run_dir = os.path.join(os.path.dirname(args.out), text.replace(",", "_"))
         engine = DistributedEngine(cfg)
-        apply_mutant(engine, layout.get("mutant", ""), cfg.microbatches_per_replica)
-        records = train(cfg, rank=dist.get_rank(), engine=engine)
+        dep_problems: list[str] = []
+        encoded = watch_dep_balance(engine, dep_problems)
+        with contextlib.ExitStack() as patches:
+            apply_mutant(engine, layout.get("mutant", ""), cfg.microbatches_per_replica, patches)
+            records = train(cfg, rank=dist.get_rank(), engine=engine)
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, engine.engine.named_tensors())
         tensors: dict[str, torch.Tensor] = {}
@@ -96,8 +149,12 @@ def main() -> None:
                 if name in tensors and not torch.equal(tensors[name], value):
                     raise AssertionError(f"{text}: replicas disagree on {name}")
                 tensors[name] = value
+        balance = [None] * dist.get_world_size()
+        dist.all_gather_object(balance, (dep_problems, encoded[0]))
         results[text] = {"loss": [r["loss"] for r in records],
-                         "grad_norm": [r["grad_norm"] for r in records], "tensors": tensors}
+                         "grad_norm": [r["grad_norm"] for r in records], "tensors": tensors,
+                         "dep_problems": [p for problems, _ in balance for p in problems],
+                         "dep_encoded_patches": [n for _, n in balance]}
         engine.topology.destroy()
     if dist.get_rank() == 0:
         torch.save(results, args.out)
