@@ -40,12 +40,25 @@ def test_resume_is_bitwise_identical(tmp_path, reference):
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
 
 
-def test_truncated_checkpoint_is_skipped(tmp_path):
+def truncate(data: bytes) -> bytes:
+    return data[:1000]
+
+
+def flip_bytes(data: bytes) -> bytes:
+    """Same size, 16 bytes inverted in the middle of the tensor data: only the crc sees it."""
+    middle = len(data) // 2
+    return data[:middle] + bytes(b ^ 0xFF for b in data[middle:middle + 16]) + data[middle + 16:]
+
+
+@pytest.mark.parametrize("damage,problem", [(truncate, "bytes"), (flip_bytes, "checksum")])
+def test_damaged_checkpoint_is_skipped(tmp_path, damage, problem):
     run(tmp_path)
     newest = checkpoints(tmp_path / "checkpoints")[0]
     data = next(newest.glob("*.distcp"))
-    data.write_bytes(data.read_bytes()[:1000])
-    assert "bytes" in verify(newest)
+    size = data.stat().st_size
+    data.write_bytes(damage(data.read_bytes()))
+    assert (data.stat().st_size == size) == (damage is flip_bytes)
+    assert problem in (verify(newest) or "intact"), verify(newest)
     with pytest.warns(UserWarning, match="skipping checkpoint .*step_00000004"):
         resumed = run(tmp_path, "--resume", "auto")
     assert resumed[0]["step"] == 0 and resumed[-1]["step"] == 3  # steps 2, 3 redone from step 2
