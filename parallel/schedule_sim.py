@@ -17,12 +17,15 @@ while some still have actions left is a deadlock.
 
 Bubble: every rank computes microbatches * vpp * (forward_cost + backward_cost) (the ideal);
 bubble_fraction = (makespan - ideal) / ideal. For (interleaved) 1F1B theory gives
-(pp - 1) / (vpp * microbatches).
+(pp - 1) / (vpp * microbatches). With per-action `costs` (e.g. measured durations, to replay
+a profiled step) ranks compute different amounts and the ideal is their mean.
 """
 
 from __future__ import annotations
 
+import statistics
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from parallel.schedule import COMPUTE_OPS, RECV_OPS, SEND_OPS, Action, Op, stage_owner
@@ -172,11 +175,13 @@ def simulate(
     *,
     microbatches: int | None = None,
     p2p_latency: float = 0.0,
+    costs: Mapping[Action, float] | None = None,
 ) -> SimResult:
     """Check, then time the schedule; raises ScheduleError / ScheduleDeadlock if it cannot run.
 
     `microbatches` defaults to one more than the largest microbatch index in the schedule;
     pass it to also catch a schedule that leaves out the last microbatches entirely.
+    `costs` gives each F/B action its own duration instead of forward_cost/backward_cost.
     """
     if microbatches is None:
         indices = [action.microbatch for actions in actions_per_rank for action in actions]
@@ -189,7 +194,18 @@ def simulate(
             f"backward_cost={backward_cost}, p2p_latency={p2p_latency}"
         )
     check_schedule(actions_per_rank, pp, vpp, microbatches)
-    cost = {Op.F: forward_cost, Op.B: backward_cost}
+    if costs is None:
+        op_cost = {Op.F: forward_cost, Op.B: backward_cost}
+        costs = {a: op_cost[a.op] for actions in actions_per_rank for a in actions
+                 if a.op in COMPUTE_OPS}
+        ideal = microbatches * vpp * (forward_cost + backward_cost)
+    else:
+        wrong = [f"{a}: {costs.get(a)}" for actions in actions_per_rank for a in actions
+                 if a.op in COMPUTE_OPS and not costs.get(a, 0.0) > 0]
+        if wrong:
+            raise ValueError(f"costs must give every F/B action a duration > 0; "
+                             f"not so for {', '.join(wrong[:4])}")
+        ideal = None
 
     arrival: dict[Action, float] = {}  # SEND -> time its message is available to the RECV
     clock = [0.0] * pp
@@ -212,8 +228,8 @@ def simulate(
                     end = start
                     arrival[action] = start + p2p_latency
                 else:
-                    end = start + cost[action.op]
-                    busy[rank] += cost[action.op]
+                    end = start + costs[action]
+                    busy[rank] += costs[action]
                 timeline[rank].append(ActionTiming(action, start, end))
                 clock[rank] = end
                 position[rank] += 1
@@ -221,7 +237,8 @@ def simulate(
                 progressed = True
         if not progressed:
             raise ScheduleDeadlock(_describe_deadlock(actions_per_rank, position, pp))
-    ideal = microbatches * vpp * (forward_cost + backward_cost)
+    if ideal is None:
+        ideal = statistics.fmean(busy)
     return SimResult(max(clock), ideal, busy, timeline)
 
 

@@ -394,3 +394,17 @@ def test_owner_mapping_is_the_megatron_interleaving():
     pp = 4
     assert [stage_owner(s, pp) for s in range(12)] == [0, 1, 2, 3] * 3
     assert [local_chunk(s, pp) for s in range(12)] == [0] * 4 + [1] * 4 + [2] * 4
+
+
+def test_per_action_costs_replace_forward_and_backward_costs():
+    """pp=2, one microbatch, a slow last stage: F0 1, F1 3, B1 4, B0 2 run in a chain, so the
+    makespan is 10; the ranks compute 3 and 7, the ideal is their mean 5, the bubble 1."""
+    actions = schedule(2, 1, 1)
+    costs = {Action.parse(a): c for a, c in (("F0.m0", 1), ("F1.m0", 3), ("B1.m0", 4),
+                                              ("B0.m0", 2))}
+    result = simulate(actions, 2, 1, microbatches=1, costs=costs)
+    assert (result.makespan, result.busy_time_per_rank, result.ideal) == (10, [3, 7], 5)
+    assert result.bubble_fraction == 1.0
+    del costs[Action.parse("B0.m0")]
+    with pytest.raises(ValueError, match="B0.m0"):
+        simulate(actions, 2, 1, microbatches=1, costs=costs)
