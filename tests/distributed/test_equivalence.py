@@ -28,6 +28,8 @@ from tests.distributed.launcher import torchrun
 from trainer.config import load_config
 from trainer.train import SingleProcessEngine, train
 
+pytestmark = pytest.mark.slow  # several gloo ranks under torchrun
+
 STEPS = 3
 BASE = ["--config", "configs/tiny.toml", "--data.uri", "synthetic", "--train.steps", str(STEPS),
         "--train.global_batch", "8",

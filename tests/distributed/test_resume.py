@@ -20,6 +20,8 @@ import pytest
 from tests.distributed.launcher import ROOT, free_port, worker_pids as workers
 from trainer.checkpoint import checkpoints, read_tensors
 
+pytestmark = pytest.mark.slow  # several gloo ranks under torchrun
+
 STEPS = 6
 LAYOUT = ["--parallel.pp", "2", "--parallel.vpp", "2", "--parallel.ep", "2", "--parallel.dp", "2",
           "--parallel.encoder", "dep"]

@@ -6,6 +6,9 @@ norm (exact float reprs) and a digest of every final parameter and AdamW moment 
 tests/golden/<name>_fp32_cpu.json; the failure names the first differing step with both
 values and lists what changed besides the code (torch, dataset, config). On another kind
 of machine (CPU ISA, OS) the comparison is skipped with the reason.
+
+All three are `slow` (20 training steps in one process, or 4 ranks), so
+the quick suite (`-m "not slow"`) leaves them out; run them with `pytest -k golden`.
 """
 from __future__ import annotations
 
@@ -13,6 +16,8 @@ import pytest
 
 from tests.golden.runs import (differences, execute, likely_causes, load, machine_mismatch,
                                report)
+
+pytestmark = pytest.mark.slow
 
 
 def check_golden(name: str, tmp_path, data_dir=None) -> None:
@@ -29,11 +34,9 @@ def test_golden_tiny_synthetic(tmp_path):
     check_golden("tiny_synthetic", tmp_path)
 
 
-@pytest.mark.slow
 def test_golden_tiny_demo(tmp_path, demo_dataset):
     check_golden("tiny_demo", tmp_path, demo_dataset)
 
 
-@pytest.mark.slow
 def test_golden_dep_pp2_vpp2_ep2_dp2(tmp_path, demo_dataset):
     check_golden("dep_pp2_vpp2_ep2_dp2", tmp_path, demo_dataset)

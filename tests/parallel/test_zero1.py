@@ -232,6 +232,7 @@ def _worker(rank: int, init_file: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # four gloo ranks
 def test_zero1_matches_unsharded_adamw_on_4_gloo_ranks():
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_worker, args=(os.path.join(tmp, "store"),), nprocs=WORLD, join=True)

@@ -24,6 +24,7 @@ def reference(tmp_path_factory):
     return run_dir, run(run_dir)
 
 
+@pytest.mark.slow  # three training runs
 def test_resume_is_bitwise_identical(tmp_path, reference):
     ref_dir, ref = reference
     assert [p.name for p in checkpoints(ref_dir / "checkpoints")] == ["step_00000004",
@@ -50,6 +51,7 @@ def flip_bytes(data: bytes) -> bytes:
     return data[:middle] + bytes(b ^ 0xFF for b in data[middle:middle + 16]) + data[middle + 16:]
 
 
+@pytest.mark.slow  # two training runs each
 @pytest.mark.parametrize("damage,problem", [(truncate, "bytes"), (flip_bytes, "checksum")])
 def test_damaged_checkpoint_is_skipped(tmp_path, damage, problem):
     run(tmp_path)
@@ -74,6 +76,7 @@ def test_empty_run_dir_starts_fresh_and_tmp_dirs_are_ignored(tmp_path):
     assert [r["step"] for r in records] == [0]
 
 
+@pytest.mark.slow  # needs the reference run
 def test_other_model_config_is_refused(tmp_path, reference, capsys):
     ref_dir, _ = reference
     code = train_main(ARGS + ["--job.run_dir", str(tmp_path), "--model.lm.expert_hidden", "64",

@@ -183,6 +183,7 @@ def test_torch_profiler_trace_exports_per_rank(tmp_path: Path):
     assert any("mm" in str(e.get("name", "")) for e in events)
 
 
+@pytest.mark.slow  # two gloo ranks
 def test_two_rank_pipeline_run_is_profiled(tmp_path: Path):
     """pp=2 vpp=2 m=4, tiny preset, seq_len 64: one warm-up and two timed steps.
 
