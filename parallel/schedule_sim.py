@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from typing import Callable
 
 from parallel.schedule import COMPUTE_OPS, RECV_OPS, SEND_OPS, Action, Op, stage_owner
 
@@ -167,14 +168,18 @@ def simulate(
     actions_per_rank: list[list[Action]],
     pp: int,
     vpp: int,
-    forward_cost: float = 1.0,
-    backward_cost: float = 2.0,
+    forward_cost: float | Callable[[int, int], float] = 1.0,
+    backward_cost: float | Callable[[int, int], float] = 2.0,
     *,
     microbatches: int | None = None,
     p2p_latency: float = 0.0,
 ) -> SimResult:
     """Check, then time the schedule; raises ScheduleError / ScheduleDeadlock if it cannot run.
 
+    Costs are one number for every chunk, or a function of (global stage, microbatch):
+    the planner's times of uneven chunks and of microbatches whose media differ. With
+    such costs `ideal` is the busiest rank's compute, so the bubble is the idle time the
+    schedule adds to the slowest rank.
     `microbatches` defaults to one more than the largest microbatch index in the schedule;
     pass it to also catch a schedule that leaves out the last microbatches entirely.
     """
@@ -183,13 +188,17 @@ def simulate(
         if not indices:
             raise ScheduleError("the schedule has no actions")
         microbatches = max(indices) + 1
-    if forward_cost <= 0 or backward_cost <= 0 or p2p_latency < 0:
+    variable = callable(forward_cost) or callable(backward_cost)
+    cost = {op: c if callable(c) else (lambda stage, microbatch, c=c: c)
+            for op, c in ((Op.F, forward_cost), (Op.B, backward_cost))}
+    smallest = min(cost[op](stage, mb) for op in COMPUTE_OPS for stage in range(pp * vpp)
+                   for mb in range(microbatches))
+    if smallest <= 0 or p2p_latency < 0:
         raise ValueError(
             f"costs must be > 0 and p2p_latency >= 0, got forward_cost={forward_cost}, "
-            f"backward_cost={backward_cost}, p2p_latency={p2p_latency}"
+            f"backward_cost={backward_cost} (smallest {smallest}), p2p_latency={p2p_latency}"
         )
     check_schedule(actions_per_rank, pp, vpp, microbatches)
-    cost = {Op.F: forward_cost, Op.B: backward_cost}
 
     arrival: dict[Action, float] = {}  # SEND -> time its message is available to the RECV
     clock = [0.0] * pp
@@ -212,8 +221,9 @@ def simulate(
                     end = start
                     arrival[action] = start + p2p_latency
                 else:
-                    end = start + cost[action.op]
-                    busy[rank] += cost[action.op]
+                    duration = cost[action.op](action.stage, action.microbatch)
+                    end = start + duration
+                    busy[rank] += duration
                 timeline[rank].append(ActionTiming(action, start, end))
                 clock[rank] = end
                 position[rank] += 1
@@ -221,7 +231,7 @@ def simulate(
                 progressed = True
         if not progressed:
             raise ScheduleDeadlock(_describe_deadlock(actions_per_rank, position, pp))
-    ideal = microbatches * vpp * (forward_cost + backward_cost)
+    ideal = max(busy) if variable else microbatches * vpp * (forward_cost + backward_cost)
     return SimResult(max(clock), ideal, busy, timeline)
 
 
