@@ -80,7 +80,8 @@ def parser() -> argparse.ArgumentParser:
                             help=f"fraction of the bf16 peak matmuls sustain in the time model "
                                  f"(default {DEFAULT_EFFICIENCY})")
     plan_flags.add_argument("--all", action="store_true",
-                            help="every pipeline rank (default: the first, a middle and the last)")
+                            help="every pipeline rank (default: the first, a middle, the last "
+                                 "and the one with the largest peak)")
     plan_flags.add_argument("--json", action="store_true", help="one JSON object per rank")
     return p
 
@@ -125,8 +126,9 @@ def print_plan(args: argparse.Namespace) -> int:
     result = plan(cfg, recipe=Recipe(args.precision or "fp32", args.optimizer or "adamw"),
                   media=MediaMix.parse(args.media or ""), gpu=gpu,
                   efficiency=args.efficiency or DEFAULT_EFFICIENCY)
+    worst = max(result.ranks, key=lambda r: r.peak).pp_rank
     shown = result.ranks if args.all else [result.ranks[r] for r in
-                                           sorted({0, pp // 2, pp - 1})]
+                                           sorted({0, pp // 2, pp - 1, worst})]
     if args.json:
         for rank in shown:
             print(json.dumps(rank_json(result, rank)))
@@ -179,7 +181,7 @@ def format_plan(result: Plan, shown: list[RankPlan]) -> str:
         f"layout {layout.notation()}, encoder {result.encoder}, precision "
         f"{result.recipe.precision}, optimizer {result.recipe.optimizer}, media "
         f"{result.media.describe()}", ""]
-    width = 16
+    width = 17
     header = f"{'':<44}" + "".join(f"{'pipeline rank ' + str(r.pp_rank):>{width}}" for r in shown)
     rows: list[tuple[str, list[str]]] = []
 
@@ -203,9 +205,10 @@ def format_plan(result: Plan, shown: list[RankPlan]) -> str:
     row("  activations at the schedule's peak", gib([r.activations for r in shown]))
     row("    chunk-microbatches in flight", [str(sum(r.in_flight.values())) for r in shown])
     row("  pipeline buffers (chunk outputs)", gib([r.pipeline_buffers for r in shown]))
-    row("  DEP embeddings + grads (stage 0)", gib([r.dep_embeddings for r in shown]))
-    row("  DEP encoder recompute (after pipeline)", gib([r.dep_recompute for r in shown]))
-    row("  pixels (fp32 rows)", gib([r.pixels for r in shown]))
+    if result.media.kinds:
+        row("  DEP embeddings + grads (stage 0)", gib([r.dep_embeddings for r in shown]))
+        row("  DEP encoder recompute (after pipeline)", gib([r.dep_recompute for r in shown]))
+        row("  pixels (fp32 rows)", gib([r.pixels for r in shown]))
     row("  peak", gib([r.peak for r in shown]))
     budget = _budget(result)
     row(f"  usable HBM ({gpu.memory_bytes / GIB:.1f} less {RESERVED_BYTES / GIB:g} reserved)",
@@ -216,7 +219,8 @@ def format_plan(result: Plan, shown: list[RankPlan]) -> str:
     row("  model TFLOP", [f"{r.flops / 1e12:,.0f}" for r in shown])
     row("  matmul time (s)", [f"{r.compute_s:.2f}" for r in shown])
     row("  expert all-to-all time, exposed (s)", [f"{r.all_to_all_s:.2f}" for r in shown])
-    kinds = sorted({k for r in shown for k in r.comm})
+    kinds = sorted({k for r in shown for k in r.comm},
+                   key=lambda k: (not k.startswith("pipeline"), not k.startswith("expert"), k))
     row("communication sent per step (GiB)", ["" for _ in shown])
     for kind in kinds:
         row(f"  {kind}", gib([r.comm.get(kind, 0.0) for r in shown]))

@@ -9,6 +9,7 @@ each, are torch's bookkeeping and not counted), its activations per microbatch w
 tests/model/test_activation_bytes.py and under DEP in test_planner_memory.py).
 """
 import json
+import re
 
 import pytest
 import torch
@@ -137,19 +138,22 @@ def test_trainer_refuses_a_job_that_does_not_fit_with_the_plan(monkeypatch):
         tiny.validate()
 
 
-def test_plan_command_prints_first_middle_and_last_rank(capsys):
-    assert plan_main(["--model", "small", "--pp", "4", "--vpp", "2", "--ep", "2", "--dp", "2",
-                      "--seq-len", "1024", "--media", "1*1x16x16", "--precision", "bf16"]) == 0
-    out = capsys.readouterr().out
-    for text in ("pipeline rank 0", "pipeline rank 2", "pipeline rank 3", "verdict", "fits",
-                 "activations at the schedule's peak", "expert all-to-all", "MFU",
-                 "text-only", "colocated"):
-        assert text in out, text
-    assert "pipeline rank 1 " not in out
-    assert plan_main(["--model", "small", "--pp", "4", "--dp", "2", "--all", "--json"]) == 0
+def test_plan_command_prints_first_middle_last_and_fullest_rank(capsys):
+    args = ["--model", "small", "--pp", "4", "--vpp", "2", "--ep", "2", "--dp", "2",
+            "--seq-len", "1024", "--media", "1*1x16x16", "--precision", "bf16"]
+    assert plan_main(args + ["--all", "--json"]) == 0
     ranks = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["pp_rank"] for r in ranks] == [0, 1, 2, 3]
     assert all(r["bytes"]["peak"] > r["bytes"]["weights"] > 0 and r["fits"] for r in ranks)
+    fullest = max(ranks, key=lambda r: r["bytes"]["peak"])["pp_rank"]
+    assert plan_main(args) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if "pipeline rank" in line)
+    assert [int(r) for r in re.findall(r"pipeline rank (\d+)", header)] == \
+        sorted({0, 2, 3, fullest})
+    for text in ("verdict", "fits", "activations at the schedule's peak", "expert all-to-all",
+                 "MFU", "text-only", "colocated", "DEP encoder recompute"):
+        assert text in out, text
     assert plan_main(["--model", "tiny", "--pp", "3", "--vpp", "3"]) == 2  # 6 pieces, 9 chunks
     assert "lower pp or vpp" in capsys.readouterr().err
 
