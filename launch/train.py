@@ -1,5 +1,7 @@
 """Entry point: `torchrun --nproc-per-node N -m launch.train --config configs/tiny.toml [--a.b v ...]`.
 
+`python -m launch.train --help` lists every config key with its type, default and documentation.
+
 Start-up order (a refused job writes nothing into the run directory):
 
     config + environment checks ─► rank 0: lock run_dir ─► join the process group
@@ -26,11 +28,14 @@ from launch.agent_watch import watch_agent
 from launch.environment import check_environment
 from launch.rank_logs import redirect_rank_output
 from model.config import ConfigError
-from trainer.config import load_config
+from trainer.config import help_text, load_config
 
 
 def main(argv: list[str] | None = None, *, rank_logs: bool = False) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(help_text())
+        return 0
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     try:

@@ -63,6 +63,29 @@ def is_expert_param(name: str) -> bool:
     return ".experts." in name
 
 
+def stage_module(model_cfg: ModelConfig, layout: PipelineLayout, stage: int,
+                 local_experts: range, encoder: str) -> StageModule:
+    """Chunk `stage` of `layout` with these experts, and the encoder on a colocated stage 0
+    (not initialised: the engine initialises by name, the planner builds it on `meta`)."""
+    lm = LanguageModelChunk(model_cfg.lm, layout.chunks[stage], local_experts)
+    return StageModule(lm, VisionEncoder(model_cfg) if stage == 0 and encoder == "colocated"
+                       else None)
+
+
+def zero1_param_groups(stages: dict[int, StageModule], dep_encoder: VisionEncoder | None
+                       ) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """The parameters ZeRO-1 shards together, by group, in optimizer order: "dense" over the
+    data-parallel group, "expert" over the expert-data-parallel group, "encoder" (DEP's
+    replicated encoder) over the world. Empty groups are left out (every rank of a group
+    holds the same stages, so all its members leave it out)."""
+    named = [(n, p) for m in stages.values() for n, p in m.named_parameters()]
+    groups = {"dense": [(n, p) for n, p in named if not is_expert_param(n)],
+              "expert": [(n, p) for n, p in named if is_expert_param(n)],
+              "encoder": ([(f"vision.{n}", p) for n, p in dep_encoder.named_parameters()]
+                          if dep_encoder is not None else [])}
+    return {kind: params for kind, params in groups.items() if params}
+
+
 class ParallelEngine:
     def __init__(self, model_cfg: ModelConfig, topology: Topology, layout: PipelineLayout, *,
                  micro_batch: int, seq_len: int, microbatches: int, seed: int,
@@ -78,29 +101,22 @@ class ParallelEngine:
         local_experts = topology.local_experts(model_cfg.lm.num_experts)
         self.stages: dict[int, StageModule] = {}
         for stage in topology.stages_of_rank():
-            lm = LanguageModelChunk(model_cfg.lm, layout.chunks[stage], local_experts)
-            for moe in lm.moe_layers():
+            module = stage_module(model_cfg, layout, stage, local_experts, encoder)
+            for moe in module.lm.moe_layers():
                 moe.dispatcher = AllToAllDispatcher(topology.ep_group, model_cfg.lm.num_experts)
-            vision = VisionEncoder(model_cfg) if stage == 0 and encoder == "colocated" else None
-            module = StageModule(lm, vision)
             initialize(module, seed, model_cfg.lm.init_std)
             self.stages[stage] = module
-        named = [(n, p) for m in self.stages.values() for n, p in m.named_parameters()]
-        dense = [(n, p) for n, p in named if not is_expert_param(n)]
-        expert = [(n, p) for n, p in named if is_expert_param(n)]
-        encoder_params = []
         self.dep: DecoupledEncoder | None = None
         if encoder == "dep":  # replicated on every rank, outside the pipeline
             vision = VisionEncoder(model_cfg)
             initialize(vision, seed, model_cfg.lm.init_std, prefix="vision")
             self.dep = DecoupledEncoder(vision, topology.world_group,
                                         topology.stage0_rank_of_replica)
-            encoder_params = [(f"vision.{n}", p) for n, p in vision.named_parameters()]
-        # every rank of a group holds the same stages, so all members skip an empty group
-        groups = [ParamGroup([p for _, p in params], group, [n for n, _ in params])
-                  for params, group in ((dense, topology.dp_group), (expert, topology.edp_group),
-                                        (encoder_params, topology.world_group))
-                  if params]
+        process_groups = {"dense": topology.dp_group, "expert": topology.edp_group,
+                          "encoder": topology.world_group}
+        groups = [ParamGroup([p for _, p in params], process_groups[kind], [n for n, _ in params])
+                  for kind, params in zero1_param_groups(
+                      self.stages, self.dep.encoder if self.dep else None).items()]
         self.optimizer = Zero1Optimizer(groups, norm_group=topology.world_group, config=adamw,
                                         max_grad_norm=grad_clip)
         actions = schedule(sizes.pp, sizes.vpp, microbatches)[topology.pp_rank]

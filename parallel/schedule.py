@@ -47,6 +47,7 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 
 class Op(enum.Enum):
@@ -232,6 +233,27 @@ def with_communication(
 def schedule(pp: int, vpp: int, microbatches: int) -> list[list[Action]]:
     """The full per-rank action lists (compute and communication) of interleaved 1F1B."""
     return with_communication(interleaved_1f1b(pp, vpp, microbatches), pp, vpp)
+
+
+def peak_in_flight(actions: list[Action], held: Callable[[int, int], float]
+                   ) -> tuple[float, dict[int, int]]:
+    """One rank's largest stored activation under its action list: the maximum over time of
+    `held(stage, microbatch)` summed over the forwards whose backward has not run yet (a
+    forward's saved tensors live until its backward frees them), and the microbatches of
+    each stage in flight at that moment. For interleaved 1F1B with equal chunks that is
+    `warmup_forwards + 1` forwards."""
+    live: dict[int, int] = {}
+    total, peak, at_peak = 0.0, 0.0, {}
+    for action in actions:
+        if action.op is Op.F:
+            live[action.stage] = live.get(action.stage, 0) + 1
+            total += held(action.stage, action.microbatch)
+            if total > peak:
+                peak, at_peak = total, {s: n for s, n in live.items() if n}
+        elif action.op is Op.B:
+            live[action.stage] -= 1
+            total -= held(action.stage, action.microbatch)
+    return peak, dict(sorted(at_peak.items()))
 
 
 def format_schedule(actions_per_rank: list[list[Action]]) -> str:

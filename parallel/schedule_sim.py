@@ -27,6 +27,7 @@ import statistics
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Callable
 
 from parallel.schedule import COMPUTE_OPS, RECV_OPS, SEND_OPS, Action, Op, stage_owner
 
@@ -170,8 +171,8 @@ def simulate(
     actions_per_rank: list[list[Action]],
     pp: int,
     vpp: int,
-    forward_cost: float = 1.0,
-    backward_cost: float = 2.0,
+    forward_cost: float | Callable[[int, int], float] = 1.0,
+    backward_cost: float | Callable[[int, int], float] = 2.0,
     *,
     microbatches: int | None = None,
     p2p_latency: float = 0.0,
@@ -179,33 +180,37 @@ def simulate(
 ) -> SimResult:
     """Check, then time the schedule; raises ScheduleError / ScheduleDeadlock if it cannot run.
 
+    Costs are one number for every chunk, or a function of (global stage, microbatch):
+    the planner's times of uneven chunks and of microbatches whose media differ. With
+    such costs `ideal` is the busiest rank's compute, so the bubble is the idle time the
+    schedule adds to the slowest rank.
     `microbatches` defaults to one more than the largest microbatch index in the schedule;
     pass it to also catch a schedule that leaves out the last microbatches entirely.
-    `costs` gives each F/B action its own duration instead of forward_cost/backward_cost.
+    `costs` gives each F/B action its own duration (a profiled step replayed) instead of
+    forward_cost/backward_cost; `ideal` is then the ranks' mean compute.
     """
     if microbatches is None:
         indices = [action.microbatch for actions in actions_per_rank for action in actions]
         if not indices:
             raise ScheduleError("the schedule has no actions")
         microbatches = max(indices) + 1
-    if forward_cost <= 0 or backward_cost <= 0 or p2p_latency < 0:
+    variable = callable(forward_cost) or callable(backward_cost)
+    cost = {op: c if callable(c) else (lambda stage, microbatch, c=c: c)
+            for op, c in ((Op.F, forward_cost), (Op.B, backward_cost))}
+    smallest = min(cost[op](stage, mb) for op in COMPUTE_OPS for stage in range(pp * vpp)
+                   for mb in range(microbatches))
+    if smallest <= 0 or p2p_latency < 0:
         raise ValueError(
             f"costs must be > 0 and p2p_latency >= 0, got forward_cost={forward_cost}, "
-            f"backward_cost={backward_cost}, p2p_latency={p2p_latency}"
+            f"backward_cost={backward_cost} (smallest {smallest}), p2p_latency={p2p_latency}"
         )
     check_schedule(actions_per_rank, pp, vpp, microbatches)
-    if costs is None:
-        op_cost = {Op.F: forward_cost, Op.B: backward_cost}
-        costs = {a: op_cost[a.op] for actions in actions_per_rank for a in actions
-                 if a.op in COMPUTE_OPS}
-        ideal = microbatches * vpp * (forward_cost + backward_cost)
-    else:
+    if costs is not None:
         wrong = [f"{a}: {costs.get(a)}" for actions in actions_per_rank for a in actions
                  if a.op in COMPUTE_OPS and not costs.get(a, 0.0) > 0]
         if wrong:
             raise ValueError(f"costs must give every F/B action a duration > 0; "
                              f"not so for {', '.join(wrong[:4])}")
-        ideal = None
 
     arrival: dict[Action, float] = {}  # SEND -> time its message is available to the RECV
     clock = [0.0] * pp
@@ -228,8 +233,10 @@ def simulate(
                     end = start
                     arrival[action] = start + p2p_latency
                 else:
-                    end = start + costs[action]
-                    busy[rank] += costs[action]
+                    duration = (costs[action] if costs is not None
+                                else cost[action.op](action.stage, action.microbatch))
+                    end = start + duration
+                    busy[rank] += duration
                 timeline[rank].append(ActionTiming(action, start, end))
                 clock[rank] = end
                 position[rank] += 1
@@ -237,8 +244,12 @@ def simulate(
                 progressed = True
         if not progressed:
             raise ScheduleDeadlock(_describe_deadlock(actions_per_rank, position, pp))
-    if ideal is None:
+    if costs is not None:
         ideal = statistics.fmean(busy)
+    elif variable:
+        ideal = max(busy)
+    else:
+        ideal = microbatches * vpp * (forward_cost + backward_cost)
     return SimResult(max(clock), ideal, busy, timeline)
 
 
