@@ -25,7 +25,6 @@ import torch.nn.functional as F
 
 PATCH = 14
 SIDE_MULTIPLE = 28  # 2x2 merge of 14-pixel patches
-MEAN, STD = 0.5, 0.5
 
 
 def rng_for(seed: int, epoch: int, sample_uid: int, media_index: int, purpose: int = 0) -> np.random.Generator:
@@ -103,9 +102,12 @@ def plan_geometry(width: int, height: int, *, max_patches: int, augment: bool,
 
 
 def apply_geometry(frames_THWC: np.ndarray, g: Geometry) -> torch.Tensor:
-    """Crop, flip and resize float32 frames in [0, 1]; returns [T, 3, out_h, out_w]."""
+    """Crop, flip and resize frames (uint8, or float in [0, 1]); returns float32
+    [T, 3, out_h, out_w] in [0, 1]. The crop comes first, so only the cropped pixels are
+    converted to float."""
     crop = frames_THWC[:, g.crop_y0:g.crop_y0 + g.crop_h, g.crop_x0:g.crop_x0 + g.crop_w]
-    x_T3HW = torch.from_numpy(np.ascontiguousarray(crop)).permute(0, 3, 1, 2).float()
+    x_T3HW = torch.from_numpy(np.require(crop, requirements=["C", "W"])).permute(0, 3, 1, 2)
+    x_T3HW = x_T3HW.float() / 255.0 if x_T3HW.dtype == torch.uint8 else x_T3HW.float()
     if g.flip:
         x_T3HW = x_T3HW.flip(-1)
     if (g.out_h, g.out_w) != tuple(x_T3HW.shape[-2:]):
@@ -149,10 +151,16 @@ def color_jitter(x_T3HW: torch.Tensor, strength: float, rng: np.random.Generator
     return x.clamp_(0.0, 1.0)
 
 
+def to_pixels(x_T3HW: torch.Tensor) -> torch.Tensor:
+    """Float in [0, 1] -> uint8 pixels (rounded): what queues, caches and ranks carry."""
+    return x_T3HW.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
+
+
 def patchify(x_T3HW: torch.Tensor) -> torch.Tensor:
-    """[T, 3, H, W] in [0, 1] -> normalised patches [T*h*w, 3*14*14], rows (t, h, w), cols (c, y, x)."""
+    """[T, 3, H, W] -> patches [T*h*w, 3*14*14], rows (t, h, w), cols (c, y, x); same dtype.
+
+    Only a layout change: normalisation happens on the device (batch.normalize_patches)."""
     t, c, hh, ww = x_T3HW.shape
     h, w = hh // PATCH, ww // PATCH
-    x = (x_T3HW - MEAN) / STD
-    x = x.reshape(t, c, h, PATCH, w, PATCH).permute(0, 2, 4, 1, 3, 5)
+    x = x_T3HW.reshape(t, c, h, PATCH, w, PATCH).permute(0, 2, 4, 1, 3, 5)
     return x.reshape(t * h * w, c * PATCH * PATCH).contiguous()

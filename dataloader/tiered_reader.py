@@ -16,6 +16,10 @@ also proves the credentials), so a changed dataset.json starts a new set of cach
 objects and stale ones age out of the LRU. Known limit: a shard rewritten in place under
 an unchanged dataset.json is not noticed while cached (unless its length changed, which
 `span` checks against the index); publish changed data with a new manifest.
+
+`part` reads a few members of a shard this node does not otherwise read (DEP: the
+media items the plan gives this rank from other replicas' rows): a slice of the shard
+when a tier already holds it whole, else one range GET, never the whole shard.
 """
 from __future__ import annotations
 
@@ -110,6 +114,20 @@ class TieredReader:
                 raise StoreError(f"object {key!r} on {self.store.describe()} is shorter than "
                                  f"its index says ({len(data)} bytes, a sample ends at {end})")
             return data[start:end]
+        return self._range(key, start, end)
+
+    def part(self, key: str, start: int, end: int) -> bytes:
+        """Bytes [start, end) of an object, without fetching all of it."""
+        data = self.memory.get(key)
+        if data is not None:
+            return data[start:end]
+        if self.disk is not None:
+            data = self.disk.get(self._disk_key(key), (start, end))
+            if data is not None:
+                return data
+        return self._range(key, start, end)
+
+    def _range(self, key: str, start: int, end: int) -> bytes:
         mkey = (key, start, end)
         data = self.memory.get(mkey)
         if data is None:

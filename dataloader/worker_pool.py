@@ -1,8 +1,8 @@
-"""Loader worker processes: rows in, tensors (as numpy arrays) out, in submission order.
+"""Loader worker processes: planned rows and media in, arrays out, fetched by task id.
 
-    main: plan step n ─► task queue ─► worker 0..W-1: Materializer.row(plans) ─► result queue
-          (prefetch steps ahead)                                                  │
-    main: wait for step n's rows, reorder by task id ◄────────────────────────────┘
+    main: plan step n ─► task queue ─► worker 0..W-1: Materializer.row(plans)     ─► result queue
+          (prefetch steps ahead)                      or Materializer.media(request)   │
+    main: wait for step n's tasks by id ◄──────────────────────────────────────────────┘
 
 A worker that raises sends the traceback back and the main process re-raises it; a
 worker that dies (killed, segfault) is detected while waiting and reported with its
@@ -44,9 +44,10 @@ def _worker_main(worker_id: int, init: dict, tasks, results, main_alive) -> None
             continue
         if task is None:  # exit flushes results still buffered; close() reads and drops them
             return
-        task_id, plans = task
+        task_id, kind, payload = task
         try:
-            results.put((task_id, "ok", materializer.row(plans)))
+            work = materializer.row if kind == "row" else materializer.media
+            results.put((task_id, "ok", work(payload)))
         except Exception:
             results.put((task_id, "error", f"worker {worker_id}, task {task_id}:\n{traceback.format_exc()}"))
 
@@ -74,8 +75,9 @@ class WorkerPool:
         alive_r.close()  # the workers have theirs
         self._done: dict = {}
 
-    def submit(self, task_id, plans) -> None:
-        self._tasks.put((task_id, plans))
+    def submit(self, task_id, kind: str, payload) -> None:
+        """kind "row": payload is a row's plans; "media": a MediaRequest."""
+        self._tasks.put((task_id, kind, payload))
 
     def get(self, task_id):
         waited = 0.0

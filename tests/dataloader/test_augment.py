@@ -76,12 +76,20 @@ def test_fit_size_caps_patches_and_keeps_multiples_of_28():
         assert ow % 28 == 0 and oh % 28 == 0 and (ow // 14) * (oh // 14) <= cap
 
 
-def test_patchify_layout_is_frame_major_then_row_major():
+def test_patchify_layout_is_frame_major_then_row_major_and_pixels_stay_uint8():
     import torch
 
+    from dataloader.augment import to_pixels
+    from dataloader.batch import normalize_patches
+
     x = torch.rand(2, 3, 28, 42)
-    p = patchify(x)
-    assert p.shape == (2 * 2 * 3, 3 * 14 * 14)
+    pixels = to_pixels(x)
+    assert pixels.dtype == torch.uint8 and (pixels.float() / 255 - x).abs().max() <= 0.5 / 255 + 1e-6
+    p = patchify(pixels)
+    assert p.shape == (2 * 2 * 3, 3 * 14 * 14) and p.dtype == torch.uint8
     t, i, j = 1, 1, 2  # frame 1, patch row 1, patch column 2
     row = p[t * 6 + i * 3 + j].reshape(3, 14, 14)
-    assert torch.allclose(row, (x[t, :, 14 * i:14 * i + 14, 14 * j:14 * j + 14] - 0.5) / 0.5)
+    assert torch.equal(row, pixels[t, :, 14 * i:14 * i + 14, 14 * j:14 * j + 14])
+    # normalised where the model runs: (x / 255 - 0.5) / 0.5; float patches pass through
+    assert torch.allclose(normalize_patches(p), (p.float() / 255 - 0.5) / 0.5)
+    assert normalize_patches(p.float()).equal(p.float())
