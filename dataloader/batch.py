@@ -41,7 +41,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-IGNORE_INDEX = -100
+from dataloader.template import IGNORE_INDEX, merged_tokens  # the label and placeholder conventions
+
 PIXEL_MEAN, PIXEL_STD = 0.5, 0.5  # of pixels scaled to [0, 1]
 
 
@@ -52,12 +53,6 @@ def normalize_patches(patches: torch.Tensor) -> torch.Tensor:
     if patches.dtype != torch.uint8:
         return patches
     return (patches.float() / 255.0 - PIXEL_MEAN) / PIXEL_STD
-
-
-def merged_tokens(grid_thw: tuple[int, int, int]) -> int:
-    """LM tokens one media item becomes: frames pool to one, 2x2 patches merge to one."""
-    _, h, w = grid_thw
-    return (h // 2) * (w // 2)
 
 
 @dataclass

@@ -28,9 +28,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
-import os
 import struct
-import tempfile
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -39,18 +37,14 @@ import numpy as np
 import torch
 
 from dataloader.batch import Batch, GroupMedia, MediaItem
-from dataloader.cache import DiskLRU
 from dataloader.config import LoaderConfig
 from dataloader.dataset import Dataset
 from dataloader.materialize import Materializer, MediaRequest, RowResult
 from dataloader.packer import Packer
-from dataloader.request_budget import RequestBudget
 from dataloader.row_layout import PlannedItem, row_items
 from dataloader.sample_plan import SamplePlan
 from dataloader.sample_stream import Lane, SampleStream
-from dataloader.store import LocalStore, open_store, private_dir
-from dataloader.template import TextTokenizer
-from dataloader.tiered_reader import TieredReader
+from dataloader.tiered_reader import make_reader
 from dataloader.worker_pool import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -60,37 +54,6 @@ Select = Callable[[int, list[tuple[int, MediaItem]]], Iterable[int]]
 
 class LoaderStateError(ValueError):
     pass
-
-
-def cache_folder(cfg: LoaderConfig) -> str:
-    """The node's cache of this dataset: data.disk_cache_dir, or a folder of this user's under
-    the temp dir (0700: a private bucket's bytes must not be readable by other local users)."""
-    if cfg.disk_cache_dir:
-        return cfg.disk_cache_dir
-    tag = hashlib.sha1(f"{cfg.uri}|{cfg.s3_endpoint_url}".encode()).hexdigest()[:12]
-    base = private_dir(os.path.join(tempfile.gettempdir(), f"k25-loader-cache-{os.getuid()}"))
-    return os.path.join(base, tag)
-
-
-def make_reader(cfg: LoaderConfig, version: str = "") -> TieredReader:
-    """Store + tiers for this process. Remote stores get the node's disk cache and budget.
-    `version` is the dataset version its disk cache keys objects by (Dataset.version)."""
-    remote = cfg.uri.startswith("s3://")
-    cache_dir = cache_folder(cfg)
-    budget = (RequestBudget(os.path.join(cache_dir, "budget"), cfg.requests_per_s,
-                            cfg.max_concurrent_requests) if remote else None)
-    store = open_store(cfg.uri, endpoint_url=cfg.s3_endpoint_url, region=cfg.s3_region, budget=budget,
-                       max_retries=cfg.max_retries, retry_base_s=cfg.retry_base_s,
-                       retry_max_s=cfg.retry_max_s, timeout_s=cfg.request_timeout_s,
-                       retry_deadline_s=cfg.retry_deadline_s)
-    disk = None if isinstance(store, LocalStore) else DiskLRU(cache_dir, cfg.disk_cache_mb << 20)
-    return TieredReader(store, memory_bytes=cfg.memory_cache_mb << 20, disk=disk,
-                        read_mode=cfg.read_mode, version=version)
-
-
-def make_materializer(cfg: LoaderConfig, seed: int, tokenizer_bytes: bytes,
-                      version: str = "") -> Materializer:
-    return Materializer(make_reader(cfg, version), TextTokenizer(data=tokenizer_bytes), cfg, seed)
 
 
 class Loader:
@@ -121,7 +84,10 @@ class Loader:
         self._packers = {j: Packer(cfg.seq_len, cfg.pack_buffer, cfg.max_media_per_row, self._lanes[j].next)
                          for j in lanes}
         self._materializer = Materializer(self.reader, self.tokenizer, cfg, seed)
-        self._pool: WorkerPool | None = None
+        # workers boot now, while this process plans the first steps (time to first batch)
+        self._pool = (WorkerPool(cfg.workers, cfg.worker_start_method, {
+            "cfg": cfg, "seed": seed, "tokenizer_bytes": self.dataset.tokenizer_bytes,
+            "version": self.dataset.version}) if cfg.workers > 0 else None)
         self._pending: deque[_PlannedStep] = deque()
         self._planned_steps = 0
         self._started = False
@@ -264,12 +230,7 @@ class Loader:
         return requests
 
     def __next__(self) -> Batch:
-        if not self._started:
-            self._started = True
-            if self.cfg.workers > 0:
-                self._pool = WorkerPool(self.cfg.workers, self.cfg.worker_start_method, {
-                    "cfg": self.cfg, "seed": self.seed, "tokenizer_bytes": self.dataset.tokenizer_bytes,
-                    "version": self.dataset.version})
+        self._started = True
         depth = 1 + (self.cfg.prefetch if self._pool is not None else 0)
         while len(self._pending) < depth:
             self._plan_step()

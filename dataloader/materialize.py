@@ -12,7 +12,8 @@ Two kinds of work, so that each rank does only what it needs:
 
 Runs in loader workers (or in the calling process with data.workers=0). Everything
 random is keyed by (seed, epoch, sample uid, media index), so the result does not depend
-on which process or rank runs it.
+on which process or rank runs it. Nothing on this side imports torch (numpy arrays out):
+a worker starts without loading it (seconds and ~200 MB per worker).
 
 Bad data found here (a corrupt image, malformed JSON, a missing object, a token count
 that disagrees with the index) follows the bad-data policy. "fail" raises naming the
@@ -29,16 +30,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dataloader.augment import apply_geometry, color_jitter, patchify, rng_for, to_pixels, transform_boxes, transform_points
-from dataloader.batch import IGNORE_INDEX
+from dataloader.augment import apply_geometry, color_jitter, patchify, rng_for, transform_boxes, transform_points
 from dataloader.config import LoaderConfig
 from dataloader.media_decode import BadMedia, decode_image, decode_video
 from dataloader.row_layout import row_positions, sample_offsets
 from dataloader.sample_plan import BadSample, SamplePlan
 from dataloader.shard_format import member_kind
 from dataloader.store import StoreError
-from dataloader.template import TextTokenizer, annotation_text
-from dataloader.tiered_reader import TieredReader
+from dataloader.template import IGNORE_INDEX, TextTokenizer, annotation_text
+from dataloader.tiered_reader import TieredReader, make_reader
 
 BLANK_PIXEL = 128  # what an undecodable item shows under bad_data=skip (grey: ~0 after normalising)
 
@@ -205,21 +205,27 @@ class Materializer:
             except BadMedia as e:
                 raise BadSample(f"{plan.object_key}.{mp.member}: {e}") from e
             g = mp.geometry
-            if frames.shape[2] < g.crop_x0 + g.crop_w or frames.shape[1] < g.crop_y0 + g.crop_h:
-                raise BadSample(f"{plan.object_key}.{mp.member}: decoded size {frames.shape[2]}x"
-                                f"{frames.shape[1]} differs from the index")
-            x = apply_geometry(frames, g)
+            width, height = frames[0].size
+            if width < g.crop_x0 + g.crop_w or height < g.crop_y0 + g.crop_h:
+                raise BadSample(f"{plan.object_key}.{mp.member}: decoded size {width}x{height} "
+                                "differs from the index")
+            pixels = apply_geometry(frames, g)
             if self.cfg.augment and self.cfg.aug_color_jitter > 0:
-                x = color_jitter(x, self.cfg.aug_color_jitter,
-                                 rng_for(self.seed, plan.ref.epoch, plan.ref.uid, request.media, 1))
-            pixels = to_pixels(x)
+                pixels = color_jitter(pixels, self.cfg.aug_color_jitter,
+                                      rng_for(self.seed, plan.ref.epoch, plan.ref.uid, request.media, 1))
             first = 0
             for c in request.chunks:
                 t = mp.chunk_frames[c]
-                out.patches.append(patchify(pixels[first:first + t]).numpy())
+                out.patches.append(patchify(pixels[first:first + t]))
                 first += t
         except BadSample as e:
             self._bad(e, plan, out)
             out.patches = [np.full((mp.chunk_frames[c] * h * w, 3 * 14 * 14), BLANK_PIXEL, dtype=np.uint8)
                            for c in request.chunks]
         return out
+
+
+def make_materializer(cfg: LoaderConfig, seed: int, tokenizer_bytes: bytes, version: str = "") -> Materializer:
+    """A worker's materializer: its own reader (store clients are made in the process that
+    uses them, never inherited; `version` keys the disk cache, Dataset.version) and tokenizer."""
+    return Materializer(make_reader(cfg, version), TextTokenizer(data=tokenizer_bytes), cfg, seed)

@@ -2,7 +2,8 @@
 
 Errors surface as `BadMedia` so the loader's bad-data policy can name the object key.
 Video frames are sampled evenly (the same indices on every run) up to a cap; decoding
-converts only the frames asked for and stops after the last of them. Pixels stay uint8.
+converts only the frames asked for and stops after the last of them. Frames come out as
+RGB Pillow images, which augment.py crops and resizes without a full-size copy.
 """
 from __future__ import annotations
 
@@ -27,17 +28,16 @@ def probe_image(data: bytes) -> tuple[int, int]:
         raise BadMedia(f"undecodable image: {e}") from e
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    """[1, H, W, 3] uint8."""
+def decode_image(data: bytes) -> list:
+    """[the image] as one RGB Pillow image."""
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            rgb = np.asarray(im.convert("RGB"))
+        im = Image.open(io.BytesIO(data))  # in memory: no file to close
+        im.load()
+        return [im if im.mode == "RGB" else im.convert("RGB")]
     except Exception as e:
         raise BadMedia(f"undecodable image: {e}") from e
-    return rgb[None]
 
 
 def sample_frame_indices(num_frames: int, max_frames: int) -> list[int]:
@@ -65,8 +65,8 @@ def probe_video(data: bytes) -> tuple[int, int, int]:
     return w, h, len(frames)
 
 
-def decode_video(data: bytes, frames: list[int]) -> np.ndarray:
-    """[len(frames), H, W, 3] uint8: the frames at these (increasing) indices of the stream.
+def decode_video(data: bytes, frames: list[int]) -> list:
+    """RGB Pillow images of the frames at these (increasing) indices of the stream.
 
     Frames before the last wanted one are decoded (a codec needs them) but only the
     wanted ones are converted to RGB, and decoding stops after the last."""
@@ -79,14 +79,14 @@ def decode_video(data: bytes, frames: list[int]) -> np.ndarray:
         with av.open(io.BytesIO(data)) as container:
             for index, frame in enumerate(container.decode(video=0)):
                 if index in wanted:
-                    out[wanted[index]] = frame.to_ndarray(format="rgb24")
+                    out[wanted[index]] = frame.to_image()
                 if index >= last:
                     break
     except Exception as e:
         raise BadMedia(f"undecodable video: {e}") from e
     if any(f is None for f in out):
         raise BadMedia(f"video has fewer frames than the index says (wanted frame {last})")
-    return np.stack(out)
+    return out
 
 
 def video_chunks(num_frames: int, max_frames: int, chunk: int = 4) -> list[int]:

@@ -11,11 +11,10 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from dataloader.augment import Geometry, plan_geometry, rng_for
-from dataloader.batch import merged_tokens
 from dataloader.config import LoaderConfig
 from dataloader.media_decode import sample_frame_indices, video_chunks
 from dataloader.shard_format import SampleIndex
-from dataloader.template import Piece, layout_length, truncate_layout
+from dataloader.template import Piece, layout_length, merged_tokens, truncate_layout
 
 MAX_MEDIA_PER_SAMPLE = 1 << 8  # item_id = global sample index * 256 + media item index
 

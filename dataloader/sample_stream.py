@@ -91,21 +91,26 @@ class Lane:
         self.consumed = [0] * len(stream.dataset.sources)
         self.skipped = 0
 
-    def next(self) -> SamplePlan:
+    def next_ref(self) -> SampleRef:
+        """The next draw's reference (which sample), without planning it."""
         s = self.stream
+        g = self.drawn * s.lanes + self.index
+        source = s.schedule.source_of(s.seed, g)
+        k = s.source_position(self.index, self.consumed[source])
+        self.drawn += 1
+        self.consumed[source] += 1
+        return s.ref(g, source, k)
+
+    def next(self) -> SamplePlan:
         while True:
-            g = self.drawn * s.lanes + self.index
-            source = s.schedule.source_of(s.seed, g)
-            k = s.source_position(self.index, self.consumed[source])
-            self.drawn += 1
-            self.consumed[source] += 1
+            ref = self.next_ref()
             try:
-                return s.plan(s.ref(g, source, k))
+                return self.stream.plan(ref)
             except BadSample as e:
-                if s.cfg.bad_data == "fail":
+                if self.stream.cfg.bad_data == "fail":
                     raise BadSample(f"bad data (data.bad_data=fail): {e}") from e
                 self.skipped += 1
-                log.warning("bad data (skipped): %s (lane %d, global sample %d)", e, self.index, g)
+                log.warning("bad data (skipped): %s (lane %d, global sample %d)", e, self.index, ref.g)
 
     def state_dict(self) -> dict:
         return {"drawn": self.drawn, "consumed": list(self.consumed), "skipped": self.skipped}
