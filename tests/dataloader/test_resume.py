@@ -108,6 +108,9 @@ def test_state_refused_after_start_and_from_other_config(demo_dir, tmp_path):
     other_seed = build_loader(tiny_config(demo_dir), seed=8, dp_rank=0, dp_size=1, rows_per_step=ROWS)
     with pytest.raises(LoaderStateError, match="seed"):
         other_seed.load_state_dict(state)
+    other_batch = build_loader(tiny_config(demo_dir), seed=7, dp_rank=0, dp_size=1, rows_per_step=ROWS + 1)
+    with pytest.raises(LoaderStateError, match="keep the global batch"):
+        other_batch.load_state_dict(state)
     from launch.make_dataset import build
 
     other_data = str(tmp_path / "other")
