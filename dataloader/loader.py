@@ -188,14 +188,14 @@ class Loader:
         rows = {j: self._packers[j].next_row() for j in sorted(self._lanes)}
         items = {j: row_items(rows[j]) for j in rows}
         own = [rows[j] for j in self.own_lanes]
-        group = [(j // self.rows_per_step,
-                  MediaItem(it.item_id, it.grid_thw, j % self.rows_per_step, it.offset))
-                 for j in rows for it in items[j]]
+        group = []  # DEP: the media of every planned replica, (replica, item) in lane order
         if self.decode == "own":
             wanted = {it.item_id for j in self.own_lanes for it in items[j]}
         elif self.decode == "none":
             wanted = set()
         else:
+            group = [(j // self.rows_per_step, MediaItem(it.item_id, it.grid_thw, j % self.rows_per_step, it.offset))
+                     for j in rows for it in items[j]]
             wanted = set(self.decode(step, group))
         requests = self._media_requests(rows, items, wanted)
         # read-ahead: the shards of this step's own rows and of the own packing buffers
@@ -207,8 +207,9 @@ class Loader:
                 self._pool.submit((step, "row", i), "row", plans)
             for i, request in enumerate(requests):
                 self._pool.submit((step, "media", i), "media", request)
+        digest = rows_digest(step, rows) if callable(self.decode) else ""  # only DEP checks it
         self._pending.append(_PlannedStep(step, own, [items[j] for j in self.own_lanes], group,
-                                          requests, rows_digest(step, rows), self._snapshot()))
+                                          requests, digest, self._snapshot()))
 
     def _media_requests(self, rows: dict[int, list[SamplePlan]], items: dict[int, list[PlannedItem]],
                         wanted: set[int]) -> list[MediaRequest]:
