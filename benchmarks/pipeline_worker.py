@@ -53,7 +53,7 @@ def main() -> None:
     topology, runtime = engine.topology, engine.engine.runtime
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.reset_peak_memory_stats()
-    data = build_data(cfg, topology.dp_rank, cfg.parallel.dp)
+    data = build_data(cfg, engine.data_role())
     total = args.warmup + args.steps
     step_times: list[float] = []
     spans_per_step: list[list[dict]] = []

@@ -27,6 +27,7 @@ reasons carry the error code and message S3 sent, which name no key.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 
@@ -80,6 +81,7 @@ class S3Store(ObjectStore):
         self.timeout_s, self.retry_deadline_s = timeout_s, retry_deadline_s
         self.retries = 0
         self._client = None
+        self._client_pid = 0
         self._jitter = random.Random()
 
     def __getstate__(self):  # a boto3 client does not cross process boundaries
@@ -89,7 +91,10 @@ class S3Store(ObjectStore):
 
     @property
     def client(self):
-        if self._client is None:
+        # made in the process that uses it: a forked child never reuses its parent's client,
+        # whose keep-alive sockets the parent (or another child) may be using or closing
+        if self._client is None or self._client_pid != os.getpid():
+            self._client_pid = os.getpid()
             import boto3
             from botocore.config import Config
 

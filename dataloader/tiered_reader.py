@@ -16,14 +16,22 @@ also proves the credentials), so a changed dataset.json starts a new set of cach
 objects and stale ones age out of the LRU. Known limit: a shard rewritten in place under
 an unchanged dataset.json is not noticed while cached (unless its length changed, which
 `span` checks against the index); publish changed data with a new manifest.
+
+`part` reads a few members of a shard this node does not otherwise read (DEP: the
+media items the plan gives this rank from other replicas' rows): a slice of the shard
+when a tier already holds it whole, else one range GET, never the whole shard.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from dataloader.cache import DiskLRU, MemoryLRU
-from dataloader.store import ObjectStore, StoreError
+from dataloader.config import LoaderConfig
+from dataloader.request_budget import RequestBudget
+from dataloader.store import LocalStore, ObjectStore, StoreError, open_store, private_dir
 
 
 class TieredReader:
@@ -110,6 +118,20 @@ class TieredReader:
                 raise StoreError(f"object {key!r} on {self.store.describe()} is shorter than "
                                  f"its index says ({len(data)} bytes, a sample ends at {end})")
             return data[start:end]
+        return self._range(key, start, end)
+
+    def part(self, key: str, start: int, end: int) -> bytes:
+        """Bytes [start, end) of an object, without fetching all of it."""
+        data = self.memory.get(key)
+        if data is not None:
+            return data[start:end]
+        if self.disk is not None:
+            data = self.disk.get(self._disk_key(key), (start, end))
+            if data is not None:
+                return data
+        return self._range(key, start, end)
+
+    def _range(self, key: str, start: int, end: int) -> bytes:
         mkey = (key, start, end)
         data = self.memory.get(mkey)
         if data is None:
@@ -122,3 +144,29 @@ class TieredReader:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
         self._inflight.clear()
+
+
+def cache_folder(cfg: LoaderConfig) -> str:
+    """The node's cache of this dataset: data.disk_cache_dir, or a folder of this user's under
+    the temp dir (0700: a private bucket's bytes must not be readable by other local users)."""
+    if cfg.disk_cache_dir:
+        return cfg.disk_cache_dir
+    tag = hashlib.sha1(f"{cfg.uri}|{cfg.s3_endpoint_url}".encode()).hexdigest()[:12]
+    base = private_dir(os.path.join(tempfile.gettempdir(), f"k25-loader-cache-{os.getuid()}"))
+    return os.path.join(base, tag)
+
+
+def make_reader(cfg: LoaderConfig, version: str = "") -> TieredReader:
+    """Store + tiers for this process. Remote stores get the node's disk cache and budget.
+    `version` is the dataset version its disk cache keys objects by (Dataset.version)."""
+    remote = cfg.uri.startswith("s3://")
+    cache_dir = cache_folder(cfg)
+    budget = (RequestBudget(os.path.join(cache_dir, "budget"), cfg.requests_per_s,
+                            cfg.max_concurrent_requests) if remote else None)
+    store = open_store(cfg.uri, endpoint_url=cfg.s3_endpoint_url, region=cfg.s3_region, budget=budget,
+                       max_retries=cfg.max_retries, retry_base_s=cfg.retry_base_s,
+                       retry_max_s=cfg.retry_max_s, timeout_s=cfg.request_timeout_s,
+                       retry_deadline_s=cfg.retry_deadline_s)
+    disk = None if isinstance(store, LocalStore) else DiskLRU(cache_dir, cfg.disk_cache_mb << 20)
+    return TieredReader(store, memory_bytes=cfg.memory_cache_mb << 20, disk=disk,
+                        read_mode=cfg.read_mode, version=version)

@@ -30,7 +30,7 @@ from model.lm import LanguageModelChunk
 from model.loss import IGNORE_INDEX, cross_entropy_sum
 from model.vision_language import VisionEncoder
 from parallel.adamw import AdamWConfig
-from parallel.dep import DecoupledEncoder, ReplicaMedia
+from parallel.dep import DecoupledEncoder, StepMedia
 from parallel.expert_dispatch import AllToAllDispatcher
 from parallel.layout import PipelineLayout
 from parallel.pipeline_runtime import PipelineRuntime
@@ -110,8 +110,7 @@ class ParallelEngine:
         if encoder == "dep":  # replicated on every rank, outside the pipeline
             vision = VisionEncoder(model_cfg)
             initialize(vision, seed, model_cfg.lm.init_std, prefix="vision")
-            self.dep = DecoupledEncoder(vision, topology.world_group,
-                                        topology.stage0_rank_of_replica)
+            self.dep = DecoupledEncoder(vision, topology.dep_group, topology.dep_stage0_ranks)
         process_groups = {"dense": topology.dp_group, "expert": topology.edp_group,
                           "encoder": topology.world_group}
         groups = [ParamGroup([p for _, p in params], process_groups[kind], [n for n, _ in params])
@@ -127,11 +126,12 @@ class ParallelEngine:
             stage_rank=topology.stage_rank,
             activation_shape=(micro_batch, seq_len, model_cfg.lm.hidden))
 
-    def step(self, microbatches: list[ModelInputs], lr: float, media: ReplicaMedia | None = None,
+    def step(self, microbatches: list[ModelInputs], lr: float, media: StepMedia | None = None,
              media_ids: list[list[int]] | None = None) -> tuple[float, float]:
         """One optimizer step on this replica's microbatches; returns (global loss, grad norm).
 
-        In DEP mode `media` holds this replica's media (metadata and pixels) and
+        In DEP mode `media` describes the step's media of the DEP group (metadata, and a
+        callback that fetches the pixels of the items this rank encodes) and
         `media_ids[mb]` the item ids of microbatch `mb` in placeholder order.
         """
         if len(microbatches) != self.microbatches:
@@ -145,10 +145,9 @@ class ParallelEngine:
         self.phases = []  # (name, category, start, end): work outside the schedule, for profiles
         clock = time.perf_counter
         start = clock()
-        leaves = (self.dep.forward(media, is_owner=self.topo.is_first_stage)
-                  if self.dep is not None else {})
+        leaves = self.dep.forward(media) if self.dep is not None else {}
         if self.dep is not None:
-            self.phases.append(("DEP plan + encode + send", "dep", start, clock()))
+            self.phases.append(("DEP plan + fetch + encode + send", "dep", start, clock()))
             self.stats.update(self.dep.stats)
 
         def forward(stage: int, x: torch.Tensor | None, mb: int) -> torch.Tensor:

@@ -8,6 +8,13 @@ Example, 8 ranks, pp=2 dp=4 ep=2:
     stage 0: ranks 0 1 2 3      dp group {0,1,2,3}   ep groups {0,1} {2,3}   expert-dp {0,2} {1,3}
     stage 1: ranks 4 5 6 7      dp group {4,5,6,7}   ep groups {4,5} {6,7}   expert-dp {4,6} {5,7}
     pipelines: {0,4} {1,5} {2,6} {3,7}
+    DEP groups (dep_group_replicas=2): replicas {0,1} -> ranks {0,1,4,5}; {2,3} -> {2,3,6,7}
+
+A DEP group is a run of consecutive DP replicas with all their pipeline stages: one DEP
+plan balances the media of those replicas over those ranks. Each rank derives that
+plan from its loader's view of the group's rows, so the group size bounds the
+planning work per rank; covering every replica (the default for dp <= 8) is the
+report's DEP over all GPUs.
 
 The groups are built by megatron-core's `parallel_state` (it runs on gloo and
 NCCL alike) and exposed only through this object: nothing else in the code
@@ -100,8 +107,9 @@ def check_layout(sizes: ParallelSizes, *, num_experts: int, microbatches: int,
 class Topology:
     """Sizes, this rank's coordinates and the process groups of the job."""
 
-    def __init__(self, sizes: ParallelSizes, timeout_s: float = 1800.0):
-        """`timeout_s` bounds every collective of the groups built here (as init_distributed's)."""
+    def __init__(self, sizes: ParallelSizes, timeout_s: float = 1800.0, dep_group_replicas: int = 0):
+        """`timeout_s` bounds every collective of the groups built here (as init_distributed's);
+        `dep_group_replicas`: DP replicas per DEP group (0: all)."""
         if not dist.is_initialized():
             raise RuntimeError("Topology needs torch.distributed initialised (torchrun sets it up)")
         with warnings.catch_warnings():  # megatron warns that TE/Apex are absent: expected on CPU
@@ -135,6 +143,20 @@ class Topology:
         dist.all_gather_object(coords, (self.pp_rank, self.dp_rank))
         # global rank of pipeline stage 0 of each data-parallel replica (DEP sends media there)
         self.stage0_rank_of_replica = [coords.index((0, r)) for r in range(sizes.dp)]
+        # DEP group: `dep_group_replicas` consecutive replicas (0 or more than dp: all of them)
+        k = sizes.dp if dep_group_replicas <= 0 else min(dep_group_replicas, sizes.dp)
+        first = self.dp_rank // k * k
+        self.dep_replicas = list(range(first, min(first + k, sizes.dp)))
+        members = list(range(sizes.world))
+        self.dep_group = self.world_group
+        if k < sizes.dp:
+            for start in range(0, sizes.dp, k):  # every rank creates every group, in order
+                ranks = sorted(i for i, (_, r) in enumerate(coords) if start <= r < start + k)
+                group = dist.new_group(ranks, timeout=timedelta(seconds=timeout_s))
+                if start == first:
+                    self.dep_group, members = group, ranks
+        # rank within the DEP group of stage 0 of each of its replicas (DEP plans in group ranks)
+        self.dep_stage0_ranks = [members.index(self.stage0_rank_of_replica[r]) for r in self.dep_replicas]
         self._ps = ps
 
     @property

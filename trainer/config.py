@@ -93,6 +93,10 @@ class ParallelSection:
     # Megatron-style notation, E embedding, t decoder layer, L head+loss, | between chunks,
     # X*N repeats: e.g. "Et|(tt|)*30L" (parallel/layout.py)
     layout: str = "auto"
+    # DEP balances the media of this many consecutive DP replicas over all their ranks (one
+    # plan per group; 0 = all replicas). Each rank derives its group's media metadata from
+    # the dataset index, so this bounds the planning work per rank as dp grows
+    dep_group_replicas: int = 8
 
 
 @dataclass
@@ -171,6 +175,9 @@ class JobConfig:
                 f"train.micro_batch = {p.dp} x {t.micro_batch}")
         if p.encoder not in ("colocated", "dep"):
             raise ConfigError(f"parallel.encoder={p.encoder!r}: choose 'dep' or 'colocated'")
+        if p.dep_group_replicas < 0:
+            raise ConfigError(f"parallel.dep_group_replicas={p.dep_group_replicas} must be >= 0 "
+                              "(0: one DEP plan over every replica)")
         if d.media_per_seq < 0 or d.max_image_patches_side < 2:
             raise ConfigError("data.media_per_seq must be >= 0 and "
                               "data.max_image_patches_side >= 2")

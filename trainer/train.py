@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dataloader.batch import Batch
+from dataloader.batch import Batch, MediaItem, normalize_patches
 from trainer.batch_inputs import model_inputs
 from trainer.checkpoint import CheckpointManager
 from trainer.config import JobConfig, to_dict
-from trainer.data import build_data
+from trainer.data import DataRole, build_data, job_data_state
 from trainer.lr_schedule import learning_rate
 from model.flops import model_flops
 from trainer.flops import device_peak_tflops, throughput_metrics
@@ -35,19 +35,6 @@ def microbatches_of(batch: Batch, micro_batch: int) -> list[Batch]:
             for start in range(0, batch.num_rows, micro_batch)]
 
 
-def replica_media(microbatches: list[Batch], dp_rank: int):
-    """DEP's view of one replica's media: metadata per item, and its pixels."""
-    from parallel.dep import ReplicaMedia
-    from parallel.dep_plan import MediaRef
-
-    items = [(mb, m) for mb, batch in enumerate(microbatches) for m in batch.media]
-    return ReplicaMedia(
-        refs=[MediaRef(item_id=m.item_id, replica=dp_rank, microbatch=mb,
-                       num_patches=m.num_patches, num_tokens=m.num_tokens) for mb, m in items],
-        grids={m.item_id: m.grid_thw for _, m in items},
-        patches={m.item_id: m.patches for _, m in items})
-
-
 class DistributedEngine:
     """The parallel engine and its process groups (only for world size > 1)."""
 
@@ -57,7 +44,8 @@ class DistributedEngine:
         from parallel.topology import Topology, init_distributed
 
         init_distributed("gloo", timeout_s=cfg.job.collective_timeout_s)
-        self.topology = Topology(cfg.parallel_sizes, timeout_s=cfg.job.collective_timeout_s)
+        self.topology = Topology(cfg.parallel_sizes, timeout_s=cfg.job.collective_timeout_s,
+                                 dep_group_replicas=cfg.parallel.dep_group_replicas)
         o = cfg.optim
         self.engine = ParallelEngine(
             cfg.model, self.topology, cfg.pipeline_layout(), micro_batch=cfg.train.micro_batch, seq_len=cfg.data.seq_len,
@@ -70,14 +58,54 @@ class DistributedEngine:
     def stats(self) -> dict[str, float]:
         return self.engine.stats
 
+    def data_role(self) -> DataRole:
+        """What this rank needs from the data: colocated, pixels on stage 0 only; DEP, the
+        group's media metadata and the pixels of the items the DEP plan assigns here."""
+        topo = self.topology
+        if self.cfg.parallel.encoder == "colocated":
+            return DataRole(topo.dp_rank, topo.sizes.dp, "own" if topo.is_first_stage else "none")
+        return DataRole(topo.dp_rank, topo.sizes.dp, self._dep_items_to_decode, tuple(topo.dep_replicas))
+
+    def _dep_refs(self, items: list[tuple[int, MediaItem]]):
+        """DEP's metadata of the group's media: refs (replica = index in the group) and grids."""
+        from parallel.dep_plan import MediaRef
+
+        first, micro = self.topology.dep_replicas[0], self.cfg.train.micro_batch
+        refs = [MediaRef(m.item_id, replica - first, m.row // micro, m.num_patches, m.num_tokens)
+                for replica, m in items]
+        return refs, {m.item_id: m.grid_thw for _, m in items}
+
+    def _dep_items_to_decode(self, step: int, items: list[tuple[int, MediaItem]]) -> list[int]:
+        """The loader's selection: what the DEP plan of this step gives this rank to encode.
+        Called when the loader plans the step (ahead), so the pixels are decoded in time;
+        the engine rebuilds the same plan and checks it across ranks."""
+        from parallel.dep_plan import plan_media
+
+        topo = self.topology
+        plan = plan_media(self._dep_refs(items)[0], dist.get_world_size(topo.dep_group), topo.dep_stage0_ranks)
+        return [m.item_id for m in plan.items_encoded_by(dist.get_rank(topo.dep_group))]
+
     def step(self, batch: Batch, lr: float) -> tuple[float, float]:
         """One step on this replica's rows `batch`."""
         mbs = microbatches_of(batch, self.cfg.train.micro_batch)
         if self.cfg.parallel.encoder == "dep":
+            from parallel.dep import StepMedia
+
+            group = batch.group
+            refs, grids = self._dep_refs(group.items)
+
+            def fetch(mine) -> list[torch.Tensor]:
+                missing = [m.item_id for m in mine if m.item_id not in group.pixels]
+                if missing:
+                    raise RuntimeError(f"DEP plans media items {missing[:8]} on this rank but its loader "
+                                       "did not decode them: the loader's selection and the plan differ")
+                return [normalize_patches(group.pixels[m.item_id]) for m in mine]
+
             return self.engine.step([model_inputs(b, with_patches=False) for b in mbs], lr,
-                                    media=replica_media(mbs, self.topology.dp_rank),
+                                    media=StepMedia(refs, grids, fetch, group.rows_digest),
                                     media_ids=[[m.item_id for m in b.media] for b in mbs])
-        return self.engine.step([model_inputs(b) for b in mbs], lr)
+        return self.engine.step([model_inputs(b, with_patches=self.topology.is_first_stage)
+                                 for b in mbs], lr)
 
     # checkpoint state: what this rank holds, by global name
     def named_tensors(self):
@@ -166,9 +194,9 @@ def train(cfg: JobConfig, rank: int = 0, engine=None, progress=None) -> list[dic
     torch.manual_seed(cfg.train.seed)
     progress("start-up: building the model and the process groups", timed=False)
     engine = engine or build_engine(cfg)
-    dp_rank = engine.topology.dp_rank if isinstance(engine, DistributedEngine) else 0
+    distributed = isinstance(engine, DistributedEngine)
     progress("start-up: opening the data", timed=False)
-    data = build_data(cfg, dp_rank, cfg.parallel.dp)
+    data = build_data(cfg, engine.data_role() if distributed else DataRole())
     checkpoints = CheckpointManager(run_dir, cfg.checkpoint.keep)
     progress(f"start-up: resuming ({cfg.resume})", timed=False)
     start = resume_step(cfg, engine, data, checkpoints)
@@ -217,9 +245,10 @@ def train(cfg: JobConfig, rank: int = 0, engine=None, progress=None) -> list[dic
         if stop or (cfg.checkpoint.interval and (done % cfg.checkpoint.interval == 0
                                                  or done == cfg.train.steps)):
             progress(f"step {step}: saving the step-{done} checkpoint")
+            data_state = job_data_state(data, not distributed or engine.topology.is_first_stage)
             checkpoints.save(done, engine.named_tensors(), engine.optimizer_state(),
                              {"model": to_dict(cfg)["model"], "layout": _layout(cfg),
-                              "data": data.state_dict()})
+                              "data": data_state})
         if stop:
             if is_logger:
                 print(f"stopped on request after step {step}; resume with --resume auto",

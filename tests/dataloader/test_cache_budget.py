@@ -43,6 +43,26 @@ def test_disk_lru_limit_atomic_files_and_stale_temp_cleanup(tmp_path):
     assert not os.path.exists(stale), "temp files of dead writers are removed at start-up"
 
 
+def test_disk_lru_lists_its_folder_rarely_and_keeps_the_limit(tmp_path, monkeypatch):
+    """Eviction lists the folder, so not on every put: only when the running estimate passes
+    the limit or after 1/16 of the limit was written; two writers still keep the limit."""
+    from dataloader import cache
+
+    listings = []
+    real_listdir = os.listdir
+    monkeypatch.setattr(cache.os, "listdir", lambda path: listings.append(path) or real_listdir(path))
+    a, b = DiskLRU(str(tmp_path), max_bytes=160_000), DiskLRU(str(tmp_path), max_bytes=160_000)
+    listings.clear()
+    for i in range(100):
+        (a if i % 2 else b).put(f"obj-{i}", bytes(1000))
+    assert len(listings) <= 2 + 2 * 100_000 // 10_000, f"{len(listings)} listings for 100 puts"
+    for i in range(200):
+        (a if i % 2 else b).put(f"more-{i}", bytes(1000))
+    size = sum(os.path.getsize(os.path.join(tmp_path, "objects", f))
+               for f in real_listdir(os.path.join(tmp_path, "objects")))
+    assert size <= 160_000 + 2 * 160_000 // 16, "each writer overshoots by at most 1/16 of the limit"
+
+
 def _hold_lock_forever(folder, ready):
     disk = DiskLRU(folder, 1 << 20)
     with disk.fetch_lock("shard-0"):
@@ -135,3 +155,24 @@ def test_a_killed_worker_is_reported(demo_dir):
         for _ in range(10):
             next(loader)
     loader.close()
+
+
+@pytest.mark.parametrize("arena_bytes", [64 << 20, 40 << 10])
+def test_worker_results_through_shared_memory_or_pickled_when_it_is_full(demo_dir, monkeypatch, arena_bytes):
+    """Result arrays travel through each worker's shared-memory ring; one that does not fit in
+    its free part is pickled instead (40 KiB: images often do not fit, token rows do)."""
+    from dataloader import worker_pool
+    from dataloader.loader import build_loader
+    from tests.dataloader.helpers import assert_same_rows, take_rows, tiny_config
+
+    monkeypatch.setattr(worker_pool, "ARENA_BYTES", arena_bytes)
+    direct = build_loader(tiny_config(demo_dir), seed=5, dp_rank=0, dp_size=1, rows_per_step=2)
+    pooled = build_loader(tiny_config(demo_dir, workers=2, prefetch=3), seed=5, dp_rank=0, dp_size=1,
+                          rows_per_step=2)
+    taken = []
+    real_take = pooled._pool._take
+    pooled._pool._take = lambda worker, array: taken.append(type(array).__name__) or real_take(worker, array)
+    assert_same_rows(take_rows(pooled, 6), take_rows(direct, 6))
+    assert "_InArena" in taken
+    assert ("ndarray" in taken) == (arena_bytes < 1 << 20), "the fallback runs exactly when the ring is full"
+    pooled.close()

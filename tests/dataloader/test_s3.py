@@ -109,3 +109,31 @@ def test_missing_object_and_exhausted_retries(s3_dataset, tmp_path):
     finally:
         proxy.stop()
     assert "secret" not in store.describe().lower() and "k25testaccess" not in store.describe()
+
+
+def test_a_forked_process_makes_its_own_s3_client(s3_dataset):
+    """A child never reuses its parent's boto3 client (and its keep-alive sockets): with
+    fork-started workers that is where mosaicml-streaming stalls for its 60 s timeout."""
+    import multiprocessing as mp
+    import os
+
+    from dataloader.s3_store import S3Store
+
+    server, uri = s3_dataset
+    store = S3Store(uri, endpoint_url=server.endpoint, region="us-east-1")
+    store.get("dataset.json")  # the parent's client now holds a pooled connection
+    parent_client = id(store._client)
+    ctx = mp.get_context("fork")
+    receive, send = ctx.Pipe(duplex=False)
+
+    def child():
+        data = store.get("dataset.json")
+        send.send((store._client_pid == os.getpid(), id(store._client) != parent_client, len(data)))
+
+    proc = ctx.Process(target=child)
+    proc.start()
+    assert receive.poll(60), "the child's GET did not finish"
+    own, new, size = receive.recv()
+    proc.join()
+    assert own and new and size > 0
+    assert store._client_pid == os.getpid() and id(store._client) == parent_client, "the parent keeps its own"

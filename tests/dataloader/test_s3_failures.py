@@ -16,9 +16,10 @@ import threading
 
 import pytest
 
-from dataloader.loader import build_loader, cache_folder
+from dataloader.loader import build_loader
 from dataloader.s3_store import S3Store
 from dataloader.store import StoreError
+from dataloader.tiered_reader import cache_folder
 from tests.dataloader.helpers import tiny_config
 from tests.dataloader.s3_server import ACCESS_KEY, SECRET_KEY, FaultProxy
 

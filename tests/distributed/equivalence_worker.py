@@ -1,6 +1,7 @@
 """Worker: train the tiny model under several parallel layouts in one torchrun launch.
 
-For each layout given on the command line (e.g. `pp=2,vpp=2` or `pp=2,ep=2,dp=2`),
+For each layout given on the command line (e.g. `pp=2,vpp=2` or `pp=2,ep=2,dp=2`;
+`dep_group=N` sets parallel.dep_group_replicas),
 build the topology and the parallel engine, train `--steps` steps on the
 synthetic data and gather every parameter (and router bias) to rank 0, which
 saves {layout: {"loss": [...], "grad_norm": [...], "tensors": {name: tensor},
@@ -44,6 +45,7 @@ def job_config(base: list[str], layout: dict) -> JobConfig:
         setattr(cfg.parallel, key, int(layout.get(key, 1)))
     cfg.parallel.encoder = layout.get("encoder", cfg.parallel.encoder)
     cfg.parallel.layout = layout.get("layout", cfg.parallel.layout)
+    cfg.parallel.dep_group_replicas = int(layout.get("dep_group", cfg.parallel.dep_group_replicas))
     cfg.validate(world_size=dist.get_world_size())
     return cfg
 

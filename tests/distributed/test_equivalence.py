@@ -21,6 +21,8 @@ cancels to ~0 turns float rounding of a different summation order (DP replicas
 add their microbatches in another order than one process does) into an O(lr)
 parameter difference. A real error changes gradients by O(1) and still fails.
 """
+import hashlib
+
 import pytest
 import torch
 
@@ -99,15 +101,39 @@ def test_two_ranks(tmp_path, reference):
     assert any("the plan assigns" in p for p in mismatches(results[mutants[2]], reference))
 
 
+# DEP before each rank fetched its own media (commit 7910fd8: owners decoded, gathered the
+# metadata and sent pixels to the encoder ranks), torch 2.13.0+cpu, one thread per rank.
+# Per-rank fetching must not change a bit: same data, same plan, same encoder batches.
+DEP_BEFORE_PER_RANK_FETCH = {
+    "pp=2,dp=2,encoder=dep": "3f8be1c72869f5abe4c5208e3a0d9fbcfbfb7e9fe7f352911f4c48c2515b4260",
+    "pp=2,vpp=2,ep=2,dp=2,encoder=dep": "208886eaa3218e26649dc34d3366185624988fd034ce7a178d6da73522cacf65",
+}
+DEP_BEFORE_LOSS = [7.654993057250977, 7.378196477890015, 7.146146535873413]
+DEP_BEFORE_GRAD_NORM = [2.807682514190674, 2.5635650157928467, 2.4946324825286865]
+
+
+def tensors_digest(tensors: dict) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def test_four_ranks_dep_and_colocated(tmp_path, reference):
     dep, colocated = "pp=2,vpp=2,ep=2,dp=2,encoder=dep", "pp=2,vpp=2,ep=2,dp=2,encoder=colocated"
-    good = ["pp=2,dp=2,encoder=dep", dep, colocated]
+    # dep_group=1: one DEP plan per replica (other encoder batches: equal within tolerance)
+    good = ["pp=2,dp=2,encoder=dep", dep, colocated, "pp=2,dp=2,encoder=dep,dep_group=1"]
     mutants = ["pp=2,vpp=2,dp=2,encoder=dep,mutant=drop_microbatch",
                "pp=2,dp=2,encoder=dep,mutant=skip_encoder_backward"]
     results = launch(tmp_path, 4, good + mutants)
     check(results, reference, good, mutants)
     # DEP and colocated agree with each other as closely as each agrees with the reference
     assert not mismatches(results[dep], results[colocated])
+    for layout, digest in DEP_BEFORE_PER_RANK_FETCH.items():
+        run = results[layout]
+        assert (run["loss"], run["grad_norm"]) == (DEP_BEFORE_LOSS, DEP_BEFORE_GRAD_NORM), layout
+        assert tensors_digest(run["tensors"]) == digest, f"{layout}: parameters differ bitwise"
 
 
 def test_eight_ranks_all_dimensions(tmp_path, reference):
