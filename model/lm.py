@@ -18,10 +18,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from model.attention import DocumentMask
 from model.config import LMConfig
 from model.ffn import SwiGLU
-from model.mla import MLA, packed_causal_mask
+from model.loss import linear_cross_entropy_sum
+from model.mla import MLA
 from model.moe import MoE
+from model.rope import RotaryEmbedding
 
 
 class DecoderLayer(nn.Module):
@@ -33,8 +36,8 @@ class DecoderLayer(nn.Module):
         self.ffn = (SwiGLU(cfg.hidden, cfg.dense_hidden) if index < cfg.first_k_dense
                     else MoE(cfg, local_experts))
 
-    def forward(self, x_BSD, position_ids_BS, mask_B1SS):
-        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), position_ids_BS, mask_B1SS)
+    def forward(self, x_BSD, rope_cos_sin, mask: DocumentMask):
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), rope_cos_sin, mask)
         return x_BSD + self.ffn(self.ffn_norm(x_BSD))
 
 
@@ -70,25 +73,30 @@ class LanguageModelChunk(nn.Module):
             {str(i): DecoderLayer(cfg, i, local_experts) for i in spec.layers})
         self.norm = nn.RMSNorm(cfg.hidden, eps=cfg.norm_eps) if spec.head else None
         self.head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False) if spec.head else None
+        self.rotary = RotaryEmbedding(cfg)  # no parameters: tables computed once per forward
 
     def forward(self, x: torch.Tensor, position_ids_BS: torch.Tensor, doc_ids_BS: torch.Tensor,
                 media_embeds_MD: torch.Tensor | None = None,
-                media_index_M: torch.Tensor | None = None) -> torch.Tensor:
+                media_index_M: torch.Tensor | None = None,
+                labels_BS: torch.Tensor | None = None) -> torch.Tensor:
         """x: token ids [B, S] for the chunk with the embedding, hidden states [B, S, D] otherwise.
 
-        Returns hidden states, or logits [B, S, V] from the chunk with the head. On the
-        embedding's chunk, `media_embeds_MD` replace the embeddings at the flat
-        positions `media_index_M` (row * S + column) of the media placeholders.
+        Returns hidden states; from the chunk with the head, logits [B, S, V], or with
+        `labels_BS` the summed token cross-entropy (model/loss.py: chunked, no [B, S, V]
+        fp32 logits). On the embedding's chunk, `media_embeds_MD` replace the embeddings at
+        the flat positions `media_index_M` (row * S + column) of the media placeholders.
         """
         if self.embed is not None:
             x = self.embed(x)
             if media_embeds_MD is not None and media_index_M is not None and len(media_index_M):
                 x = merge_media(x, media_embeds_MD, media_index_M)
         if len(self.layers):
-            mask = packed_causal_mask(doc_ids_BS)
+            rope_cos_sin, mask = self.rotary(position_ids_BS), DocumentMask(doc_ids_BS)
             for layer in self.layers.values():
-                x = layer(x, position_ids_BS, mask)
+                x = layer(x, rope_cos_sin, mask)
         if self.head is not None:
+            if labels_BS is not None:
+                return linear_cross_entropy_sum(self.norm(x), self.head.weight, labels_BS)
             x = self.head(self.norm(x))
         return x
 

@@ -53,6 +53,7 @@ class ReplicaMedia:
 class DecoupledEncoder:
     def __init__(self, encoder: VisionEncoder, world_group, stage0_rank_of_replica: list[int]):
         self.encoder = encoder
+        self.device = next(encoder.parameters()).device
         self.group = world_group
         self.rank = dist.get_rank(world_group)
         self.world = dist.get_world_size(world_group)
@@ -79,7 +80,8 @@ class DecoupledEncoder:
         ex = self._exchange
         patch_dim = self.encoder.vit.patch_embed.in_features
         rows = [media.patches[m.item_id] for per_encoder in ex.recv for m in per_encoder]
-        send = torch.cat(rows) if rows else torch.zeros(0, patch_dim)
+        send = (torch.cat(rows).to(self.device) if rows
+                else torch.zeros(0, patch_dim, device=self.device))
         received = all_to_all(send, [sum(m.num_patches for m in items) for items in ex.recv],
                               [sum(m.num_patches for m in items) for items in ex.send], self.group)
         items = [m for per_owner in ex.send for m in per_owner]
@@ -88,7 +90,7 @@ class DecoupledEncoder:
 
     def _encode(self) -> torch.Tensor:
         if not self._mine:
-            return torch.zeros(0, self.encoder.projector.fc2.out_features)
+            return torch.zeros(0, self.encoder.projector.fc2.out_features, device=self.device)
         patches = torch.cat([self._patches[m.item_id] for m in self._mine])
         return self.encoder(patches, [self._grids[m.item_id] for m in self._mine])
 
@@ -122,9 +124,9 @@ class DecoupledEncoder:
         items = [m for per_src in ex.recv for m in per_src]
         grads = [self._leaves[m.item_id].grad for m in items]
         hidden = self.encoder.projector.fc2.out_features
-        grads = [torch.zeros(m.num_tokens, hidden) if g is None else g
+        grads = [torch.zeros(m.num_tokens, hidden, device=self.device) if g is None else g
                  for m, g in zip(items, grads)]
-        back = torch.cat(grads) if grads else torch.zeros(0, hidden)
+        back = torch.cat(grads) if grads else torch.zeros(0, hidden, device=self.device)
         returned = all_to_all(back, ex.recv_rows, ex.send_rows, self.group)
         sent_items = [m for per_dst in ex.send for m in per_dst]
         grad_by_item = dict(zip([m.item_id for m in sent_items],

@@ -24,10 +24,11 @@ import torch.distributed as dist
 from torch import nn
 
 from model.config import ModelConfig
-from model.init import initialize
+from model.init import materialize
 from model.inputs import ModelInputs
 from model.lm import LanguageModelChunk
-from model.loss import IGNORE_INDEX, cross_entropy_sum
+from model.param_names import global_named_tensors, join_like_params, split_like_params
+from model.loss import IGNORE_INDEX
 from model.vision_language import VisionEncoder
 from parallel.adamw import AdamWConfig
 from parallel.dep import DecoupledEncoder, ReplicaMedia
@@ -53,10 +54,12 @@ class StageModule(nn.Module):
 
     def forward(self, x: torch.Tensor, inputs: ModelInputs,
                 media_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """`media_embeds` (DEP) replace the encoder; colocated stage 0 runs its own encoder."""
+        """Hidden states, or the summed loss of the microbatch from the chunk with the head.
+        `media_embeds` (DEP) replace the encoder; colocated stage 0 runs its own encoder."""
         if media_embeds is None and self.vision is not None and inputs.grid_thw:
             media_embeds = self.vision(inputs.patches, inputs.grid_thw)
-        return self.lm(x, inputs.position_ids, inputs.doc_ids, media_embeds, inputs.media_index)
+        return self.lm(x, inputs.position_ids, inputs.doc_ids, media_embeds, inputs.media_index,
+                       inputs.labels)
 
 
 def is_expert_param(name: str) -> bool:
@@ -66,10 +69,12 @@ def is_expert_param(name: str) -> bool:
 class ParallelEngine:
     def __init__(self, model_cfg: ModelConfig, topology: Topology, layout: PipelineLayout, *,
                  micro_batch: int, seq_len: int, microbatches: int, seed: int,
-                 adamw: AdamWConfig, grad_clip: float, encoder: str = "colocated"):
+                 adamw: AdamWConfig, grad_clip: float, encoder: str = "colocated",
+                 device: torch.device | str = "cpu"):
         if encoder not in ("colocated", "dep"):
             raise ValueError(f"encoder={encoder!r}: choose 'dep' or 'colocated'")
         self.cfg, self.topo = model_cfg, topology
+        self.device = torch.device(device)
         sizes = topology.sizes
         self.microbatches = microbatches
         if len(layout.chunks) != sizes.stages:
@@ -78,12 +83,14 @@ class ParallelEngine:
         local_experts = topology.local_experts(model_cfg.lm.num_experts)
         self.stages: dict[int, StageModule] = {}
         for stage in topology.stages_of_rank():
-            lm = LanguageModelChunk(model_cfg.lm, layout.chunks[stage], local_experts)
+            with torch.device("meta"):  # allocated on the device and initialised by name below
+                lm = LanguageModelChunk(model_cfg.lm, layout.chunks[stage], local_experts)
+                vision = (VisionEncoder(model_cfg) if stage == 0 and encoder == "colocated"
+                          else None)
+                module = StageModule(lm, vision)
+            materialize(module, self.device, seed, model_cfg.lm.init_std)
             for moe in lm.moe_layers():
                 moe.dispatcher = AllToAllDispatcher(topology.ep_group, model_cfg.lm.num_experts)
-            vision = VisionEncoder(model_cfg) if stage == 0 and encoder == "colocated" else None
-            module = StageModule(lm, vision)
-            initialize(module, seed, model_cfg.lm.init_std)
             self.stages[stage] = module
         named = [(n, p) for m in self.stages.values() for n, p in m.named_parameters()]
         dense = [(n, p) for n, p in named if not is_expert_param(n)]
@@ -91,8 +98,9 @@ class ParallelEngine:
         encoder_params = []
         self.dep: DecoupledEncoder | None = None
         if encoder == "dep":  # replicated on every rank, outside the pipeline
-            vision = VisionEncoder(model_cfg)
-            initialize(vision, seed, model_cfg.lm.init_std, prefix="vision")
+            with torch.device("meta"):
+                vision = VisionEncoder(model_cfg)
+            materialize(vision, self.device, seed, model_cfg.lm.init_std, prefix="vision")
             self.dep = DecoupledEncoder(vision, topology.world_group,
                                         topology.stage0_rank_of_replica)
             encoder_params = [(f"vision.{n}", p) for n, p in vision.named_parameters()]
@@ -109,7 +117,7 @@ class ParallelEngine:
         self.runtime = PipelineRuntime(
             actions, num_stages=sizes.stages, microbatches=microbatches,
             stage_rank=topology.stage_rank,
-            activation_shape=(micro_batch, seq_len, model_cfg.lm.hidden))
+            activation_shape=(micro_batch, seq_len, model_cfg.lm.hidden), device=self.device)
 
     def step(self, microbatches: list[ModelInputs], lr: float, media: ReplicaMedia | None = None,
              media_ids: list[list[int]] | None = None) -> tuple[float, float]:
@@ -120,8 +128,8 @@ class ParallelEngine:
         """
         if len(microbatches) != self.microbatches:
             raise ValueError(f"expected {self.microbatches} microbatches, got {len(microbatches)}")
-        count = torch.tensor(sum(int((m.labels != IGNORE_INDEX).sum()) for m in microbatches),
-                             dtype=torch.float64)
+        count = torch.stack([(m.labels != IGNORE_INDEX).sum() for m in microbatches]).sum()
+        count = count.to(torch.float64)
         dist.all_reduce(count, group=self.topo.dp_group)
         self.stats["loss_tokens"] = float(count)
         count = max(float(count), 1.0)
@@ -141,8 +149,8 @@ class ParallelEngine:
                 embeds = torch.cat([leaves[i] for i in media_ids[mb]])
             return self.stages[stage](inputs.tokens if x is None else x, inputs, embeds)
 
-        def loss_fn(logits: torch.Tensor, mb: int) -> torch.Tensor:
-            return cross_entropy_sum(logits, microbatches[mb].labels) / count
+        def loss_fn(loss_sum: torch.Tensor, mb: int) -> torch.Tensor:
+            return loss_sum / count
 
         loss = self.runtime.run(forward, loss_fn).double()
         if self.dep is not None:
@@ -178,16 +186,39 @@ class ParallelEngine:
 
     # ------------------------------------------------------------------ checkpoints
 
+    def _modules_by_prefix(self) -> list[tuple[nn.Module, str]]:
+        named = [(module, "") for module in self.stages.values()]
+        return named + ([(self.dep.encoder, "vision")] if self.dep is not None else [])
+
+    def _by_global_name(self, per_param: dict[str, dict[str, torch.Tensor]]
+                        ) -> dict[str, dict[str, torch.Tensor]]:
+        """{param name: {kind: t}} -> {global name: {kind: t}} (grouped experts split)."""
+        kinds = sorted({kind for state in per_param.values() for kind in state})
+        split = {kind: {} for kind in kinds}
+        for module, prefix in self._modules_by_prefix():
+            for kind in kinds:
+                split[kind].update(split_like_params(
+                    module, {n: s[kind] for n, s in per_param.items()}, prefix))
+        return {n: {kind: split[kind][n] for kind in kinds} for n in split[kinds[0]]} \
+            if kinds else {}
+
     def optimizer_state(self) -> dict[str, dict[str, torch.Tensor]]:
-        return self.optimizer.full_state()
+        return self._by_global_name(self.optimizer.full_state())
 
     def empty_optimizer_state(self) -> dict[str, dict[str, torch.Tensor]]:
-        return {n: {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
-                for g in self.optimizer.groups for bucket in g.buckets for slot in bucket.slots
-                for n, p in [(slot.name, g.params[slot.index])]}
+        return self._by_global_name(
+            {n: {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+             for g in self.optimizer.groups for bucket in g.buckets for slot in bucket.slots
+             for n, p in [(slot.name, g.params[slot.index])]})
 
     def load_optimizer_state(self, state: dict[str, dict[str, torch.Tensor]], step: int) -> None:
-        self.optimizer.load_full_state(state, step)
+        per_param = {}
+        for module, prefix in self._modules_by_prefix():
+            for kind in ("exp_avg", "exp_avg_sq"):
+                joined = join_like_params(module, {n: s[kind] for n, s in state.items()}, prefix)
+                for name, tensor in joined.items():
+                    per_param.setdefault(name, {})[kind] = tensor
+        self.optimizer.load_full_state(per_param, step)
 
     @property
     def optimizer_steps(self) -> int:
@@ -196,10 +227,8 @@ class ParallelEngine:
     def named_tensors(self) -> dict[str, torch.Tensor]:
         """Parameters and router-bias buffers this rank holds, by their global names."""
         out = {}
-        for module in self.stages.values():
-            out.update({n: p.detach() for n, p in module.named_parameters()})
-            out.update({n: b for n, b in module.named_buffers() if n.endswith("router.bias")})
-        if self.dep is not None:
-            out.update({f"vision.{n}": p.detach()
-                        for n, p in self.dep.encoder.named_parameters()})
+        for module, prefix in self._modules_by_prefix():
+            out.update({n: p.detach() for n, p in global_named_tensors(module, prefix).items()})
+            out.update({n: b for n, b in module.named_buffers(prefix=prefix)
+                        if n.endswith("router.bias")})
         return out

@@ -3,7 +3,7 @@
 The schedule is data (`parallel/schedule.py`); this runtime only walks it:
 
     RECV_F s.m  blocking receive of stage s's input activation        (from the rank of s-1)
-    F s.m       forward of chunk s on microbatch m; the last stage turns logits into loss
+    F s.m       forward of chunk s on microbatch m; the last stage's output is its loss
     SEND_F s.m  non-blocking send of the output                         (to the rank of s+1)
     RECV_B s.m  blocking receive of the gradient of stage s's output    (from the rank of s+1)
     B s.m       backward of chunk s on microbatch m (parameter grads accumulate)
@@ -39,7 +39,7 @@ from parallel.schedule import Action, Op
 
 # (stage, input or None for stage 0, microbatch index) -> output (hidden states or logits)
 StageForward = Callable[[int, "torch.Tensor | None", int], torch.Tensor]
-# (logits of the last stage, microbatch index) -> scalar loss contribution
+# (output of the last stage, microbatch index) -> scalar loss contribution
 LossFn = Callable[[torch.Tensor, int], torch.Tensor]
 
 
@@ -53,13 +53,14 @@ class ActionRecord:
 class PipelineRuntime:
     def __init__(self, actions: list[Action], *, num_stages: int, microbatches: int,
                  stage_rank: Callable[[int], int], activation_shape: tuple[int, ...],
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         self.actions = actions
         self.num_stages = num_stages
         self.microbatches = microbatches
         self.stage_rank = stage_rank
         self.activation_shape = activation_shape
         self.dtype = dtype
+        self.device = torch.device(device)
         self.timeline: list[ActionRecord] = []
 
     def _tag(self, stage: int, microbatch: int, backward: bool) -> int:
@@ -74,14 +75,14 @@ class PipelineRuntime:
         output_grads: dict[tuple[int, int], torch.Tensor] = {}
         input_grads: dict[tuple[int, int], torch.Tensor] = {}
         sends: list[tuple[dist.Work, torch.Tensor]] = []
-        loss_sum = torch.zeros((), dtype=torch.float32)
+        loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         self.timeline = []
         for action in self.actions:
             start = time.perf_counter()
             key = (action.stage, action.microbatch)
             s, mb = key
             if action.op is Op.RECV_F:
-                buf = torch.empty(self.activation_shape, dtype=self.dtype)
+                buf = torch.empty(self.activation_shape, dtype=self.dtype, device=self.device)
                 dist.recv(buf, src=self.stage_rank(s - 1), tag=self._tag(s, mb, False))
                 inputs[key] = buf.requires_grad_()
             elif action.op is Op.F:
@@ -95,7 +96,7 @@ class PipelineRuntime:
                 sends.append((dist.isend(payload, dst=self.stage_rank(s + 1),
                                          tag=self._tag(s + 1, mb, False)), payload))
             elif action.op is Op.RECV_B:
-                buf = torch.empty(self.activation_shape, dtype=self.dtype)
+                buf = torch.empty(self.activation_shape, dtype=self.dtype, device=self.device)
                 dist.recv(buf, src=self.stage_rank(s + 1), tag=self._tag(s + 1, mb, True))
                 output_grads[key] = buf
             elif action.op is Op.B:

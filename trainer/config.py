@@ -19,6 +19,7 @@ from dataloader.config import LoaderConfig
 from model.config import ConfigError, ModelConfig, preset
 from parallel.layout import PipelineLayout, resolve_layout
 from parallel.topology import ParallelSizes, check_layout
+from trainer.device import DEVICES
 
 
 @dataclass
@@ -29,6 +30,8 @@ class JobSection:
     # intra-op CPU threads per rank. 1 keeps runs bitwise reproducible: with more threads,
     # MKL's matrix products round differently depending on memory alignment
     cpu_threads: int = 1
+    # auto (this rank's GPU when CUDA is present, else CPU), cuda (NCCL) or cpu (gloo)
+    device: str = "auto"
 
 
 @dataclass
@@ -143,6 +146,8 @@ class JobConfig:
             raise ConfigError(
                 f"train.global_batch={t.global_batch} must be divisible by parallel.dp x "
                 f"train.micro_batch = {p.dp} x {t.micro_batch}")
+        if self.job.device not in DEVICES:
+            raise ConfigError(f"job.device={self.job.device!r}: choose one of {', '.join(DEVICES)}")
         if p.encoder not in ("colocated", "dep"):
             raise ConfigError(f"parallel.encoder={p.encoder!r}: choose 'dep' or 'colocated'")
         if d.media_per_seq < 0 or d.max_image_patches_side < 2:

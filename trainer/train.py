@@ -20,6 +20,7 @@ from trainer.batch_inputs import model_inputs
 from trainer.checkpoint import CheckpointManager
 from trainer.config import JobConfig, to_dict
 from trainer.data import build_data
+from trainer.device import backend_for, resolve_device
 from trainer.lr_schedule import learning_rate
 from model.flops import model_flops
 from trainer.flops import device_peak_tflops, throughput_metrics
@@ -56,12 +57,15 @@ class DistributedEngine:
         from parallel.engine import ParallelEngine
         from parallel.topology import Topology, init_distributed
 
-        init_distributed("gloo")
+        device = resolve_device(cfg.job.device)
+        init_distributed(backend_for(device))
         self.topology = Topology(cfg.parallel_sizes)
+        self.device = device
         o = cfg.optim
         self.engine = ParallelEngine(
-            cfg.model, self.topology, cfg.pipeline_layout(), micro_batch=cfg.train.micro_batch, seq_len=cfg.data.seq_len,
-            microbatches=cfg.microbatches_per_replica, seed=cfg.train.seed,
+            cfg.model, self.topology, cfg.pipeline_layout(), micro_batch=cfg.train.micro_batch,
+            seq_len=cfg.data.seq_len, microbatches=cfg.microbatches_per_replica,
+            seed=cfg.train.seed, device=device,
             adamw=AdamWConfig(beta1=o.beta1, beta2=o.beta2, eps=o.eps, weight_decay=o.weight_decay),
             grad_clip=o.grad_clip, encoder=cfg.parallel.encoder)
         self.cfg = cfg
@@ -74,10 +78,11 @@ class DistributedEngine:
         """One step on this replica's rows `batch`."""
         mbs = microbatches_of(batch, self.cfg.train.micro_batch)
         if self.cfg.parallel.encoder == "dep":
-            return self.engine.step([model_inputs(b, with_patches=False) for b in mbs], lr,
-                                    media=replica_media(mbs, self.topology.dp_rank),
-                                    media_ids=[[m.item_id for m in b.media] for b in mbs])
-        return self.engine.step([model_inputs(b) for b in mbs], lr)
+            return self.engine.step(
+                [model_inputs(b, with_patches=False, device=self.device) for b in mbs], lr,
+                media=replica_media(mbs, self.topology.dp_rank),
+                media_ids=[[m.item_id for m in b.media] for b in mbs])
+        return self.engine.step([model_inputs(b, device=self.device) for b in mbs], lr)
 
     # checkpoint state: what this rank holds, by global name
     def named_tensors(self):
@@ -96,7 +101,8 @@ class DistributedEngine:
 def build_engine(cfg: JobConfig):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1 and cfg.parallel_sizes.world == 1 and cfg.parallel.vpp == 1:
-        return SingleProcessEngine(cfg.model, cfg.optim, cfg.train.micro_batch, cfg.train.seed)
+        return SingleProcessEngine(cfg.model, cfg.optim, cfg.train.micro_batch, cfg.train.seed,
+                                   resolve_device(cfg.job.device))
     return DistributedEngine(cfg)
 
 
@@ -147,9 +153,9 @@ class StopRequest:
     requested = False
 
 
-def _stop_agreed() -> bool:
+def _stop_agreed(device: torch.device) -> bool:
     """Every rank must stop after the same step, whichever rank saw the signal."""
-    flag = torch.tensor(1.0 if StopRequest.requested else 0.0)
+    flag = torch.tensor(1.0 if StopRequest.requested else 0.0, device=device)
     if dist.is_initialized():
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag)
@@ -202,7 +208,7 @@ def train(cfg: JobConfig, rank: int = 0, engine=None) -> list[dict]:
         tensorboard.write(record)
         records.append(record)
         done = step + 1
-        stop = _stop_agreed()
+        stop = _stop_agreed(engine.device)
         if stop or (cfg.checkpoint.interval and (done % cfg.checkpoint.interval == 0
                                                  or done == cfg.train.steps)):
             checkpoints.save(done, engine.named_tensors(), engine.optimizer_state(),
