@@ -2,18 +2,22 @@
 
 The schedule is data (`parallel/schedule.py`); this runtime only walks it:
 
-    RECV_F s.m  blocking receive of stage s's input activation        (from the rank of s-1)
+    RECV_F s.m  receive stage s's input activation                     (from the rank of s-1)
     F s.m       forward of chunk s on microbatch m; the last stage's output is its loss
-    SEND_F s.m  non-blocking send of the output                         (to the rank of s+1)
-    RECV_B s.m  blocking receive of the gradient of stage s's output    (from the rank of s+1)
+    SEND_F s.m  send the output                                         (to the rank of s+1)
+    RECV_B s.m  receive the gradient of stage s's output                (from the rank of s+1)
     B s.m       backward of chunk s on microbatch m (parameter grads accumulate)
-    SEND_B s.m  non-blocking send of the gradient of stage s's input    (to the rank of s-1)
+    SEND_B s.m  send the gradient of stage s's input                    (to the rank of s-1)
 
-Sends are non-blocking and receives block, exactly the semantics the schedule
-simulator proves deadlock-free. Consecutive chunks always sit on different ranks
-(with pp = 1 there is one chunk: the layout check refuses vpp > 1 without pp > 1),
-so every hand-over between chunks is a SEND/RECV pair. Every action is timestamped (`timeline`), so
-the measured bubble can be compared with the simulated one.
+Consecutive SEND/RECV actions are posted together as one `batch_isend_irecv` and waited
+for together (`schedule.comm_batches`), exactly the rendezvous semantics under which
+the simulator proves every generated schedule deadlock-free: on NCCL a send may wait for
+its receiver, and facing sends would block both ranks if they were issued one at a time.
+The same code runs on gloo. Consecutive chunks always sit on different ranks (with pp = 1
+there is one chunk: the layout check refuses vpp > 1 without pp > 1), so every hand-over
+between chunks is a SEND/RECV pair. Every action is timestamped (`timeline`); a batch's
+wait is recorded on its last action (its last RECV when it receives anything: sends come
+first), its other actions get zero-length records at the batch's start.
 
 Why our own runtime rather than `torch.distributed.pipelining`'s
 `_PipelineScheduleRuntime`: (1) stage 0's inputs are not tensors that split
@@ -23,7 +27,7 @@ loss is normalised by the global labelled-token count across microbatches and
 data-parallel replicas rather than by the microbatch count; (3) profiling needs
 a timestamp per action, which torch's runtime does not expose; (4) the
 expert-parallel overlap work runs a forward and a backward together, with
-all-to-alls on gloo async handles, which needs control of the loop body. The
+all-to-alls on async handles, which needs control of the loop body. The
 runtime is small because the schedule, not the runtime, carries the logic.
 """
 from __future__ import annotations
@@ -35,7 +39,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from parallel.schedule import Action, Op
+from parallel.schedule import Action, Op, comm_batches
 
 # (stage, input or None for stage 0, microbatch index) -> output (hidden states or logits)
 StageForward = Callable[[int, "torch.Tensor | None", int], torch.Tensor]
@@ -74,31 +78,19 @@ class PipelineRuntime:
         outputs: dict[tuple[int, int], torch.Tensor] = {}  # stage output, or loss on the last
         output_grads: dict[tuple[int, int], torch.Tensor] = {}
         input_grads: dict[tuple[int, int], torch.Tensor] = {}
-        sends: list[tuple[dist.Work, torch.Tensor]] = []
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         self.timeline = []
-        for action in self.actions:
+        for step in comm_batches(self.actions):
             start = time.perf_counter()
+            action = step[0]
             key = (action.stage, action.microbatch)
             s, mb = key
-            if action.op is Op.RECV_F:
-                buf = torch.empty(self.activation_shape, dtype=self.dtype, device=self.device)
-                dist.recv(buf, src=self.stage_rank(s - 1), tag=self._tag(s, mb, False))
-                inputs[key] = buf.requires_grad_()
-            elif action.op is Op.F:
+            if action.op is Op.F:
                 out = forward(s, inputs.get(key) if s > 0 else None, mb)
                 if s == last:
                     out = loss_fn(out, mb)
                     loss_sum += out.detach()
                 outputs[key] = out
-            elif action.op is Op.SEND_F:
-                payload = outputs[key].detach()
-                sends.append((dist.isend(payload, dst=self.stage_rank(s + 1),
-                                         tag=self._tag(s + 1, mb, False)), payload))
-            elif action.op is Op.RECV_B:
-                buf = torch.empty(self.activation_shape, dtype=self.dtype, device=self.device)
-                dist.recv(buf, src=self.stage_rank(s + 1), tag=self._tag(s + 1, mb, True))
-                output_grads[key] = buf
             elif action.op is Op.B:
                 out = outputs.pop(key)
                 if s == last:
@@ -107,13 +99,13 @@ class PipelineRuntime:
                     out.backward(output_grads.pop(key))
                 if s > 0:
                     input_grads[key] = inputs.pop(key).grad
-            elif action.op is Op.SEND_B:
-                payload = input_grads.pop(key)
-                sends.append((dist.isend(payload, dst=self.stage_rank(s - 1),
-                                         tag=self._tag(s, mb, True)), payload))
+            else:
+                self._exchange(step, inputs, outputs, output_grads, input_grads)
+                end = time.perf_counter()
+                self.timeline.extend(ActionRecord(a, start, start) for a in step[:-1])
+                self.timeline.append(ActionRecord(step[-1], start, end))
+                continue
             self.timeline.append(ActionRecord(action, start, time.perf_counter()))
-        for work, _ in sends:
-            work.wait()
         leftovers = {name: d for name, d in (("inputs", inputs), ("outputs", outputs),
                                              ("output grads", output_grads),
                                              ("input grads", input_grads)) if d}
@@ -121,3 +113,30 @@ class PipelineRuntime:
             raise RuntimeError(f"pipeline schedule left unconsumed tensors: "
                                f"{ {k: sorted(v) for k, v in leftovers.items()} }")
         return loss_sum
+
+    def _exchange(self, batch: list[Action], inputs, outputs, output_grads, input_grads) -> None:
+        """Post one batch of sends and receives together, wait for all of them."""
+        ops, received = [], []
+        for action in batch:
+            s, mb = key = (action.stage, action.microbatch)
+            if action.op is Op.SEND_F:
+                ops.append(dist.P2POp(dist.isend, outputs[key].detach(), self.stage_rank(s + 1),
+                                      tag=self._tag(s + 1, mb, False)))
+            elif action.op is Op.SEND_B:
+                ops.append(dist.P2POp(dist.isend, input_grads.pop(key), self.stage_rank(s - 1),
+                                      tag=self._tag(s, mb, True)))
+            else:
+                buf = torch.empty(self.activation_shape, dtype=self.dtype, device=self.device)
+                backward = action.op is Op.RECV_B
+                peer = self.stage_rank(s + 1 if backward else s - 1)
+                ops.append(dist.P2POp(dist.irecv, buf, peer,
+                                      tag=self._tag(s + 1 if backward else s, mb, backward)))
+                received.append((action, buf))
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+        for action, buf in received:
+            key = (action.stage, action.microbatch)
+            if action.op is Op.RECV_F:
+                inputs[key] = buf.requires_grad_()
+            else:
+                output_grads[key] = buf

@@ -36,10 +36,12 @@ the same model idles (pp-1)*vpp*(F+B) = 4 units.
 Forwards walk the chunks in groups of pp microbatches (forward k runs chunk (k // pp) % vpp on
 microbatch (k // (pp*vpp)) * pp + k % pp); backwards walk the chunks in reverse order.
 
-Communication: `with_communication` puts a RECV right before the F/B that consumes a tensor from
-another rank and a SEND right after the F/B that produces one. When producer and consumer stage
-sit on the SAME rank (only when pp == 1) no SEND/RECV is emitted at all: the runtime hands the
-tensor over locally, and the checker instead requires the producing F/B earlier on that rank.
+Communication: `with_communication` follows Megatron-Core's batched point-to-point: after each
+loop iteration (warm-up F, steady F+B, cool-down B) the sends of its outputs and the receives
+of the next iteration's inputs, posted together as one batch, which NCCL's rendezvous sends
+need (see its docstring). When producer and consumer stage sit on the SAME rank (only when
+pp == 1) no SEND/RECV is emitted at all: the runtime hands the tensor over locally, and the
+checker instead requires the producing F/B earlier on that rank.
 """
 
 from __future__ import annotations
@@ -185,14 +187,46 @@ def interleaved_1f1b(pp: int, vpp: int, microbatches: int) -> list[list[Action]]
     return per_rank
 
 
+def _iterations(actions: list[Action], pp: int, vpp: int, rank: int) -> list[list[Action]]:
+    """A rank's compute order as Megatron's interleaved loop iterations: warm-up F, steady
+    (F, B) pairs, cool-down B. Plain 1F1B (vpp = 1) and lists of another shape (hand-written)
+    are one action per iteration: Megatron's 1F1B posts send_forward_recv_backward between
+    the F and the B of a steady-state step, which lets the backward's input arrive while
+    nothing else is pending (waiting for it before the F would double the bubble)."""
+    forwards = sum(a.op is Op.F for a in actions)
+    singles = [[a] for a in actions]
+    if vpp == 1 or forwards % vpp or not forwards:
+        return singles
+    microbatches = forwards // vpp
+    try:
+        warmup = warmup_forwards(pp, vpp, microbatches, rank)
+    except ValueError:
+        return singles
+    steady = forwards - warmup
+    shape = [Op.F] * warmup + [Op.F, Op.B] * steady + [Op.B] * warmup
+    if [a.op for a in actions] != shape:
+        return singles
+    pairs = [actions[warmup + 2 * k: warmup + 2 * k + 2] for k in range(steady)]
+    return singles[:warmup] + pairs + singles[warmup + 2 * steady:]
+
+
 def with_communication(
     compute_actions_per_rank: list[list[Action]], pp: int, vpp: int
 ) -> list[list[Action]]:
-    """Add the SEND/RECV around each F/B whose neighbour stage lives on another rank.
+    """Add the SEND/RECV of every F/B whose neighbour stage lives on another rank.
 
-    RECV goes right before its consumer (a blocking receive as late as possible) and SEND right
-    after its producer (sends are non-blocking, so as early as possible); nothing is emitted
-    between stages of the same rank.
+    Placement (Megatron-Core's loops, batch_p2p_comm): after each iteration (plain 1F1B:
+    each F or B; interleaved: a warm-up F, a steady-state F+B pair, a cool-down B) ONE group
+    of communication: the SENDs of what the iteration produced, then the RECVs of what the
+    next iteration consumes. The first iteration's RECVs come first. Consecutive SEND/RECV
+    actions are posted as one batch (`comm_batches`), so neighbours always post facing
+    sends together with the receives that complete them: no head-on send blocks under
+    NCCL's rendezvous semantics (`simulate(..., rendezvous=True)` proves it per shape).
+
+        rank 0:  F0.m0 [SEND_F0.m0] F0.m1 [SEND_F0.m1 RECV_B0.m0] B0.m0 ...
+        rank 1:  [RECV_F1.m0] F1.m0 B1.m0 [SEND_B1.m0 RECV_F1.m1] F1.m1 ...
+
+    Nothing is emitted between stages of the same rank (pp == 1: handed over locally).
     """
     if len(compute_actions_per_rank) != pp:
         raise ValueError(
@@ -200,33 +234,62 @@ def with_communication(
             f"got {len(compute_actions_per_rank)}"
         )
     last_stage = pp * vpp - 1
+
+    def remote(rank: int, stage: int) -> bool:
+        return 0 <= stage <= last_stage and stage_owner(stage, pp) != rank
+
+    def receives(rank: int, iteration: list[Action]) -> list[Action]:
+        out = []
+        for a in iteration:
+            if a.op is Op.F and remote(rank, a.stage - 1):
+                out.append(Action(Op.RECV_F, a.stage, a.microbatch))
+            elif a.op is Op.B and remote(rank, a.stage + 1):
+                out.append(Action(Op.RECV_B, a.stage, a.microbatch))
+        return out
+
+    def sends(rank: int, iteration: list[Action]) -> list[Action]:
+        out = []
+        for a in iteration:
+            if a.op is Op.F and remote(rank, a.stage + 1):
+                out.append(Action(Op.SEND_F, a.stage, a.microbatch))
+            elif a.op is Op.B and remote(rank, a.stage - 1):
+                out.append(Action(Op.SEND_B, a.stage, a.microbatch))
+        return out
+
     per_rank = []
     for rank, actions in enumerate(compute_actions_per_rank):
-        out: list[Action] = []
         for action in actions:
-            stage, microbatch = action.stage, action.microbatch
-            if stage > last_stage:
-                raise ValueError(
-                    f"{action} on rank {rank}: stage {stage} does not exist with pp={pp} vpp={vpp}"
-                )
-            previous_is_remote = stage > 0 and stage_owner(stage - 1, pp) != rank
-            next_is_remote = stage < last_stage and stage_owner(stage + 1, pp) != rank
-            if action.op is Op.F:
-                before, after = (Op.RECV_F, previous_is_remote), (Op.SEND_F, next_is_remote)
-            elif action.op is Op.B:
-                before, after = (Op.RECV_B, next_is_remote), (Op.SEND_B, previous_is_remote)
-            else:
+            if action.op not in COMPUTE_OPS:
                 raise ValueError(
                     f"with_communication takes compute actions (F/B) only, got {action} "
                     f"on rank {rank}"
                 )
-            if before[1]:
-                out.append(Action(before[0], stage, microbatch))
-            out.append(action)
-            if after[1]:
-                out.append(Action(after[0], stage, microbatch))
+            if action.stage > last_stage:
+                raise ValueError(
+                    f"{action} on rank {rank}: stage {action.stage} does not exist with "
+                    f"pp={pp} vpp={vpp}"
+                )
+        iterations = _iterations(actions, pp, vpp, rank)
+        out: list[Action] = receives(rank, iterations[0]) if iterations else []
+        for index, iteration in enumerate(iterations):
+            out.extend(iteration)
+            out.extend(sends(rank, iteration))
+            if index + 1 < len(iterations):
+                out.extend(receives(rank, iterations[index + 1]))
         per_rank.append(out)
     return per_rank
+
+
+def comm_batches(actions: list[Action]) -> list[list[Action]]:
+    """A rank's schedule as steps: each compute action alone, each maximal run of consecutive
+    SEND/RECV actions as one batch (what the runtime posts with one batch_isend_irecv)."""
+    steps: list[list[Action]] = []
+    for action in actions:
+        if action.op in COMPUTE_OPS or not steps or steps[-1][0].op in COMPUTE_OPS:
+            steps.append([action])
+        else:
+            steps[-1].append(action)
+    return steps
 
 
 def schedule(pp: int, vpp: int, microbatches: int) -> list[list[Action]]:

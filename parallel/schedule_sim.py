@@ -1,7 +1,8 @@
 """Check a pipeline schedule and simulate its timeline, without running a model.
 
-Model of the runtime (parallel/pipeline_runtime.py) that the simulator reproduces:
+Two models of point-to-point communication:
 
+  buffered (gloo's semantics, the default):
     F, B     run for forward_cost / backward_cost on their rank
     SEND_*   take no time and never block
     RECV_*   block until the matching SEND has run on the other rank; the message arrives at
@@ -9,6 +10,20 @@ Model of the runtime (parallel/pipeline_runtime.py) that the simulator reproduce
 
     rank 0:  F0.m0 SEND_F0.m0 ......
     rank 1:  RECV_F1.m0 [waits until rank 0 ran SEND_F0.m0] F1.m0 ...
+
+  rendezvous (NCCL's semantics, `rendezvous=True`; what parallel/pipeline_runtime.py runs):
+    consecutive SEND/RECV actions of a rank form ONE batch (`comm_batches`), posted together
+    (batch_isend_irecv) and waited for together. An operation completes only when its peer
+    has posted the matching operation; the rank waits until every operation of its batch
+    has. So a send that faces a send blocks both ranks, unless each batch also holds the
+    receive of the other's send:
+
+        rank 0: F0.m1 [SEND_F0.m1 RECV_B0.m0] B0.m0      one batch each: both complete
+        rank 1: B1.m0 [SEND_B1.m0 RECV_F1.m1] F1.m1
+
+    NCCL also matches the messages between two ranks in posting order (no tags):
+    `check_fifo` requires that, on every directed pair of ranks, the sender posts its
+    SENDs in the order the receiver posts the matching RECVs.
 
 Each rank runs its list strictly in order, so a rank's times depend only on its own list and
 on the send times of the others. The simulator therefore advances every rank as far as it can,
@@ -25,7 +40,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from parallel.schedule import COMPUTE_OPS, RECV_OPS, SEND_OPS, Action, Op, stage_owner
+from parallel.schedule import (COMPUTE_OPS, RECV_OPS, SEND_OPS, Action, Op, comm_batches,
+                               stage_owner)
 
 
 class ScheduleError(ValueError):
@@ -172,8 +188,11 @@ def simulate(
     *,
     microbatches: int | None = None,
     p2p_latency: float = 0.0,
+    rendezvous: bool = False,
 ) -> SimResult:
     """Check, then time the schedule; raises ScheduleError / ScheduleDeadlock if it cannot run.
+
+    `rendezvous=True` uses NCCL's semantics (module docstring) instead of buffered sends.
 
     `microbatches` defaults to one more than the largest microbatch index in the schedule;
     pass it to also catch a schedule that leaves out the last microbatches entirely.
@@ -190,6 +209,10 @@ def simulate(
         )
     check_schedule(actions_per_rank, pp, vpp, microbatches)
     cost = {Op.F: forward_cost, Op.B: backward_cost}
+    if rendezvous:
+        check_fifo(actions_per_rank, pp)
+        return _simulate_rendezvous(actions_per_rank, pp, microbatches * vpp
+                                    * (forward_cost + backward_cost), cost, p2p_latency)
 
     arrival: dict[Action, float] = {}  # SEND -> time its message is available to the RECV
     clock = [0.0] * pp
@@ -222,6 +245,68 @@ def simulate(
         if not progressed:
             raise ScheduleDeadlock(_describe_deadlock(actions_per_rank, position, pp))
     ideal = microbatches * vpp * (forward_cost + backward_cost)
+    return SimResult(max(clock), ideal, busy, timeline)
+
+
+def check_fifo(actions_per_rank: list[list[Action]], pp: int) -> None:
+    """NCCL matches point-to-point messages per directed rank pair in posting order: the
+    SENDs from a to b must be posted in the order b posts their RECVs."""
+    posted: dict[tuple[int, int, str], list[Action]] = {}
+    for rank, actions in enumerate(actions_per_rank):
+        for action in actions:
+            if action.op in SEND_OPS:
+                peer = stage_owner(_peer_stage(action), pp)
+                posted.setdefault((rank, peer, "send"), []).append(matching_recv(action))
+            elif action.op in RECV_OPS:
+                peer = stage_owner(_peer_stage(action), pp)
+                posted.setdefault((peer, rank, "recv"), []).append(action)
+    for (src, dst, kind), recvs in posted.items():
+        if kind != "send":
+            continue
+        expected = posted.get((src, dst, "recv"), [])
+        if recvs != expected:
+            first = next(i for i, (a, b) in enumerate(zip(recvs, expected)) if a != b)
+            raise ScheduleError(
+                f"messages from rank {src} to rank {dst} are posted in another order than they "
+                f"are received (message {first}: rank {src} sends for {recvs[first]}, rank "
+                f"{dst} receives {expected[first]} first); NCCL would deliver the wrong tensor")
+
+
+def _simulate_rendezvous(actions_per_rank: list[list[Action]], pp: int, ideal: float,
+                         cost: dict[Op, float], p2p_latency: float) -> SimResult:
+    steps = [comm_batches(actions) for actions in actions_per_rank]
+    clock = [0.0] * pp
+    position = [0] * pp
+    busy = [0.0] * pp
+    timeline: list[list[ActionTiming]] = [[] for _ in range(pp)]
+    posted_at: dict[Action, float] = {}  # operations of the batch each rank waits in
+    while any(position[r] < len(steps[r]) for r in range(pp)):
+        progressed = False
+        for rank in range(pp):
+            while position[rank] < len(steps[rank]):
+                step = steps[rank][position[rank]]
+                start = clock[rank]
+                if step[0].op in COMPUTE_OPS:
+                    end = start + cost[step[0].op]
+                    busy[rank] += cost[step[0].op]
+                    timeline[rank].append(ActionTiming(step[0], start, end))
+                else:
+                    for action in step:
+                        posted_at.setdefault(action, start)
+                    partners = [matching_recv(a) if a.op in SEND_OPS else matching_send(a)
+                                for a in step]
+                    if any(partner not in posted_at for partner in partners):
+                        break
+                    end = max(start, *(posted_at[p] for p in partners)) + p2p_latency
+                    timeline[rank].extend(ActionTiming(a, start, end) for a in step)
+                clock[rank] = end
+                position[rank] += 1
+                progressed = True
+        if not progressed:
+            waiting = [f"rank {r} waits in batch [{' '.join(map(str, steps[r][position[r]]))}]"
+                       for r in range(pp) if position[r] < len(steps[r])]
+            raise ScheduleDeadlock("schedule deadlocks under rendezvous point-to-point: "
+                                   + "; ".join(waiting))
     return SimResult(max(clock), ideal, busy, timeline)
 
 
