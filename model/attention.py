@@ -83,8 +83,11 @@ class DocumentMask:
 
 
 def document_attention(q_BHSQ: torch.Tensor, k_BHSQ: torch.Tensor, v_BHSV: torch.Tensor,
-                       mask: DocumentMask, scale: float) -> torch.Tensor:
+                       mask: DocumentMask, scale: float, te: bool = False) -> torch.Tensor:
     """Causal attention within each document of each row: [B, H, S, V]."""
+    if te and q_BHSQ.is_cuda:
+        from model import te_kernels
+        return te_kernels.document_attention(q_BHSQ, k_BHSQ, v_BHSV, *mask.segments, scale)
     if not _varlen_available(q_BHSQ):
         return F.scaled_dot_product_attention(q_BHSQ, k_BHSQ, v_BHSV, attn_mask=mask.dense_B1SS,
                                               scale=scale)
@@ -101,7 +104,7 @@ def document_attention(q_BHSQ: torch.Tensor, k_BHSQ: torch.Tensor, v_BHSV: torch
 
 
 def segment_attention(q_NHD: torch.Tensor, k_NHD: torch.Tensor, v_NHD: torch.Tensor,
-                      lengths: list[int]) -> torch.Tensor:
+                      lengths: list[int], te: bool = False) -> torch.Tensor:
     """Full attention inside each segment of a packed sequence (segment i has lengths[i]
     tokens, in order): [N, H, D], equal to one attention call per segment."""
     total = sum(lengths)
@@ -110,11 +113,13 @@ def segment_attention(q_NHD: torch.Tensor, k_NHD: torch.Tensor, v_NHD: torch.Ten
                          f"length {q_NHD.shape[0]}")
     if total == 0:
         return v_NHD[:0]
-    if _varlen_available(q_NHD):
-        from torch.nn.attention.varlen import varlen_attn
-
-        cu = torch.tensor([0, *lengths], dtype=torch.int32, device=q_NHD.device).cumsum(0)
+    if (te and q_NHD.is_cuda) or _varlen_available(q_NHD):
+        cu = torch.tensor([0, *lengths], dtype=torch.int64, device=q_NHD.device).cumsum(0)
         cu = cu.to(torch.int32)
+        if te:
+            from model import te_kernels
+            return te_kernels.segment_attention(q_NHD, k_NHD, v_NHD, cu, max(lengths))
+        from torch.nn.attention.varlen import varlen_attn
         return varlen_attn(q_NHD, k_NHD, v_NHD, cu, cu, max(lengths), max(lengths))
     # one batched SDPA per distinct segment length: segments of equal length stack exactly
     starts = torch.tensor([0, *lengths[:-1]], device=q_NHD.device).cumsum(0)

@@ -28,10 +28,11 @@ from model.rope import RotaryEmbedding
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: LMConfig, index: int, local_experts: range | None = None):
+    def __init__(self, cfg: LMConfig, index: int, local_experts: range | None = None,
+                 te: bool = False):
         super().__init__()
         self.attn_norm = nn.RMSNorm(cfg.hidden, eps=cfg.norm_eps)
-        self.attn = MLA(cfg)
+        self.attn = MLA(cfg, te)
         self.ffn_norm = nn.RMSNorm(cfg.hidden, eps=cfg.norm_eps)
         self.ffn = (SwiGLU(cfg.hidden, cfg.dense_hidden) if index < cfg.first_k_dense
                     else MoE(cfg, local_experts))
@@ -63,14 +64,15 @@ class ChunkSpec:
 
 class LanguageModelChunk(nn.Module):
     def __init__(self, cfg: LMConfig, spec: ChunkSpec | None = None,
-                 local_experts: range | None = None):
+                 local_experts: range | None = None, te: bool = False):
+        """`te`: transformer-engine kernels on CUDA (model/te_kernels.py)."""
         super().__init__()
         spec = ChunkSpec.whole(cfg) if spec is None else spec
         spec.check(cfg)
         self.cfg, self.spec = cfg, spec
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden) if spec.embed else None
         self.layers = nn.ModuleDict(
-            {str(i): DecoderLayer(cfg, i, local_experts) for i in spec.layers})
+            {str(i): DecoderLayer(cfg, i, local_experts, te) for i in spec.layers})
         self.norm = nn.RMSNorm(cfg.hidden, eps=cfg.norm_eps) if spec.head else None
         self.head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False) if spec.head else None
         self.rotary = RotaryEmbedding(cfg)  # no parameters: tables computed once per forward

@@ -19,12 +19,13 @@ from torch import nn
 from model.attention import DocumentMask, document_attention
 from model.config import LMConfig
 from model.rope import apply_rotary, yarn_attention_mscale
+from model.te_kernels import norm_then_linear
 
 
 class MLA(nn.Module):
-    def __init__(self, cfg: LMConfig):
+    def __init__(self, cfg: LMConfig, te: bool = False):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.te = cfg, te
         H = cfg.heads
         self.q_down = nn.Linear(cfg.hidden, cfg.q_lora_rank, bias=False)
         self.q_norm = nn.RMSNorm(cfg.q_lora_rank, eps=cfg.norm_eps)
@@ -42,10 +43,11 @@ class MLA(nn.Module):
         cfg = self.cfg
         B, S, _ = x_BSD.shape
         H, nope, rope, vdim = cfg.heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
-        q_BSHQ = self.q_up(self.q_norm(self.q_down(x_BSD))).view(B, S, H, nope + rope)
-        q_nope, q_rope = q_BSHQ.split([nope, rope], dim=-1)
+        q_BSHQ = norm_then_linear(self.q_norm, self.q_up, self.q_down(x_BSD), self.te)
+        q_nope, q_rope = q_BSHQ.view(B, S, H, nope + rope).split([nope, rope], dim=-1)
         c_kv, k_rope_BSR = self.kv_down(x_BSD).split([cfg.kv_lora_rank, rope], dim=-1)
-        kv_BSHK = self.kv_up(self.kv_norm(c_kv)).view(B, S, H, nope + vdim)
+        kv_BSHK = norm_then_linear(self.kv_norm, self.kv_up, c_kv, self.te).view(
+            B, S, H, nope + vdim)
         k_nope, v_BSHV = kv_BSHK.split([nope, vdim], dim=-1)
 
         cos, sin = rope_cos_sin
@@ -54,6 +56,6 @@ class MLA(nn.Module):
         q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)
         k = torch.cat([k_nope, k_rope_BS1R.expand(B, S, H, rope)], dim=-1).transpose(1, 2)
         v = v_BSHV.transpose(1, 2)
-        out_BHSV = document_attention(q, k, v, mask, self.softmax_scale)
+        out_BHSV = document_attention(q, k, v, mask, self.softmax_scale, self.te)
         return self.o_proj(out_BHSV.transpose(1, 2).reshape(B, S, H * vdim))
 

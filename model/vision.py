@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from model.attention import segment_attention
 from model.config import VisionConfig
+from model.te_kernels import norm_then_linear
 
 Grid = tuple[int, int, int]
 
@@ -188,52 +189,57 @@ class Learnable2DPosEmb(nn.Module):
 
 
 class VisionAttention(nn.Module):
-    """Multi-head self-attention with 2D RoPE, confined to packed segments."""
+    """Multi-head self-attention with 2D RoPE, confined to packed segments. Takes the qkv
+    projection's output, so the block can fuse the norm into that projection."""
 
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: VisionConfig, te: bool = False):
         super().__init__()
-        self.heads, self.head_dim = cfg.heads, cfg.head_dim
+        self.heads, self.head_dim, self.te = cfg.heads, cfg.head_dim, te
         self.qkv = nn.Linear(cfg.hidden, 3 * cfg.hidden, bias=True)
         self.out = nn.Linear(cfg.hidden, cfg.hidden, bias=True)
 
-    def forward(self, x_ND: Tensor, rope_angles_NR: Tensor, lengths: list[int]) -> Tensor:
-        n = x_ND.shape[0]
-        q_NHD, k_NHD, v_NHD = self.qkv(x_ND).reshape(n, 3, self.heads, self.head_dim).unbind(1)
+    def forward(self, qkv_N3D: Tensor, rope_angles_NR: Tensor, lengths: list[int]) -> Tensor:
+        n = qkv_N3D.shape[0]
+        q_NHD, k_NHD, v_NHD = qkv_N3D.reshape(n, 3, self.heads, self.head_dim).unbind(1)
         q_NHD = apply_rope_2d(q_NHD, rope_angles_NR)
         k_NHD = apply_rope_2d(k_NHD, rope_angles_NR)
-        attended_NHD = segment_attention(q_NHD, k_NHD, v_NHD, lengths)
+        attended_NHD = segment_attention(q_NHD, k_NHD, v_NHD, lengths, self.te)
         return self.out(attended_NHD.reshape(n, self.heads * self.head_dim))
 
 
 class VisionMLP(nn.Module):
+    """The block MLP's weights (up, GELU, down); `VisionBlock` runs them, so that the norm
+    can fuse into `up`."""
+
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.up = nn.Linear(cfg.hidden, cfg.mlp_hidden, bias=True)
         self.down = nn.Linear(cfg.mlp_hidden, cfg.hidden, bias=True)
 
-    def forward(self, x_ND: Tensor) -> Tensor:
-        return self.down(F.gelu(self.up(x_ND), approximate="tanh"))
-
 
 class VisionBlock(nn.Module):
-    """Pre-LN transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+    """Pre-LN transformer block: x + Attn(LN(x)), then x + MLP(LN(x)); each LN feeds one
+    projection (qkv, up), fused with it under transformer-engine."""
 
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: VisionConfig, te: bool = False):
         super().__init__()
+        self.te = te
         self.attn_norm = nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps)
-        self.attn = VisionAttention(cfg)
+        self.attn = VisionAttention(cfg, te)
         self.mlp_norm = nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps)
         self.mlp = VisionMLP(cfg)
 
     def forward(self, x_ND: Tensor, rope_angles_NR: Tensor, lengths: list[int]) -> Tensor:
-        x_ND = x_ND + self.attn(self.attn_norm(x_ND), rope_angles_NR, lengths)
-        return x_ND + self.mlp(self.mlp_norm(x_ND))
+        qkv = norm_then_linear(self.attn_norm, self.attn.qkv, x_ND, self.te)
+        x_ND = x_ND + self.attn(qkv, rope_angles_NR, lengths)
+        hidden = norm_then_linear(self.mlp_norm, self.mlp.up, x_ND, self.te)
+        return x_ND + self.mlp.down(F.gelu(hidden, approximate="tanh"))
 
 
 class MoonViT3D(nn.Module):
     """Packed patches of images and video chunks -> 2x2-merged, time-pooled features."""
 
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: VisionConfig, te: bool = False):
         super().__init__()
         if cfg.hidden % cfg.heads or cfg.head_dim % 4:
             raise ValueError(
@@ -247,7 +253,7 @@ class MoonViT3D(nn.Module):
         # Fixed, so not a parameter; not persistent, so checkpoints hold only learned state.
         self.register_buffer("time_emb_FD", sinusoidal_time_embedding(cfg.max_frames, cfg.hidden),
                              persistent=False)
-        self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.layers))
+        self.blocks = nn.ModuleList(VisionBlock(cfg, te) for _ in range(cfg.layers))
         self.final_norm = nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps)
         self.reset_parameters()
 

@@ -23,7 +23,7 @@ from model.vision import MoonViT3D
 class VisionEncoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.vit = MoonViT3D(cfg.vision)
+        self.vit = MoonViT3D(cfg.vision, cfg.te)
         self.projector = Projector(cfg.vision.hidden, cfg.lm.hidden)
 
     def forward(self, patches_NP: torch.Tensor, grid_thw: list[tuple[int, int, int]]) -> torch.Tensor:
@@ -38,7 +38,7 @@ class VisionLanguageModel(nn.Module):
         self.cfg = cfg
         with torch.device("meta"):
             self.vision = VisionEncoder(cfg)
-            self.lm = LanguageModelChunk(cfg.lm)
+            self.lm = LanguageModelChunk(cfg.lm, te=cfg.te)
         materialize(self, device, seed, cfg.lm.init_std)
 
     def forward(self, tokens_BS, position_ids_BS, doc_ids_BS, patches_NP=None, grid_thw=None,

@@ -17,8 +17,6 @@ the rest of stage 0.
 """
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -36,6 +34,7 @@ from parallel.expert_dispatch import AllToAllDispatcher
 from parallel.layout import PipelineLayout
 from parallel.pipeline_runtime import PipelineRuntime
 from parallel.schedule import COMPUTE_OPS, schedule
+from parallel.step_clock import StepClock
 from parallel.topology import Topology
 from parallel.zero1 import ParamGroup, Zero1Optimizer
 
@@ -84,7 +83,8 @@ class ParallelEngine:
         self.stages: dict[int, StageModule] = {}
         for stage in topology.stages_of_rank():
             with torch.device("meta"):  # allocated on the device and initialised by name below
-                lm = LanguageModelChunk(model_cfg.lm, layout.chunks[stage], local_experts)
+                lm = LanguageModelChunk(model_cfg.lm, layout.chunks[stage], local_experts,
+                                        model_cfg.te)
                 vision = (VisionEncoder(model_cfg) if stage == 0 and encoder == "colocated"
                           else None)
                 module = StageModule(lm, vision)
@@ -112,12 +112,20 @@ class ParallelEngine:
         self.optimizer = Zero1Optimizer(groups, norm_group=topology.world_group, config=adamw,
                                         max_grad_norm=grad_clip)
         actions = schedule(sizes.pp, sizes.vpp, microbatches)[topology.pp_rank]
-        self.phases: list[tuple[str, str, float, float]] = []
+        self._phase_marks: list[tuple[str, str, object, object]] = []
         self.stats: dict[str, float] = {}  # last step's extra metrics (load balance, idle)
+        self.clock = StepClock(self.device)  # CUDA events on GPU: host times only time launches
         self.runtime = PipelineRuntime(
             actions, num_stages=sizes.stages, microbatches=microbatches,
             stage_rank=topology.stage_rank,
-            activation_shape=(micro_batch, seq_len, model_cfg.lm.hidden), device=self.device)
+            activation_shape=(micro_batch, seq_len, model_cfg.lm.hidden), device=self.device,
+            clock=self.clock)
+
+    @property
+    def phases(self) -> list[tuple[str, str, float, float]]:
+        """(name, category, start, end) of the last step's work outside the schedule."""
+        return [(name, kind, self.clock.seconds(a), self.clock.seconds(b))
+                for name, kind, a, b in self._phase_marks]
 
     def step(self, microbatches: list[ModelInputs], lr: float, media: ReplicaMedia | None = None,
              media_ids: list[list[int]] | None = None) -> tuple[float, float]:
@@ -134,13 +142,14 @@ class ParallelEngine:
         self.stats["loss_tokens"] = float(count)
         count = max(float(count), 1.0)
 
-        self.phases = []  # (name, category, start, end): work outside the schedule, for profiles
-        clock = time.perf_counter
-        start = clock()
+        phases = self._phase_marks = []
+        clock = self.clock
+        clock.start()
+        start = clock.mark()
         leaves = (self.dep.forward(media, is_owner=self.topo.is_first_stage)
                   if self.dep is not None else {})
         if self.dep is not None:
-            self.phases.append(("DEP plan + encode + send", "dep", start, clock()))
+            phases.append(("DEP plan + encode + send", "dep", start, clock.mark()))
 
         def forward(stage: int, x: torch.Tensor | None, mb: int) -> torch.Tensor:
             inputs = microbatches[mb]
@@ -154,16 +163,17 @@ class ParallelEngine:
 
         loss = self.runtime.run(forward, loss_fn).double()
         if self.dep is not None:
-            start = clock()
+            start = clock.mark()
             self.dep.backward()
-            self.phases.append(("DEP grads back + recompute + backward", "dep", start, clock()))
-        start = clock()
+            phases.append(("DEP grads back + recompute + backward", "dep", start, clock.mark()))
+        start = clock.mark()
         dist.all_reduce(loss, group=self.topo.world_group)  # only last stages contribute
         grad_norm = self.optimizer.step(lr)
         self.optimizer.zero_grad()
         self._update_router_biases()
-        self.phases.append(("loss all-reduce + ZeRO-1 step + router bias", "optimizer", start,
-                            clock()))
+        phases.append(("loss all-reduce + ZeRO-1 step + router bias", "optimizer", start,
+                       clock.mark()))
+        clock.resolve()
         self.stats["pipeline_idle_fraction"] = self._pipeline_idle_fraction()
         return float(loss), float(grad_norm)
 

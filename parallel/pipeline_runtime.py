@@ -32,7 +32,6 @@ runtime is small because the schedule, not the runtime, carries the logic.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -40,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from parallel.schedule import Action, Op, comm_batches
+from parallel.step_clock import StepClock
 
 # (stage, input or None for stage 0, microbatch index) -> output (hidden states or logits)
 StageForward = Callable[[int, "torch.Tensor | None", int], torch.Tensor]
@@ -50,14 +50,17 @@ LossFn = Callable[[torch.Tensor, int], torch.Tensor]
 @dataclass
 class ActionRecord:
     action: Action
-    start: float  # seconds, time.perf_counter()
+    start: float  # seconds on the host clock (time.perf_counter; CUDA events resolved to it)
     end: float
 
 
 class PipelineRuntime:
     def __init__(self, actions: list[Action], *, num_stages: int, microbatches: int,
                  stage_rank: Callable[[int], int], activation_shape: tuple[int, ...],
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 clock: StepClock | None = None):
+        """`clock`: shared with the caller, who then starts and resolves it around the step
+        (the engine times its own phases on it); by default the runtime owns one."""
         self.actions = actions
         self.num_stages = num_stages
         self.microbatches = microbatches
@@ -65,7 +68,15 @@ class PipelineRuntime:
         self.activation_shape = activation_shape
         self.dtype = dtype
         self.device = torch.device(device)
-        self.timeline: list[ActionRecord] = []
+        self._owns_clock = clock is None
+        self.clock = clock or StepClock(self.device)
+        self._marks: list[tuple[Action, object, object]] = []
+
+    @property
+    def timeline(self) -> list[ActionRecord]:
+        """The last step's actions with their times (once the clock is resolved)."""
+        return [ActionRecord(a, self.clock.seconds(b), self.clock.seconds(e))
+                for a, b, e in self._marks]
 
     def _tag(self, stage: int, microbatch: int, backward: bool) -> int:
         """Unique per message: activation into `stage`, or gradient out of `stage`."""
@@ -79,9 +90,11 @@ class PipelineRuntime:
         output_grads: dict[tuple[int, int], torch.Tensor] = {}
         input_grads: dict[tuple[int, int], torch.Tensor] = {}
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
-        self.timeline = []
+        marks = self._marks = []
+        if self._owns_clock:
+            self.clock.start()
         for step in comm_batches(self.actions):
-            start = time.perf_counter()
+            start = self.clock.mark()
             action = step[0]
             key = (action.stage, action.microbatch)
             s, mb = key
@@ -101,11 +114,12 @@ class PipelineRuntime:
                     input_grads[key] = inputs.pop(key).grad
             else:
                 self._exchange(step, inputs, outputs, output_grads, input_grads)
-                end = time.perf_counter()
-                self.timeline.extend(ActionRecord(a, start, start) for a in step[:-1])
-                self.timeline.append(ActionRecord(step[-1], start, end))
+                marks.extend((a, start, start) for a in step[:-1])
+                marks.append((step[-1], start, self.clock.mark()))
                 continue
-            self.timeline.append(ActionRecord(action, start, time.perf_counter()))
+            marks.append((action, start, self.clock.mark()))
+        if self._owns_clock:
+            self.clock.resolve()
         leftovers = {name: d for name, d in (("inputs", inputs), ("outputs", outputs),
                                              ("output grads", output_grads),
                                              ("input grads", input_grads)) if d}

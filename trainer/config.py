@@ -148,6 +148,12 @@ class JobConfig:
                 f"train.micro_batch = {p.dp} x {t.micro_batch}")
         if self.job.device not in DEVICES:
             raise ConfigError(f"job.device={self.job.device!r}: choose one of {', '.join(DEVICES)}")
+        if self.model.te:
+            from model import te_kernels
+            if self.job.device == "cpu" or not te_kernels.available():
+                raise ConfigError("model.te=true needs a CUDA device and transformer-engine "
+                                  "(pip install -e '.[gpu]' with the CUDA build of torch); "
+                                  "drop --model.te or set it false")
         if p.encoder not in ("colocated", "dep"):
             raise ConfigError(f"parallel.encoder={p.encoder!r}: choose 'dep' or 'colocated'")
         if d.media_per_seq < 0 or d.max_image_patches_side < 2:

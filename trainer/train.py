@@ -197,7 +197,8 @@ def train(cfg: JobConfig, rank: int = 0, engine=None) -> list[dict]:
         tokens = cfg.train.global_batch * cfg.data.seq_len
         record = {"step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr,
                   "tokens": tokens, "step_time_s": elapsed, "tokens_per_s": tokens / elapsed,
-                  "data_wait_s": data_wait, **engine.stats}
+                  "data_wait_s": data_wait, "peak_memory_bytes": peak_memory_bytes(),
+                  **engine.stats}
         if is_logger:  # achieved model TFLOP/s per rank (and MFU on a known GPU); the replica's
             # FLOPs times dp estimates the global batch's
             flops = model_flops(cfg.model, batch.doc_ids, [m.grid_thw for m in batch.media])
