@@ -15,9 +15,8 @@ the simulator proves every generated schedule deadlock-free: on NCCL a send may 
 its receiver, and facing sends would block both ranks if they were issued one at a time.
 The same code runs on gloo. Consecutive chunks always sit on different ranks (with pp = 1
 there is one chunk: the layout check refuses vpp > 1 without pp > 1), so every hand-over
-between chunks is a SEND/RECV pair. Every action is timestamped (`timeline`); a batch's
-wait is recorded on its last action (its last RECV when it receives anything: sends come
-first), its other actions get zero-length records at the batch's start.
+between chunks is a SEND/RECV pair. Every action is timestamped (`timeline`); the actions
+of one batch share its start and end (they complete together).
 
 Why our own runtime rather than `torch.distributed.pipelining`'s
 `_PipelineScheduleRuntime`: (1) stage 0's inputs are not tensors that split
@@ -114,8 +113,8 @@ class PipelineRuntime:
                     input_grads[key] = inputs.pop(key).grad
             else:
                 self._exchange(step, inputs, outputs, output_grads, input_grads)
-                marks.extend((a, start, start) for a in step[:-1])
-                marks.append((step[-1], start, self.clock.mark()))
+                end = self.clock.mark()
+                marks.extend((a, start, end) for a in step)
                 continue
             marks.append((action, start, self.clock.mark()))
         if self._owns_clock:

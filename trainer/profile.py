@@ -136,6 +136,17 @@ def _total(spans: Sequence[Span], categories: Sequence[str]) -> float:
     return sum(s.duration for s in spans if s.category in categories)
 
 
+def _covered(spans: Sequence[Span], categories: Sequence[str]) -> float:
+    """Time covered by these spans, overlaps counted once (the sends and receives of one
+    batched exchange share its interval)."""
+    total, reach = 0.0, float("-inf")
+    for s in sorted((s for s in spans if s.category in categories), key=lambda s: s.start):
+        if s.end > reach:
+            total += s.end - max(s.start, reach)
+            reach = s.end
+    return total
+
+
 def measured_bubble_fraction(spans_per_rank: Sequence[Sequence[Span]]) -> float:
     """The simulator's bubble (parallel/schedule_sim.py), measured.
 
@@ -160,7 +171,7 @@ def stage_table(spans_per_rank: Sequence[Sequence[Span]],
         compute_s    forward_s + backward_s
         idle_s       makespan - compute_s (bubble; includes recv waits and loop overhead)
         idle_frac    idle_s / makespan
-        comm_wait_s  time blocked in receives (part of idle_s)
+        comm_wait_s  time blocked in batched sends and receives (part of idle_s)
         slowest_chunk_s  compute of the most expensive chunk (stage) on this rank
     """
     if peak_memory_per_rank is not None and len(peak_memory_per_rank) != len(spans_per_rank):
@@ -185,7 +196,7 @@ def stage_table(spans_per_rank: Sequence[Sequence[Span]],
             "compute_s": compute,
             "idle_s": makespan - compute,
             "idle_frac": (makespan - compute) / makespan if makespan > 0 else 0.0,
-            "comm_wait_s": _total(spans, ("recv",)),
+            "comm_wait_s": _covered(spans, ("send", "recv")),
             "slowest_chunk_s": max(per_stage.values(), default=0.0),
             "peak_memory_bytes": (None if peak_memory_per_rank is None
                                   else int(peak_memory_per_rank[index])),
@@ -203,7 +214,7 @@ def slowest_stage(rows: Sequence[dict]) -> dict:
 def format_table(rows: Sequence[dict]) -> str:
     """Fixed-width text of `stage_table` rows (times in ms, memory in MiB)."""
     header = ("rank", "stages", "fwd ms", "bwd ms", "compute ms", "idle ms", "idle %",
-              "recv wait ms", "peak MiB")
+              "comm wait ms", "peak MiB")
     lines = []
     for row in rows:
         memory = row["peak_memory_bytes"]

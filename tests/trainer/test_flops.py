@@ -218,8 +218,8 @@ def test_k25_attention_and_expert_formulas_match_flop_counter_on_meta_modules():
     with torch.device("meta"):
         mla, expert = MLA(cfg), SwiGLU(cfg.hidden, cfg.expert_hidden)
         x_BSD = torch.empty(1, S, cfg.hidden)
-        rope = RotaryEmbedding(cfg)(torch.arange(S).unsqueeze(0))
         mask = DocumentMask(torch.zeros(1, S, dtype=torch.long))  # one document: every pair
+    rope = tuple(t.to("meta") for t in RotaryEmbedding(cfg)(torch.arange(S).unsqueeze(0)))
     _, mla_total = counted(lambda: mla(x_BSD, rope, mask))
     per_token = flops.lm_flops_per_token(cfg, attended_length=S)
     assert mla_total * cfg.layers == (per_token.mla_projections + per_token.attention) * S
