@@ -11,8 +11,16 @@ The MoE layer never moves tokens itself. It asks a dispatcher to bring each
 The MoE layer then adds `weight * row` into token `route.order[r] // K` (a weighted
 scatter-add into [T, D]; no [T, K, D] tensor). `LocalDispatcher` (here) keeps
 everything on one rank; `parallel/` supplies an all-to-all dispatcher with the same
-two methods. Dispatchers only permute and communicate; the router weights are the
-MoE layer's.
+methods. Dispatchers only permute and communicate; the router weights are the MoE
+layer's.
+
+The same work is also offered in steps, so a runtime can run the all-to-alls itself
+(asynchronously, under another microbatch's compute: parallel/chunk_pass.py):
+
+    dispatch = prepare ──> all-to-all(route.send_splits -> route.recv_splits) ──> regroup
+    combine  = ungroup ──> all-to-all(route.recv_splits -> route.send_splits)
+
+`route.send_splits` is None when nothing travels (one rank holds every expert).
 """
 from __future__ import annotations
 
@@ -29,6 +37,9 @@ class Route:
 
     order: torch.Tensor  # [T*K] int64
     top_k: int
+    rows_per_expert: torch.Tensor  # [E_local]: rows each local expert receives
+    send_splits: list[int] | None = None  # rows to each expert rank (None: nothing travels)
+    recv_splits: list[int] | None = None  # rows from each expert rank
 
     @property
     def token_of_row(self) -> torch.Tensor:
@@ -52,6 +63,16 @@ class Dispatcher(Protocol):
     def combine(self, expert_out_ND: torch.Tensor, route: Route) -> torch.Tensor:
         """The expert outputs of this rank's pairs, in `route.order`: [T*K, D]."""
 
+    def prepare(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor
+                ) -> tuple[torch.Tensor, Route]:
+        """The rows to send, in expert order, and the route (incl. the split sizes)."""
+
+    def regroup(self, x_recv_ND: torch.Tensor, route: Route) -> torch.Tensor:
+        """Received rows -> the experts' grouped input."""
+
+    def ungroup(self, expert_out_ND: torch.Tensor, route: Route) -> torch.Tensor:
+        """The experts' grouped output -> rows in received order, to send back."""
+
 
 class LocalDispatcher:
     """All experts on this rank: a stable sort of (token, k) pairs by expert id; no host sync."""
@@ -59,9 +80,19 @@ class LocalDispatcher:
     def __init__(self, num_experts: int):
         self.num_experts = num_experts
 
-    def dispatch(self, x_TD, topk_idx_TK):
+    def prepare(self, x_TD, topk_idx_TK):
         rows, order, counts_E = sort_by_expert(x_TD, topk_idx_TK, self.num_experts)
-        return rows, counts_E, Route(order, topk_idx_TK.shape[1])
+        return rows, Route(order, topk_idx_TK.shape[1], counts_E)
+
+    def regroup(self, x_recv_ND, route: Route):
+        return x_recv_ND
+
+    def ungroup(self, expert_out_ND, route: Route):
+        return expert_out_ND
+
+    def dispatch(self, x_TD, topk_idx_TK):
+        rows, route = self.prepare(x_TD, topk_idx_TK)
+        return rows, route.rows_per_expert, route
 
     def combine(self, expert_out_ND, route: Route):
         return expert_out_ND

@@ -38,8 +38,12 @@ class DecoderLayer(nn.Module):
                     else MoE(cfg, local_experts))
 
     def forward(self, x_BSD, rope_cos_sin, mask: DocumentMask):
-        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), rope_cos_sin, mask)
+        x_BSD = self.attention_block(x_BSD, rope_cos_sin, mask)
         return x_BSD + self.ffn(self.ffn_norm(x_BSD))
+
+    def attention_block(self, x_BSD, rope_cos_sin, mask: DocumentMask):
+        """x + MLA(norm(x)): the layer's first half (node-by-node runners call the halves)."""
+        return x_BSD + self.attn(self.attn_norm(x_BSD), rope_cos_sin, mask)
 
 
 @dataclass(frozen=True)
@@ -89,18 +93,26 @@ class LanguageModelChunk(nn.Module):
         the flat positions `media_index_M` (row * S + column) of the media placeholders.
         """
         if self.embed is not None:
-            x = self.embed(x)
-            if media_embeds_MD is not None and media_index_M is not None and len(media_index_M):
-                x = merge_media(x, media_embeds_MD, media_index_M)
+            x = self.embed_tokens(x, media_embeds_MD, media_index_M)
         if len(self.layers):
             rope_cos_sin, mask = self.rotary(position_ids_BS), DocumentMask(doc_ids_BS)
             for layer in self.layers.values():
                 x = layer(x, rope_cos_sin, mask)
         if self.head is not None:
             if labels_BS is not None:
-                return linear_cross_entropy_sum(self.norm(x), self.head.weight, labels_BS)
+                return self.head_loss(x, labels_BS)
             x = self.head(self.norm(x))
         return x
+
+    def embed_tokens(self, tokens_BS, media_embeds_MD=None, media_index_M=None) -> torch.Tensor:
+        x = self.embed(tokens_BS)
+        if media_embeds_MD is not None and media_index_M is not None and len(media_index_M):
+            x = merge_media(x, media_embeds_MD, media_index_M)
+        return x
+
+    def head_loss(self, x_BSD: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
+        """The summed token cross-entropy of the head's logits (model/loss.py, chunked)."""
+        return linear_cross_entropy_sum(self.norm(x_BSD), self.head.weight, labels_BS)
 
     def moe_layers(self) -> list[MoE]:
         return [layer.ffn for layer in self.layers.values() if isinstance(layer.ffn, MoE)]

@@ -29,6 +29,7 @@ from model.param_names import global_named_tensors, join_like_params, split_like
 from model.loss import IGNORE_INDEX
 from model.vision_language import VisionEncoder
 from parallel.adamw import AdamWConfig
+from parallel.chunk_pass import ChunkPass
 from parallel.dep import DecoupledEncoder, ReplicaMedia
 from parallel.expert_dispatch import AllToAllDispatcher
 from parallel.layout import PipelineLayout
@@ -60,6 +61,13 @@ class StageModule(nn.Module):
         return self.lm(x, inputs.position_ids, inputs.doc_ids, media_embeds, inputs.media_index,
                        inputs.labels)
 
+    def embed_inputs(self, inputs: ModelInputs, media_embeds: torch.Tensor | None
+                     ) -> torch.Tensor:
+        """The embedding chunk's first step, as `forward` runs it (for node-by-node runs)."""
+        if media_embeds is None and self.vision is not None and inputs.grid_thw:
+            media_embeds = self.vision(inputs.patches, inputs.grid_thw)
+        return self.lm.embed_tokens(inputs.tokens, media_embeds, inputs.media_index)
+
 
 def is_expert_param(name: str) -> bool:
     return ".experts." in name
@@ -69,7 +77,9 @@ class ParallelEngine:
     def __init__(self, model_cfg: ModelConfig, topology: Topology, layout: PipelineLayout, *,
                  micro_batch: int, seq_len: int, microbatches: int, seed: int,
                  adamw: AdamWConfig, grad_clip: float, encoder: str = "colocated",
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", ep_overlap: bool = False):
+        """`ep_overlap` (applies with ep > 1): chunks run node by node and the steady state's
+        forward/backward pairs interleave, hiding expert all-to-alls (parallel/chunk_pass.py)."""
         if encoder not in ("colocated", "dep"):
             raise ValueError(f"encoder={encoder!r}: choose 'dep' or 'colocated'")
         self.cfg, self.topo = model_cfg, topology
@@ -90,7 +100,8 @@ class ParallelEngine:
                 module = StageModule(lm, vision)
             materialize(module, self.device, seed, model_cfg.lm.init_std)
             for moe in lm.moe_layers():
-                moe.dispatcher = AllToAllDispatcher(topology.ep_group, model_cfg.lm.num_experts)
+                moe.dispatcher = AllToAllDispatcher(topology.ep_group, model_cfg.lm.num_experts,
+                                                    topology.ep_meta_group)
             self.stages[stage] = module
         named = [(n, p) for m in self.stages.values() for n, p in m.named_parameters()]
         dense = [(n, p) for n, p in named if not is_expert_param(n)]
@@ -111,7 +122,8 @@ class ParallelEngine:
                   if params]
         self.optimizer = Zero1Optimizer(groups, norm_group=topology.world_group, config=adamw,
                                         max_grad_norm=grad_clip)
-        actions = schedule(sizes.pp, sizes.vpp, microbatches)[topology.pp_rank]
+        self.ep_overlap = ep_overlap and sizes.ep > 1
+        actions = schedule(sizes.pp, sizes.vpp, microbatches, self.ep_overlap)[topology.pp_rank]
         self._phase_marks: list[tuple[str, str, object, object]] = []
         self.stats: dict[str, float] = {}  # last step's extra metrics (load balance, idle)
         self.clock = StepClock(self.device)  # CUDA events on GPU: host times only time launches
@@ -151,17 +163,26 @@ class ParallelEngine:
         if self.dep is not None:
             phases.append(("DEP plan + encode + send", "dep", start, clock.mark()))
 
+        def media_embeds(stage: int, mb: int) -> torch.Tensor | None:
+            if stage == 0 and self.dep is not None and media_ids[mb]:
+                return torch.cat([leaves[i] for i in media_ids[mb]])
+            return None
+
         def forward(stage: int, x: torch.Tensor | None, mb: int) -> torch.Tensor:
             inputs = microbatches[mb]
-            embeds = None
-            if stage == 0 and self.dep is not None and media_ids[mb]:
-                embeds = torch.cat([leaves[i] for i in media_ids[mb]])
-            return self.stages[stage](inputs.tokens if x is None else x, inputs, embeds)
+            return self.stages[stage](inputs.tokens if x is None else x, inputs,
+                                      media_embeds(stage, mb))
 
         def loss_fn(loss_sum: torch.Tensor, mb: int) -> torch.Tensor:
             return loss_sum / count
 
-        loss = self.runtime.run(forward, loss_fn).double()
+        def make_pass(stage: int, x: torch.Tensor | None, mb: int) -> ChunkPass:
+            return ChunkPass(self.stages[stage], x, microbatches[mb], media_embeds(stage, mb),
+                             lambda loss_sum: loss_fn(loss_sum, mb))
+
+        loss = self.runtime.run(forward, loss_fn,
+                                make_pass if self.ep_overlap else None).double()
+        self.stats["a2a_wait_s"] = self.runtime.a2a_wait_s
         if self.dep is not None:
             start = clock.mark()
             self.dep.backward()

@@ -32,11 +32,12 @@ runtime is small because the schedule, not the runtime, carries the logic.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
 
+from parallel.chunk_pass import ChunkPass, run_alone, run_together
 from parallel.schedule import Action, Op, comm_batches
 from parallel.step_clock import StepClock
 
@@ -44,6 +45,14 @@ from parallel.step_clock import StepClock
 StageForward = Callable[[int, "torch.Tensor | None", int], torch.Tensor]
 # (output of the last stage, microbatch index) -> scalar loss contribution
 LossFn = Callable[[torch.Tensor, int], torch.Tensor]
+# (stage, input or None for stage 0, microbatch index) -> that chunk's node-by-node pass
+PassFactory = Callable[[int, "torch.Tensor | None", int], ChunkPass]
+
+
+def _then(steps: Iterator[None], finish: Callable[[], object]) -> Iterator[None]:
+    """`steps`, then `finish()` once they are exhausted."""
+    yield from steps
+    finish()
 
 
 @dataclass
@@ -81,36 +90,70 @@ class PipelineRuntime:
         """Unique per message: activation into `stage`, or gradient out of `stage`."""
         return ((self.num_stages if backward else 0) + stage) * self.microbatches + microbatch
 
-    def run(self, forward: StageForward, loss_fn: LossFn) -> torch.Tensor:
-        """Run the schedule; return the summed loss of the microbatches this rank finished."""
+    def run(self, forward: StageForward, loss_fn: LossFn,
+            make_pass: PassFactory | None = None) -> torch.Tensor:
+        """Run the schedule; return the summed loss of the microbatches this rank finished.
+
+        With `make_pass` every chunk runs node by node (parallel/chunk_pass.py) and FB
+        actions interleave a backward with a forward; without it (the schedule then has no
+        FB) each F/B is one autograd call of `forward` / `backward`."""
         last = self.num_stages - 1
         inputs: dict[tuple[int, int], torch.Tensor] = {}  # stage input, requires grad
         outputs: dict[tuple[int, int], torch.Tensor] = {}  # stage output, or loss on the last
         output_grads: dict[tuple[int, int], torch.Tensor] = {}
         input_grads: dict[tuple[int, int], torch.Tensor] = {}
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
+        passes: dict[tuple[int, int], ChunkPass] = {}
+        self.a2a_wait_s = 0.0
         marks = self._marks = []
         if self._owns_clock:
             self.clock.start()
+
+        def start_forward(s: int, mb: int):
+            """The forward of (s, mb): run now, or (node mode) a generator to run."""
+            x = inputs.get((s, mb)) if s > 0 else None
+            if make_pass is None:
+                out = forward(s, x, mb)
+                finish_forward(s, mb, loss_fn(out, mb) if s == last else out)
+                return iter(())
+            chunk = passes[(s, mb)] = make_pass(s, x, mb)
+            return _then(chunk.forward_steps(), lambda: finish_forward(s, mb, chunk.output))
+
+        def finish_forward(s: int, mb: int, out: torch.Tensor) -> None:
+            nonlocal loss_sum
+            if s == last:
+                loss_sum = loss_sum + out.detach()
+            outputs[(s, mb)] = out
+
+        def start_backward(s: int, mb: int):
+            """The backward of (s, mb): run now, or (node mode) a generator to run."""
+            out = outputs.pop((s, mb))
+            grad = None if s == last else output_grads.pop((s, mb))
+            if make_pass is None:
+                out.backward(grad)
+                finish_backward(s, mb, None)
+                return iter(())
+            chunk = passes.pop((s, mb))
+            return _then(chunk.backward_steps(grad), lambda: finish_backward(s, mb, chunk))
+
+        def finish_backward(s: int, mb: int, chunk: ChunkPass | None) -> None:
+            if chunk is not None:
+                self.a2a_wait_s += chunk.wait_s
+            if s > 0:
+                input_grads[(s, mb)] = inputs.pop((s, mb)).grad
+
         for step in comm_batches(self.actions):
             start = self.clock.mark()
             action = step[0]
             key = (action.stage, action.microbatch)
             s, mb = key
             if action.op is Op.F:
-                out = forward(s, inputs.get(key) if s > 0 else None, mb)
-                if s == last:
-                    out = loss_fn(out, mb)
-                    loss_sum += out.detach()
-                outputs[key] = out
+                run_alone(start_forward(s, mb))
             elif action.op is Op.B:
-                out = outputs.pop(key)
-                if s == last:
-                    out.backward()
-                else:
-                    out.backward(output_grads.pop(key))
-                if s > 0:
-                    input_grads[key] = inputs.pop(key).grad
+                run_alone(start_backward(s, mb))
+            elif action.op is Op.FB:
+                backward = start_backward(action.b_stage, action.b_microbatch)
+                run_together(backward, start_forward(s, mb))
             else:
                 self._exchange(step, inputs, outputs, output_grads, input_grads)
                 end = self.clock.mark()

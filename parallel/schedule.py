@@ -52,17 +52,20 @@ from dataclasses import dataclass
 
 
 class Op(enum.Enum):
-    """What an action does: F/B run a chunk, SEND_*/RECV_* move its tensors between ranks."""
+    """What an action does: F/B run a chunk, SEND_*/RECV_* move its tensors between ranks,
+    FB runs the forward of one chunk-microbatch and the backward of another together, node
+    by node, so each one's expert all-to-alls overlap the other's compute."""
 
     F = "F"
     B = "B"
+    FB = "FB"
     SEND_F = "SEND_F"
     RECV_F = "RECV_F"
     SEND_B = "SEND_B"
     RECV_B = "RECV_B"
 
 
-COMPUTE_OPS = (Op.F, Op.B)
+COMPUTE_OPS = (Op.F, Op.B, Op.FB)
 SEND_OPS = (Op.SEND_F, Op.SEND_B)
 RECV_OPS = (Op.RECV_F, Op.RECV_B)
 
@@ -70,6 +73,8 @@ RECV_OPS = (Op.RECV_F, Op.RECV_B)
 _ACTION_PATTERN = re.compile(
     r"^(?P<op>SEND_F|RECV_F|SEND_B|RECV_B|F|B)(?P<stage>\d+)\.m(?P<microbatch>\d+)$"
 )
+_PAIR_PATTERN = re.compile(
+    r"^F(?P<stage>\d+)\.m(?P<microbatch>\d+)\+B(?P<b_stage>\d+)\.m(?P<b_microbatch>\d+)$")
 _RANK_LINE_PATTERN = re.compile(r"^rank\s+(?P<rank>\d+):(?P<actions>.*)$")
 
 
@@ -77,13 +82,16 @@ _RANK_LINE_PATTERN = re.compile(r"^rank\s+(?P<rank>\d+):(?P<actions>.*)$")
 class Action:
     """One step of one rank's schedule: `op` on global stage `stage` for microbatch `microbatch`.
 
-    The string form (`F3.m5`, `RECV_F2.m0`) is what printed schedules and tests are written in,
-    so it parses back to the same action with `Action.parse`.
+    An FB action is the forward of (stage, microbatch) and the backward of (b_stage,
+    b_microbatch). The string form (`F3.m5`, `RECV_F2.m0`, `F3.m5+B2.m1`) is what printed
+    schedules and tests are written in, so it parses back with `Action.parse`.
     """
 
     op: Op
     stage: int
     microbatch: int
+    b_stage: int | None = None
+    b_microbatch: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.op, Op):
@@ -93,17 +101,35 @@ class Action:
                 f"Action stage and microbatch must be >= 0, got stage={self.stage}, "
                 f"microbatch={self.microbatch}"
             )
+        if (self.op is Op.FB) != (self.b_stage is not None and self.b_microbatch is not None):
+            raise ValueError("an FB action, and only an FB action, names a backward part "
+                             "(b_stage, b_microbatch)")
+
+    @property
+    def parts(self) -> tuple["Action", ...]:
+        """The F and the B an FB runs (in that order), or the action itself."""
+        if self.op is not Op.FB:
+            return (self,)
+        return (Action(Op.F, self.stage, self.microbatch),
+                Action(Op.B, self.b_stage, self.b_microbatch))
 
     def __str__(self) -> str:
+        if self.op is Op.FB:
+            return f"F{self.stage}.m{self.microbatch}+B{self.b_stage}.m{self.b_microbatch}"
         return f"{self.op.value}{self.stage}.m{self.microbatch}"
 
     @classmethod
     def parse(cls, text: str) -> Action:
+        pair = _PAIR_PATTERN.match(text.strip())
+        if pair is not None:
+            return cls(Op.FB, int(pair["stage"]), int(pair["microbatch"]), int(pair["b_stage"]),
+                       int(pair["b_microbatch"]))
         match = _ACTION_PATTERN.match(text.strip())
         if match is None:
             raise ValueError(
                 f"cannot parse action {text!r}: write <OP><stage>.m<microbatch> with OP one of "
-                f"{', '.join(op.value for op in Op)}, e.g. 'F3.m5' or 'RECV_F2.m0'"
+                f"{', '.join(op.value for op in Op if op is not Op.FB)}, e.g. 'F3.m5' or "
+                "'RECV_F2.m0', or a pair 'F3.m5+B2.m1'"
             )
         return cls(Op(match["op"]), int(match["stage"]), int(match["microbatch"]))
 
@@ -140,7 +166,8 @@ def validate_schedule_shape(pp: int, vpp: int, microbatches: int) -> None:
         )
 
 
-def warmup_forwards(pp: int, vpp: int, microbatches: int, rank: int) -> int:
+def warmup_forwards(pp: int, vpp: int, microbatches: int, rank: int,
+                    ep_overlap: bool = False) -> int:
     """Forwards `rank` runs before its first backward.
 
     (vpp-1)*pp fills the other chunks so the first backward (last chunk) has its input; the
@@ -149,14 +176,20 @@ def warmup_forwards(pp: int, vpp: int, microbatches: int, rank: int) -> int:
     (the simulator shows it), but the extra pp-rank-1 forwards keep a rank computing while a
     message is in flight (simulate(..., p2p_latency=1) on pp=16 vpp=2 m=32: makespan 299 vs
     387 units), for pp-rank-1 more microbatches of stored activations.
+
+    With `ep_overlap` (interleaved, or pp = 1) one more warm-up forward, as Megatron-Core
+    does for its combined 1F1B: otherwise the last stage would pair the forward and the
+    backward of the same microbatch, which cannot run together.
     """
     depth_term = pp - rank - 1
     if vpp > 1:
         depth_term *= 2
-    return min(microbatches * vpp, depth_term + (vpp - 1) * pp)
+    extra = int(ep_overlap and (vpp > 1 or pp == 1))
+    return min(microbatches * vpp, depth_term + (vpp - 1) * pp + extra)
 
 
-def interleaved_1f1b(pp: int, vpp: int, microbatches: int) -> list[list[Action]]:
+def interleaved_1f1b(pp: int, vpp: int, microbatches: int,
+                     ep_overlap: bool = False) -> list[list[Action]]:
     """Per pipeline rank, the ordered F/B actions of Megatron-Core's interleaved 1F1B.
 
     vpp == 1 yields plain 1F1B. Counting each rank's forwards and backwards k = 0, 1, ...:
@@ -177,7 +210,7 @@ def interleaved_1f1b(pp: int, vpp: int, microbatches: int) -> list[list[Action]]
 
     per_rank = []
     for rank in range(pp):
-        warmup = warmup_forwards(pp, vpp, microbatches, rank)
+        warmup = warmup_forwards(pp, vpp, microbatches, rank, ep_overlap)
         actions = [compute_action(Op.F, rank, k) for k in range(warmup)]
         for k in range(total - warmup):
             actions.append(compute_action(Op.F, rank, warmup + k))
@@ -198,16 +231,17 @@ def _iterations(actions: list[Action], pp: int, vpp: int, rank: int) -> list[lis
     if vpp == 1 or forwards % vpp or not forwards:
         return singles
     microbatches = forwards // vpp
-    try:
-        warmup = warmup_forwards(pp, vpp, microbatches, rank)
-    except ValueError:
-        return singles
-    steady = forwards - warmup
-    shape = [Op.F] * warmup + [Op.F, Op.B] * steady + [Op.B] * warmup
-    if [a.op for a in actions] != shape:
-        return singles
-    pairs = [actions[warmup + 2 * k: warmup + 2 * k + 2] for k in range(steady)]
-    return singles[:warmup] + pairs + singles[warmup + 2 * steady:]
+    for ep_overlap in (False, True):
+        try:
+            warmup = warmup_forwards(pp, vpp, microbatches, rank, ep_overlap)
+        except ValueError:
+            return singles
+        steady = forwards - warmup
+        shape = [Op.F] * warmup + [Op.F, Op.B] * steady + [Op.B] * warmup
+        if [a.op for a in actions] == shape:
+            pairs = [actions[warmup + 2 * k: warmup + 2 * k + 2] for k in range(steady)]
+            return singles[:warmup] + pairs + singles[warmup + 2 * steady:]
+    return singles
 
 
 def with_communication(
@@ -259,7 +293,7 @@ def with_communication(
     per_rank = []
     for rank, actions in enumerate(compute_actions_per_rank):
         for action in actions:
-            if action.op not in COMPUTE_OPS:
+            if action.op not in (Op.F, Op.B):
                 raise ValueError(
                     f"with_communication takes compute actions (F/B) only, got {action} "
                     f"on rank {rank}"
@@ -292,9 +326,40 @@ def comm_batches(actions: list[Action]) -> list[list[Action]]:
     return steps
 
 
-def schedule(pp: int, vpp: int, microbatches: int) -> list[list[Action]]:
-    """The full per-rank action lists (compute and communication) of interleaved 1F1B."""
-    return with_communication(interleaved_1f1b(pp, vpp, microbatches), pp, vpp)
+def combine_forward_backward(actions_per_rank: list[list[Action]]) -> list[list[Action]]:
+    """Merge each forward directly followed by a backward, or a backward directly followed by
+    a forward, into one FB action when neither needs the other (another microbatch): the
+    steady state of interleaved 1F1B (and of pp = 1) with `ep_overlap`. The runtime then runs
+    the two node by node, each one's all-to-alls under the other's compute."""
+    out = []
+    for actions in actions_per_rank:
+        merged: list[Action] = []
+        index = 0
+        while index < len(actions):
+            pair = actions[index:index + 2]
+            ops = [a.op for a in pair]
+            if ops in ([Op.F, Op.B], [Op.B, Op.F]) and pair[0].microbatch != pair[1].microbatch:
+                forward, backward = pair if ops[0] is Op.F else pair[::-1]
+                merged.append(Action(Op.FB, forward.stage, forward.microbatch, backward.stage,
+                                     backward.microbatch))
+                index += 2
+            else:
+                merged.append(actions[index])
+                index += 1
+        out.append(merged)
+    return out
+
+
+def schedule(pp: int, vpp: int, microbatches: int, ep_overlap: bool = False
+             ) -> list[list[Action]]:
+    """The full per-rank action lists (compute and communication) of interleaved 1F1B.
+
+    `ep_overlap`: steady-state forward/backward pairs become FB actions (interleaved 1F1B,
+    or pp = 1; plain 1F1B with pp > 1 receives each backward's input between its F and its B,
+    so nothing pairs there and the schedule is unchanged).
+    """
+    actions = with_communication(interleaved_1f1b(pp, vpp, microbatches, ep_overlap), pp, vpp)
+    return combine_forward_backward(actions) if ep_overlap else actions
 
 
 def format_schedule(actions_per_rank: list[list[Action]]) -> str:

@@ -92,7 +92,11 @@ def matching_recv(send: Action) -> Action:
 
 
 def _prerequisite(action: Action, rank: int, pp: int, last_stage: int) -> list[Action]:
-    """Actions that must have run earlier on `rank` (the same rank) before `action`."""
+    """Actions that must have run earlier on `rank` (the same rank) before `action`; for an
+    FB, what either part needs (a part that needs the other cannot pair)."""
+    if action.op is Op.FB:
+        return [need for part in action.parts
+                for need in _prerequisite(part, rank, pp, last_stage)]
     stage, microbatch = action.stage, action.microbatch
     if action.op is Op.F:
         if stage == 0:
@@ -136,7 +140,8 @@ def check_schedule(
         )
     num_stages = pp * vpp
     last_stage = num_stages - 1
-    counts = Counter(action for actions in actions_per_rank for action in actions)
+    counts = Counter(part for actions in actions_per_rank for action in actions
+                     for part in action.parts)
     duplicates = sorted(str(action) for action, n in counts.items() if n > 1)
     if duplicates:
         raise ScheduleError(f"actions scheduled more than once: {', '.join(duplicates)}")
@@ -145,13 +150,14 @@ def check_schedule(
         done: set[Action] = set()
         for position, action in enumerate(actions):
             where = f"{action} (rank {rank}, position {position})"
-            if action.stage > last_stage:
-                raise ScheduleError(f"{where}: stage out of range 0..{last_stage}")
-            if action.microbatch >= microbatches:
-                raise ScheduleError(f"{where}: microbatch out of range 0..{microbatches - 1}")
-            owner = stage_owner(action.stage, pp)
-            if owner != rank:
-                raise ScheduleError(f"{where}: stage {action.stage} is held by rank {owner}")
+            for part in action.parts:
+                if part.stage > last_stage:
+                    raise ScheduleError(f"{where}: stage out of range 0..{last_stage}")
+                if part.microbatch >= microbatches:
+                    raise ScheduleError(f"{where}: microbatch out of range 0..{microbatches - 1}")
+                owner = stage_owner(part.stage, pp)
+                if owner != rank:
+                    raise ScheduleError(f"{where}: stage {part.stage} is held by rank {owner}")
             if action.op in SEND_OPS or action.op in RECV_OPS:
                 peer = _peer_stage(action)
                 if not 0 <= peer <= last_stage or stage_owner(peer, pp) == rank:
@@ -162,11 +168,11 @@ def check_schedule(
             for needed in _prerequisite(action, rank, pp, last_stage):
                 if needed not in done:
                     raise ScheduleError(f"{where}: needs {needed} earlier on rank {rank}")
-            done.add(action)
+            done.update(action.parts)
 
     for stage in range(num_stages):
         for microbatch in range(microbatches):
-            for op in COMPUTE_OPS:
+            for op in (Op.F, Op.B):
                 if Action(op, stage, microbatch) not in counts:
                     raise ScheduleError(
                         f"missing {Action(op, stage, microbatch)} "
@@ -189,10 +195,14 @@ def simulate(
     microbatches: int | None = None,
     p2p_latency: float = 0.0,
     rendezvous: bool = False,
+    a2a_cost: float = 0.0,
 ) -> SimResult:
     """Check, then time the schedule; raises ScheduleError / ScheduleDeadlock if it cannot run.
 
     `rendezvous=True` uses NCCL's semantics (module docstring) instead of buffered sends.
+    `a2a_cost`: the part of each F and each B spent in expert all-to-alls. An FB runs both
+    with each one's all-to-alls under the other's compute, so it takes
+    max(compute of both, all-to-alls of both) instead of the sum of F and B.
 
     `microbatches` defaults to one more than the largest microbatch index in the schedule;
     pass it to also catch a schedule that leaves out the last microbatches entirely.
@@ -208,7 +218,10 @@ def simulate(
             f"backward_cost={backward_cost}, p2p_latency={p2p_latency}"
         )
     check_schedule(actions_per_rank, pp, vpp, microbatches)
-    cost = {Op.F: forward_cost, Op.B: backward_cost}
+    if not 0 <= a2a_cost <= min(forward_cost, backward_cost):
+        raise ValueError(f"a2a_cost={a2a_cost} must lie in [0, min(forward_cost, backward_cost)]")
+    compute = forward_cost + backward_cost - 2 * a2a_cost
+    cost = {Op.F: forward_cost, Op.B: backward_cost, Op.FB: max(compute, 2 * a2a_cost)}
     if rendezvous:
         check_fifo(actions_per_rank, pp)
         return _simulate_rendezvous(actions_per_rank, pp, microbatches * vpp
@@ -236,7 +249,7 @@ def simulate(
                     arrival[action] = start + p2p_latency
                 else:
                     end = start + cost[action.op]
-                    busy[rank] += cost[action.op]
+                    busy[rank] += cost[action.op]  # an FB's overlap makes a rank less busy
                 timeline[rank].append(ActionTiming(action, start, end))
                 clock[rank] = end
                 position[rank] += 1
@@ -341,7 +354,7 @@ def format_timeline(result: SimResult, time_unit: float = 1.0, cell_width: int =
             first = round(timing.start / time_unit) * cell_width
             last = round(timing.end / time_unit) * cell_width
             action = timing.action
-            label = f"{action.op.value}{action.stage}.{action.microbatch}"
+            label = "+".join(f"{p.op.value}{p.stage}.{p.microbatch}" for p in action.parts)
             text = (label + "-" * (last - first))[: last - first - 1] + " "
             row[first:last] = list(text)
         rows.append(f"rank {rank}: " + "".join(row).rstrip())

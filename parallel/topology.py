@@ -125,9 +125,18 @@ class Topology:
         # global ranks of this rank's pipeline, indexed by pipeline rank
         self.pipeline_ranks = dist.get_process_group_ranks(self.pp_group)
         coords = [None] * sizes.world
-        dist.all_gather_object(coords, (self.pp_rank, self.dp_rank))
+        dist.all_gather_object(coords, (self.pp_rank, self.dp_rank,
+                                        tuple(dist.get_process_group_ranks(self.ep_group))))
         # global rank of pipeline stage 0 of each data-parallel replica (DEP sends media there)
-        self.stage0_rank_of_replica = [coords.index((0, r)) for r in range(sizes.dp)]
+        self.stage0_rank_of_replica = [[c[:2] for c in coords].index((0, r))
+                                       for r in range(sizes.dp)]
+        # the expert-parallel ranks again, on another communicator: the per-expert counts
+        # travel there, so they never queue behind a token all-to-all still in flight
+        self.ep_meta_group = self.ep_group
+        if sizes.ep > 1:
+            ep_groups = sorted({c[2] for c in coords})
+            self.ep_meta_group, _ = dist.new_subgroups_by_enumeration(
+                [list(g) for g in ep_groups])
         self._ps = ps
 
     @property

@@ -82,6 +82,9 @@ class ParallelSection:
     # Megatron-style notation, E embedding, t decoder layer, L head+loss, | between chunks,
     # X*N repeats: e.g. "Et|(tt|)*30L" (parallel/layout.py)
     layout: str = "auto"
+    # with ep > 1: run chunks node by node and pair steady-state forwards and backwards so
+    # expert all-to-alls overlap compute (parallel/chunk_pass.py); false: one call per F/B
+    ep_overlap: bool = True
 
 
 @dataclass

@@ -67,7 +67,8 @@ class DistributedEngine:
             seq_len=cfg.data.seq_len, microbatches=cfg.microbatches_per_replica,
             seed=cfg.train.seed, device=device,
             adamw=AdamWConfig(beta1=o.beta1, beta2=o.beta2, eps=o.eps, weight_decay=o.weight_decay),
-            grad_clip=o.grad_clip, encoder=cfg.parallel.encoder)
+            grad_clip=o.grad_clip, encoder=cfg.parallel.encoder,
+            ep_overlap=cfg.parallel.ep_overlap)
         self.cfg = cfg
 
     @property

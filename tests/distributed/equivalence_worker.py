@@ -10,6 +10,8 @@ A layout may name a mutant, a deliberate bug the test must catch:
   mutant=drop_microbatch      the schedule silently leaves out the last microbatch(es)
   mutant=skip_encoder_backward  DEP never back-propagates into the vision encoder
   mutant=ignore_media         stage 0 drops the media embeddings DEP hands it
+  mutant=early_a2a_read       the overlapped schedule reads an all-to-all's receive buffer
+                              before its handle completed
 """
 from __future__ import annotations
 
@@ -31,11 +33,14 @@ def job_config(base: list[str], layout: dict) -> JobConfig:
         setattr(cfg.parallel, key, int(layout.get(key, 1)))
     cfg.parallel.encoder = layout.get("encoder", cfg.parallel.encoder)
     cfg.parallel.layout = layout.get("layout", cfg.parallel.layout)
+    if "ep_overlap" in layout:
+        cfg.parallel.ep_overlap = layout["ep_overlap"] == "true"
     cfg.validate(world_size=dist.get_world_size())
     return cfg
 
 
-def apply_mutant(dist_engine: DistributedEngine, mutant: str, microbatches: int) -> None:
+def apply_mutant(dist_engine: DistributedEngine, mutant: str, microbatches: int):
+    """Break the engine as `mutant` says; returns a function that undoes what outlives it."""
     engine = dist_engine.engine
     if mutant == "drop_expert_bucket":
         opt = engine.optimizer
@@ -60,6 +65,25 @@ def apply_mutant(dist_engine: DistributedEngine, mutant: str, microbatches: int)
         dropped = sizes.pp if sizes.vpp > 1 else 1  # interleaving needs a multiple of pp
         engine.runtime.actions = schedule(sizes.pp, sizes.vpp, microbatches - dropped)[
             dist_engine.topology.pp_rank]
+    elif mutant == "early_a2a_read":  # read an all-to-all's buffer before it completed
+        from parallel import expert_dispatch
+
+        real_start = expert_dispatch.PendingAllToAll
+
+        class EarlyRead(real_start):
+            def __init__(self, x_ND, send_splits, recv_splits, group):
+                out = x_ND.new_full((sum(recv_splits),) + tuple(x_ND.shape[1:]), float("nan"))
+                self.out, self._send = out, x_ND.detach().contiguous()
+                self.work = dist.all_to_all_single(out, self._send, recv_splits, send_splits,
+                                                   group=group, async_op=True)
+                self.early = out.clone()  # the peers cannot have delivered yet
+
+            def wait(self):
+                self.work.wait()  # keep the collectives matched
+                return self.early
+
+        expert_dispatch.PendingAllToAll = EarlyRead
+        return lambda: setattr(expert_dispatch, "PendingAllToAll", real_start)
     elif mutant == "ignore_media":  # stage 0 drops the media embeddings it is handed
         for module in engine.stages.values():
             forward = module.forward
@@ -70,6 +94,7 @@ def apply_mutant(dist_engine: DistributedEngine, mutant: str, microbatches: int)
         dep.backward = lambda: setattr(dep, "_leaves", {})
     elif mutant:
         raise ValueError(f"unknown mutant {mutant!r}")
+    return lambda: None
 
 
 def main() -> None:
@@ -86,15 +111,18 @@ def main() -> None:
         cfg = job_config(args.base.split(), layout)
         cfg.job.run_dir = os.path.join(os.path.dirname(args.out), text.replace(",", "_"))
         engine = DistributedEngine(cfg)
-        apply_mutant(engine, layout.get("mutant", ""), cfg.microbatches_per_replica)
+        undo = apply_mutant(engine, layout.get("mutant", ""), cfg.microbatches_per_replica)
         records = train(cfg, rank=dist.get_rank(), engine=engine)
+        undo()
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, engine.engine.named_tensors())
         tensors: dict[str, torch.Tensor] = {}
         for rank_tensors in gathered:
             for name, value in rank_tensors.items():
                 if name in tensors and not torch.equal(tensors[name], value):
-                    raise AssertionError(f"{text}: replicas disagree on {name}")
+                    if "mutant" not in layout:  # a mutant may break replicas apart: fine
+                        raise AssertionError(f"{text}: replicas disagree on {name}")
+                    continue
                 tensors[name] = value
         results[text] = {"loss": [r["loss"] for r in records],
                          "grad_norm": [r["grad_norm"] for r in records], "tensors": tensors}

@@ -254,10 +254,41 @@ SHAPES = [(pp, vpp, m) for pp in range(1, 17) for vpp in range(1, 5) if pp > 1 o
           for m in sorted({pp, 2 * pp} | ({1, pp + 1} if vpp == 1 else set()))]
 
 
+@pytest.mark.parametrize("ep_overlap", [False, True])
 @pytest.mark.parametrize("pp, vpp, m", SHAPES)
-def test_every_generated_schedule_is_deadlock_free_under_rendezvous(pp, vpp, m):
-    """pp up to 16, vpp up to 4: no head-on send, messages in order, nothing waits forever."""
-    simulate(schedule(pp, vpp, m), pp, vpp, 1.0, 2.0, microbatches=m, rendezvous=True)
+def test_every_generated_schedule_is_deadlock_free_under_rendezvous(pp, vpp, m, ep_overlap):
+    """pp up to 16, vpp up to 4, with and without combined forward-backward actions: no
+    head-on send, messages in order, nothing waits forever."""
+    simulate(schedule(pp, vpp, m, ep_overlap), pp, vpp, 1.0, 2.0, microbatches=m,
+             rendezvous=True)
+
+
+def test_combined_actions_pair_independent_microbatches_and_print():
+    actions = schedule(2, 2, 4, ep_overlap=True)
+    pairs = [a for rank in actions for a in rank if a.op is Op.FB]
+    assert pairs and all(a.parts[0].microbatch != a.parts[1].microbatch for a in pairs)
+    assert Action.parse(str(pairs[0])) == pairs[0]
+    assert parse_schedule(format_schedule(actions)) == actions
+    assert_complete_on_owners([[p for a in rank for p in a.parts] for rank in actions], 2, 2, 4)
+    # plain 1F1B with pp > 1 receives each backward's input between its F and its B:
+    # only the first stage (nothing to receive) pairs
+    plain = schedule(4, 1, 8, ep_overlap=True)
+    assert any(a.op is Op.FB for a in plain[0]) and not any(a.op is Op.FB for a in plain[3])
+
+
+def test_a_combined_pair_costs_less_than_its_parts():
+    """An FB hides the all-to-alls of one half under the other's compute: with a2a_cost of
+    each F and B in all-to-alls, it takes max(compute, comm) instead of F + B."""
+    pp, vpp, m = 4, 2, 8
+    plain = simulate(schedule(pp, vpp, m), pp, vpp, 1.0, 2.0, microbatches=m, a2a_cost=0.4)
+    fb = simulate(schedule(pp, vpp, m, True), pp, vpp, 1.0, 2.0, microbatches=m, a2a_cost=0.4)
+    assert fb.makespan < plain.makespan
+    pairs = [t for t in fb.timeline_per_rank[0] if t.action.op is Op.FB]
+    assert all(t.end - t.start == pytest.approx(3.0 - 0.8) for t in pairs)
+    # with nothing to hide, pairing gains nothing (the extra warm-up forward costs a little)
+    no_comm = simulate(schedule(pp, vpp, m, True), pp, vpp, 1.0, 2.0, microbatches=m)
+    assert no_comm.makespan >= simulate(schedule(pp, vpp, m), pp, vpp, 1.0, 2.0,
+                                        microbatches=m).makespan
 
 
 def test_single_rank_has_no_communication():
