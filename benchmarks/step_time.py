@@ -2,8 +2,8 @@
 
     python benchmarks/step_time.py --baseline main --preset tiny small --rounds 3
 
-For each preset, runs `launch.train` (one process, synthetic data, --job.device cpu by
-default) in this checkout (B) and in a temporary git worktree of `--baseline` (A), in
+For each preset, runs `launch.train` (one process, synthetic data, on this machine's
+default device) in this checkout (B) and in a temporary git worktree of `--baseline` (A), in
 the order A B A B ... over `--rounds` rounds, and reports the median step time after the
 warm-up steps of each side, and B / A. This machine is shared and noisy: only medians of
 interleaved rounds are worth reading. Extra arguments after `--` go to both runs.
@@ -28,7 +28,10 @@ def one_run(checkout: Path, preset: str, steps: int, extra: list[str], run_dir: 
     cmd = [sys.executable, "-m", "launch.train", "--config", "configs/tiny.toml",
            "--model.preset", preset, "--data.uri", "synthetic", "--train.steps", str(steps),
            "--job.tensorboard", "false", "--job.run_dir", str(run_dir), *extra]
-    subprocess.run(cmd, cwd=checkout, env=env, check=True, capture_output=True)
+    proc = subprocess.run(cmd, cwd=checkout, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{checkout}: launch.train failed ({proc.returncode}):\n"
+                         f"{proc.stderr[-2000:]}")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["step_time_s"] for r in records]
 
@@ -42,8 +45,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("extra", nargs="*", help="after --: more launch.train arguments")
     args = parser.parse_args()
-    extra = ["--job.device", "cpu", "--data.seq_len", "256", "--train.global_batch", "4",
-             *args.extra]
+    extra = ["--data.seq_len", "256", "--train.global_batch", "4", *args.extra]
     with tempfile.TemporaryDirectory() as tmp:
         baseline = Path(tmp) / "baseline"
         subprocess.run(["git", "worktree", "add", "--detach", "-q", str(baseline), args.baseline],

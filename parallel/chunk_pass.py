@@ -42,6 +42,7 @@ from model.attention import DocumentMask
 from model.inputs import ModelInputs
 from model.moe import MoE
 from parallel.expert_dispatch import all_to_all_start
+from parallel.step_clock import StepClock
 
 
 @dataclass
@@ -59,13 +60,18 @@ class ChunkPass:
     summed loss into the step's contribution on the last chunk."""
 
     def __init__(self, stage, x_in: torch.Tensor | None, inputs: ModelInputs,
-                 media_embeds: torch.Tensor | None, loss_fn: Callable[[torch.Tensor], torch.Tensor]):
+                 media_embeds: torch.Tensor | None, loss_fn: Callable[[torch.Tensor], torch.Tensor],
+                 clock: StepClock | None = None):
         self.stage, self.x_in, self.inputs = stage, x_in, inputs
         self.media_embeds, self.loss_fn = media_embeds, loss_fn
+        self.clock = clock or StepClock()
+        # (name, issued, waited for) marks of every all-to-all: the profile's comm track
+        self.comm: list[tuple[str, object, object]] = []
         self.nodes: list[_Node] = []
         self._produced: set[int] = set()
         self.output: torch.Tensor | None = None
         self.wait_s = 0.0  # time the caller waited on all-to-all handles (exposed comm)
+        self.exchanges = 0  # all-to-alls started, forward and backward
 
     # ------------------------------------------------------------------ forward
 
@@ -91,11 +97,14 @@ class ChunkPass:
         when `send` is None (one expert-parallel rank)."""
         if send is None:
             return x
+        issued = self.clock.mark()
         pending = all_to_all_start(x, send, recv, group)
+        self.exchanges += 1
         yield
         start = time.perf_counter()
         received = pending.wait().requires_grad_(x.requires_grad)
         self.wait_s += time.perf_counter() - start
+        self.comm.append((name, issued, self.clock.mark()))
         self.nodes.append(_Node(name, [], [x], [received], (send, recv, group)))
         self._produced.add(id(received))
         return received
@@ -161,11 +170,14 @@ class ChunkPass:
                 grad = grads.pop(id(out), None)
                 if grad is None:  # every rank must take part in the all-to-all
                     grad = torch.zeros_like(out)
+                issued = self.clock.mark()
                 pending = all_to_all_start(grad, recv, send, group)
+                self.exchanges += 1
                 yield
                 start = time.perf_counter()
                 add(node.sources[0], pending.wait())
                 self.wait_s += time.perf_counter() - start
+                self.comm.append((node.name + " backward", issued, self.clock.mark()))
                 continue
             pairs = [(out, grads.pop(id(out))) for out in node.outputs
                      if id(out) in grads and out.requires_grad]

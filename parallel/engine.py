@@ -135,9 +135,11 @@ class ParallelEngine:
 
     @property
     def phases(self) -> list[tuple[str, str, float, float]]:
-        """(name, category, start, end) of the last step's work outside the schedule."""
+        """(name, category, start, end) of the last step's work outside the schedule, and of
+        its expert all-to-alls (category "a2a": issued .. waited for)."""
         return [(name, kind, self.clock.seconds(a), self.clock.seconds(b))
-                for name, kind, a, b in self._phase_marks]
+                for name, kind, a, b in self._phase_marks] + [
+            (name, "a2a", start, end) for name, start, end in self.runtime.comm_timeline]
 
     def step(self, microbatches: list[ModelInputs], lr: float, media: ReplicaMedia | None = None,
              media_ids: list[list[int]] | None = None) -> tuple[float, float]:
@@ -178,11 +180,11 @@ class ParallelEngine:
 
         def make_pass(stage: int, x: torch.Tensor | None, mb: int) -> ChunkPass:
             return ChunkPass(self.stages[stage], x, microbatches[mb], media_embeds(stage, mb),
-                             lambda loss_sum: loss_fn(loss_sum, mb))
+                             lambda loss_sum: loss_fn(loss_sum, mb), self.clock)
 
         loss = self.runtime.run(forward, loss_fn,
                                 make_pass if self.ep_overlap else None).double()
-        self.stats["a2a_wait_s"] = self.runtime.a2a_wait_s
+        self.stats["a2a_wait_s"] = sum(wait for _, wait in self.runtime.a2a.values())
         if self.dep is not None:
             start = clock.mark()
             self.dep.backward()
@@ -197,6 +199,14 @@ class ParallelEngine:
         clock.resolve()
         self.stats["pipeline_idle_fraction"] = self._pipeline_idle_fraction()
         return float(loss), float(grad_norm)
+
+    def set_ep_overlap(self, on: bool) -> None:
+        """Switch the overlapped schedule on or off between steps (benchmarks compare both
+        on one engine); every rank must switch together."""
+        sizes = self.topo.sizes
+        self.ep_overlap = on and sizes.ep > 1
+        self.runtime.actions = schedule(sizes.pp, sizes.vpp, self.microbatches,
+                                        self.ep_overlap)[self.topo.pp_rank]
 
     def _update_router_biases(self) -> None:
         balance = []

@@ -79,6 +79,15 @@ class PipelineRuntime:
         self._owns_clock = clock is None
         self.clock = clock or StepClock(self.device)
         self._marks: list[tuple[Action, object, object]] = []
+        self.a2a: dict[str, list] = {"alone": [0, 0.0], "paired": [0, 0.0]}
+        self._comm_marks: list[tuple[str, object, object]] = []
+
+    @property
+    def comm_timeline(self) -> list[tuple[str, float, float]]:
+        """The last step's expert all-to-alls of node-by-node passes: (name, issued, waited
+        for), on the timeline's clock (in flight at most from issue to wait)."""
+        return [(name, self.clock.seconds(a), self.clock.seconds(b))
+                for name, a, b in self._comm_marks]
 
     @property
     def timeline(self) -> list[ActionRecord]:
@@ -104,12 +113,22 @@ class PipelineRuntime:
         input_grads: dict[tuple[int, int], torch.Tensor] = {}
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         passes: dict[tuple[int, int], ChunkPass] = {}
-        self.a2a_wait_s = 0.0
+        # all-to-alls of node-by-node passes: how many started, and the time spent waiting on
+        # them, in passes run alone (warm-up, cool-down) and in FB pairs (the steady state)
+        self.a2a = {"alone": [0, 0.0], "paired": [0, 0.0]}
+        self._comm_marks = []
         marks = self._marks = []
         if self._owns_clock:
             self.clock.start()
 
-        def start_forward(s: int, mb: int):
+        def count(chunk: ChunkPass | None, bucket: str) -> None:
+            if chunk is not None:
+                self.a2a[bucket][0] += chunk.exchanges
+                self.a2a[bucket][1] += chunk.wait_s
+                self._comm_marks.extend(chunk.comm)
+                chunk.exchanges, chunk.wait_s, chunk.comm = 0, 0.0, []
+
+        def start_forward(s: int, mb: int, bucket: str = "alone"):
             """The forward of (s, mb): run now, or (node mode) a generator to run."""
             x = inputs.get((s, mb)) if s > 0 else None
             if make_pass is None:
@@ -117,7 +136,11 @@ class PipelineRuntime:
                 finish_forward(s, mb, loss_fn(out, mb) if s == last else out)
                 return iter(())
             chunk = passes[(s, mb)] = make_pass(s, x, mb)
-            return _then(chunk.forward_steps(), lambda: finish_forward(s, mb, chunk.output))
+
+            def finish() -> None:
+                count(chunk, bucket)
+                finish_forward(s, mb, chunk.output)
+            return _then(chunk.forward_steps(), finish)
 
         def finish_forward(s: int, mb: int, out: torch.Tensor) -> None:
             nonlocal loss_sum
@@ -125,20 +148,22 @@ class PipelineRuntime:
                 loss_sum = loss_sum + out.detach()
             outputs[(s, mb)] = out
 
-        def start_backward(s: int, mb: int):
+        def start_backward(s: int, mb: int, bucket: str = "alone"):
             """The backward of (s, mb): run now, or (node mode) a generator to run."""
             out = outputs.pop((s, mb))
             grad = None if s == last else output_grads.pop((s, mb))
             if make_pass is None:
                 out.backward(grad)
-                finish_backward(s, mb, None)
+                finish_backward(s, mb)
                 return iter(())
             chunk = passes.pop((s, mb))
-            return _then(chunk.backward_steps(grad), lambda: finish_backward(s, mb, chunk))
 
-        def finish_backward(s: int, mb: int, chunk: ChunkPass | None) -> None:
-            if chunk is not None:
-                self.a2a_wait_s += chunk.wait_s
+            def finish() -> None:
+                count(chunk, bucket)
+                finish_backward(s, mb)
+            return _then(chunk.backward_steps(grad), finish)
+
+        def finish_backward(s: int, mb: int) -> None:
             if s > 0:
                 input_grads[(s, mb)] = inputs.pop((s, mb)).grad
 
@@ -152,8 +177,8 @@ class PipelineRuntime:
             elif action.op is Op.B:
                 run_alone(start_backward(s, mb))
             elif action.op is Op.FB:
-                backward = start_backward(action.b_stage, action.b_microbatch)
-                run_together(backward, start_forward(s, mb))
+                run_together(start_backward(action.b_stage, action.b_microbatch, "paired"),
+                             start_forward(s, mb, "paired"))
             else:
                 self._exchange(step, inputs, outputs, output_grads, input_grads)
                 end = self.clock.mark()
