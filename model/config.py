@@ -92,6 +92,8 @@ class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     # token id of the media placeholder in the LM vocabulary
     media_token_id: int = 1
+    # transformer-engine kernels (fused attention, norm+linear) on CUDA; needs the [gpu] extra
+    te: bool = False
 
     def validate(self) -> None:
         """Refuse sizes that cannot build, each with what to change."""

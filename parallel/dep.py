@@ -71,24 +71,20 @@ class DecoupledEncoder:
         self.world = dist.get_world_size(group)
         self.stage0_rank_of_replica = stage0_rank_of_replica
         self.plan: DepPlan | None = None
-        self.stats: dict[str, float] = {}  # last step: what this rank encoded and sent
         self._mine: list[MediaRef] = []
         self._exchange: ExchangeSplits | None = None  # who sends which rows to whom, in order
         self._grids: dict[int, Grid] = {}
         self._patches: dict[int, torch.Tensor] = {}  # pixels of the items this rank encodes
         self._leaves: dict[int, torch.Tensor] = {}
-        # what this rank's last encoder call ran on (media items, patch rows): the engine
-        # reports it, and tests check it against the plan (balance in the real path)
-        self.stats: dict[str, int] = {"dep_encoded_items": 0, "dep_encoded_patches": 0}
+        # last step: what this rank encoded (items, patch rows actually fed to the encoder)
+        # and sent; the engine reports it, tests check it against the plan
+        self.stats: dict[str, float] = {}
 
     @property
     def _device(self) -> torch.device:
         return self.encoder.projector.fc2.weight.device
 
     def _encode(self) -> torch.Tensor:
-        self.stats = {"dep_encoded_items": len(self._mine),
-                      "dep_encoded_patches": sum(self._patches[m.item_id].shape[0]
-                                                 for m in self._mine)}
         if not self._mine:
             return torch.zeros(0, self.encoder.projector.fc2.out_features, device=self._device)
         patches = torch.cat([self._patches[m.item_id] for m in self._mine])
@@ -105,7 +101,7 @@ class DecoupledEncoder:
         patches = media.fetch(self._mine)
         if len(patches) != len(self._mine):
             raise RuntimeError(f"DEP asked for {len(self._mine)} media items and got {len(patches)}")
-        self._patches = {m.item_id: p for m, p in zip(self._mine, patches)}
+        self._patches = {m.item_id: p.to(self._device) for m, p in zip(self._mine, patches)}
         with torch.no_grad():
             rows = self._encode()
         by_item = dict(zip([m.item_id for m in self._mine],
@@ -118,7 +114,7 @@ class DecoupledEncoder:
                         zip(items, received.split([m.num_tokens for m in items]))}
         remote = sum(n for dst, n in enumerate(ex.send_rows) if dst != self.rank)
         self.stats = {"dep_items_encoded": float(len(self._mine)),
-                      "dep_patches_encoded": float(sum(m.num_patches for m in self._mine)),
+                      "dep_patches_encoded": float(sum(p.shape[0] for p in patches)),
                       # to other ranks, forward (the gradients come back the same size)
                       "dep_embedding_bytes_sent": float(remote * send.shape[1] * send.element_size())}
         return self._leaves

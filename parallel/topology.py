@@ -140,9 +140,11 @@ class Topology:
         # global ranks of this rank's pipeline, indexed by pipeline rank
         self.pipeline_ranks = dist.get_process_group_ranks(self.pp_group)
         coords = [None] * sizes.world
-        dist.all_gather_object(coords, (self.pp_rank, self.dp_rank))
+        dist.all_gather_object(coords, (self.pp_rank, self.dp_rank,
+                                        tuple(dist.get_process_group_ranks(self.ep_group))))
         # global rank of pipeline stage 0 of each data-parallel replica (DEP sends media there)
-        self.stage0_rank_of_replica = [coords.index((0, r)) for r in range(sizes.dp)]
+        self.stage0_rank_of_replica = [[c[:2] for c in coords].index((0, r))
+                                       for r in range(sizes.dp)]
         # DEP group: `dep_group_replicas` consecutive replicas (0 or more than dp: all of them)
         k = sizes.dp if dep_group_replicas <= 0 else min(dep_group_replicas, sizes.dp)
         first = self.dp_rank // k * k
@@ -151,12 +153,19 @@ class Topology:
         self.dep_group = self.world_group
         if k < sizes.dp:
             for start in range(0, sizes.dp, k):  # every rank creates every group, in order
-                ranks = sorted(i for i, (_, r) in enumerate(coords) if start <= r < start + k)
+                ranks = sorted(i for i, c in enumerate(coords) if start <= c[1] < start + k)
                 group = dist.new_group(ranks, timeout=timedelta(seconds=timeout_s))
                 if start == first:
                     self.dep_group, members = group, ranks
         # rank within the DEP group of stage 0 of each of its replicas (DEP plans in group ranks)
         self.dep_stage0_ranks = [members.index(self.stage0_rank_of_replica[r]) for r in self.dep_replicas]
+        # the expert-parallel ranks again, on another communicator: the per-expert counts
+        # travel there, so they never queue behind a token all-to-all still in flight
+        self.ep_meta_group = self.ep_group
+        if sizes.ep > 1:
+            ep_groups = sorted({c[2] for c in coords})
+            self.ep_meta_group, _ = dist.new_subgroups_by_enumeration(
+                [list(g) for g in ep_groups], timeout=timedelta(seconds=timeout_s))
         self._ps = ps
 
     @property

@@ -19,13 +19,18 @@ def media_index(media: list[MediaItem], seq_len: int) -> torch.Tensor:
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
 
-def model_inputs(batch: Batch, with_patches: bool = True) -> ModelInputs:
-    """The tensors of `batch` for the model (media patches concatenated in list order).
-
-    `with_patches=False` where the encoder does not run in the model (DEP; pipeline stages
-    after the first): those ranks' loaders decode no pixels.
-    """
+def model_inputs(batch: Batch, with_patches: bool = True,
+                 device: torch.device | str = "cpu") -> ModelInputs:
+    """The tensors of `batch` for the model on `device` (media patches concatenated in list
+    order). `with_patches=False` when the encoder does not run in the model (DEP, and
+    pipeline stages after the first: those ranks' loaders decode no pixels)."""
     media = batch.media
-    patches = normalize_patches(torch.cat([m.patches for m in media])) if media and with_patches else None
-    return ModelInputs(batch.tokens, batch.position_ids, batch.doc_ids, batch.labels, patches,
-                       [m.grid_thw for m in media], media_index(media, batch.seq_len))
+    patches = (normalize_patches(torch.cat([m.patches for m in media]))
+               if media and with_patches else None)
+
+    def put(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(device, non_blocking=True)
+
+    return ModelInputs(put(batch.tokens), put(batch.position_ids), put(batch.doc_ids),
+                       put(batch.labels), put(patches), [m.grid_thw for m in media],
+                       put(media_index(media, batch.seq_len)))

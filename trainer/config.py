@@ -27,6 +27,7 @@ from dataloader.config import LoaderConfig
 from model.config import ConfigError, ModelConfig, preset
 from parallel.layout import PipelineLayout, resolve_layout
 from parallel.topology import ParallelSizes, check_layout
+from trainer.device import DEVICES
 
 
 @dataclass
@@ -44,6 +45,8 @@ class JobSection:
     # every collective raises after this long instead of waiting forever for a lost peer;
     # keep it above step_timeout_s so that the watchdog's report comes first
     collective_timeout_s: float = 900.0
+    # auto (this rank's GPU when CUDA is present, else CPU), cuda (NCCL) or cpu (gloo)
+    device: str = "auto"
 
 
 @dataclass
@@ -97,6 +100,9 @@ class ParallelSection:
     # plan per group; 0 = all replicas). Each rank derives its group's media metadata from
     # the dataset index, so this bounds the planning work per rank as dp grows
     dep_group_replicas: int = 8
+    # with ep > 1: run chunks node by node and pair steady-state forwards and backwards so
+    # expert all-to-alls overlap compute (parallel/chunk_pass.py); false: one call per F/B
+    ep_overlap: bool = True
 
 
 @dataclass
@@ -173,6 +179,14 @@ class JobConfig:
             raise ConfigError(
                 f"train.global_batch={t.global_batch} must be divisible by parallel.dp x "
                 f"train.micro_batch = {p.dp} x {t.micro_batch}")
+        if self.job.device not in DEVICES:
+            raise ConfigError(f"job.device={self.job.device!r}: choose one of {', '.join(DEVICES)}")
+        if self.model.te:
+            from model import te_kernels
+            if self.job.device == "cpu" or not te_kernels.available():
+                raise ConfigError("model.te=true needs a CUDA device and transformer-engine "
+                                  "(pip install -e '.[gpu]' with the CUDA build of torch); "
+                                  "drop --model.te or set it false")
         if p.encoder not in ("colocated", "dep"):
             raise ConfigError(f"parallel.encoder={p.encoder!r}: choose 'dep' or 'colocated'")
         if p.dep_group_replicas < 0:

@@ -12,7 +12,7 @@ import torch
 
 from dataloader.batch import Batch
 from model.config import ModelConfig
-from model.loss import cross_entropy_sum
+from model.param_names import global_named_tensors, join_like_params, split_like_params
 from model.vision_language import VisionLanguageModel
 from trainer.batch_inputs import model_inputs
 from trainer.config import OptimSection
@@ -47,8 +47,10 @@ def clip_grad_norm_fp64(params: list[torch.nn.Parameter], max_norm: float) -> fl
 
 
 class SingleProcessEngine:
-    def __init__(self, model_cfg: ModelConfig, optim: OptimSection, micro_batch: int, seed: int):
-        self.model = VisionLanguageModel(model_cfg, seed=seed)
+    def __init__(self, model_cfg: ModelConfig, optim: OptimSection, micro_batch: int, seed: int,
+                 device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.model = VisionLanguageModel(model_cfg, seed=seed, device=self.device)
         self.micro_batch = micro_batch
         self.grad_clip = optim.grad_clip
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -59,14 +61,13 @@ class SingleProcessEngine:
     def step(self, batch: Batch, lr: float) -> tuple[float, float]:
         """One optimizer step on the global batch; returns (loss, grad norm before clipping)."""
         count = max(batch.num_loss_tokens(), 1)
-        loss_total = 0.0
+        loss_total = torch.zeros((), dtype=torch.float64, device=self.device)
         for start in range(0, batch.num_rows, self.micro_batch):
-            x = model_inputs(batch.rows(start, start + self.micro_batch))
-            logits = self.model(x.tokens, x.position_ids, x.doc_ids, x.patches, x.grid_thw,
-                                x.media_index)
-            loss = cross_entropy_sum(logits, x.labels) / count
+            x = model_inputs(batch.rows(start, start + self.micro_batch), device=self.device)
+            loss = self.model(x.tokens, x.position_ids, x.doc_ids, x.patches, x.grid_thw,
+                              x.media_index, x.labels) / count
             loss.backward()
-            loss_total += loss.item()
+            loss_total += loss.detach()
         for p in self.params:  # an unused parameter (an expert without tokens) has a zero
             if p.grad is None:  # gradient, as in ZeRO-1's flat buffers, not a skipped update
                 p.grad = torch.zeros_like(p)
@@ -83,36 +84,44 @@ class SingleProcessEngine:
             moe.update_bias(load)
         self.stats = {"expert_load_max_over_mean": max(balance) if balance else 1.0,
                       "loss_tokens": float(batch.num_loss_tokens())}
-        return loss_total, grad_norm
+        return float(loss_total), grad_norm
 
     def named_parameters(self) -> dict[str, torch.Tensor]:
-        return {name: p.detach() for name, p in self.model.named_parameters()}
+        """By global name (grouped experts as one view per expert: model/param_names.py)."""
+        return {name: p.detach() for name, p in global_named_tensors(self.model).items()}
 
     # ------------------------------------------------------------------ checkpoints
 
     def named_tensors(self) -> dict[str, torch.Tensor]:
-        """Parameters and router balancing biases by their global names."""
+        """Parameters and router balancing biases by their global names (checkpoints)."""
         out = self.named_parameters()
         out.update({n: b for n, b in self.model.named_buffers() if n.endswith("router.bias")})
         return out
 
-    def optimizer_state(self) -> dict[str, dict[str, torch.Tensor]]:
-        out = {}
+    def _moments(self, empty: bool) -> dict[str, dict[str, torch.Tensor]]:
+        """{global name: {exp_avg, exp_avg_sq}} (zeros before the first step or if `empty`)."""
+        kinds = ("exp_avg", "exp_avg_sq")
+        per_kind = {kind: {} for kind in kinds}
         for name, p in self.model.named_parameters():
-            st = self.optimizer.state.get(p)  # empty only before the first step
-            out[name] = ({"exp_avg": st["exp_avg"], "exp_avg_sq": st["exp_avg_sq"]} if st else
-                         {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)})
-        return out
+            st = None if empty else self.optimizer.state.get(p)
+            for kind in kinds:
+                per_kind[kind][name] = st[kind] if st else torch.zeros_like(p)
+        split = {kind: split_like_params(self.model, per_kind[kind]) for kind in kinds}
+        return {n: {kind: split[kind][n] for kind in kinds} for n in split[kinds[0]]}
+
+    def optimizer_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        return self._moments(empty=False)
 
     def empty_optimizer_state(self) -> dict[str, dict[str, torch.Tensor]]:
-        return {n: {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
-                for n, p in self.model.named_parameters()}
+        return self._moments(empty=True)
 
     def load_optimizer_state(self, state: dict[str, dict[str, torch.Tensor]], step: int) -> None:
+        joined = {kind: join_like_params(self.model, {n: s[kind] for n, s in state.items()})
+                  for kind in ("exp_avg", "exp_avg_sq")}
         for name, p in self.model.named_parameters():
             self.optimizer.state[p] = {"step": torch.tensor(float(step)),
-                                       "exp_avg": state[name]["exp_avg"].clone(),
-                                       "exp_avg_sq": state[name]["exp_avg_sq"].clone()}
+                                       "exp_avg": joined["exp_avg"][name].clone(),
+                                       "exp_avg_sq": joined["exp_avg_sq"][name].clone()}
         self.steps_done = step
 
     @property

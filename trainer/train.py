@@ -20,6 +20,7 @@ from trainer.batch_inputs import model_inputs
 from trainer.checkpoint import CheckpointManager
 from trainer.config import JobConfig, to_dict
 from trainer.data import DataRole, build_data, job_data_state
+from trainer.device import backend_for, resolve_device
 from trainer.lr_schedule import learning_rate
 from model.flops import model_flops
 from trainer.flops import device_peak_tflops, throughput_metrics
@@ -43,15 +44,19 @@ class DistributedEngine:
         from parallel.engine import ParallelEngine
         from parallel.topology import Topology, init_distributed
 
-        init_distributed("gloo", timeout_s=cfg.job.collective_timeout_s)
+        device = resolve_device(cfg.job.device)
+        init_distributed(backend_for(device), timeout_s=cfg.job.collective_timeout_s)
         self.topology = Topology(cfg.parallel_sizes, timeout_s=cfg.job.collective_timeout_s,
                                  dep_group_replicas=cfg.parallel.dep_group_replicas)
+        self.device = device
         o = cfg.optim
         self.engine = ParallelEngine(
-            cfg.model, self.topology, cfg.pipeline_layout(), micro_batch=cfg.train.micro_batch, seq_len=cfg.data.seq_len,
-            microbatches=cfg.microbatches_per_replica, seed=cfg.train.seed,
+            cfg.model, self.topology, cfg.pipeline_layout(), micro_batch=cfg.train.micro_batch,
+            seq_len=cfg.data.seq_len, microbatches=cfg.microbatches_per_replica,
+            seed=cfg.train.seed, device=device,
             adamw=AdamWConfig(beta1=o.beta1, beta2=o.beta2, eps=o.eps, weight_decay=o.weight_decay),
-            grad_clip=o.grad_clip, encoder=cfg.parallel.encoder)
+            grad_clip=o.grad_clip, encoder=cfg.parallel.encoder,
+            ep_overlap=cfg.parallel.ep_overlap)
         self.cfg = cfg
 
     @property
@@ -101,10 +106,11 @@ class DistributedEngine:
                                        "did not decode them: the loader's selection and the plan differ")
                 return [normalize_patches(group.pixels[m.item_id]) for m in mine]
 
-            return self.engine.step([model_inputs(b, with_patches=False) for b in mbs], lr,
+            return self.engine.step([model_inputs(b, with_patches=False, device=self.device) for b in mbs], lr,
                                     media=StepMedia(refs, grids, fetch, group.rows_digest),
                                     media_ids=[[m.item_id for m in b.media] for b in mbs])
-        return self.engine.step([model_inputs(b, with_patches=self.topology.is_first_stage)
+        return self.engine.step([model_inputs(b, with_patches=self.topology.is_first_stage,
+                                              device=self.device)
                                  for b in mbs], lr)
 
     # checkpoint state: what this rank holds, by global name
@@ -124,7 +130,8 @@ class DistributedEngine:
 def build_engine(cfg: JobConfig):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1 and cfg.parallel_sizes.world == 1 and cfg.parallel.vpp == 1:
-        return SingleProcessEngine(cfg.model, cfg.optim, cfg.train.micro_batch, cfg.train.seed)
+        return SingleProcessEngine(cfg.model, cfg.optim, cfg.train.micro_batch, cfg.train.seed,
+                                   resolve_device(cfg.job.device))
     return DistributedEngine(cfg)
 
 
@@ -176,9 +183,9 @@ class StopRequest:
     requested = False
 
 
-def _stop_agreed() -> bool:
+def _stop_agreed(device: torch.device) -> bool:
     """Every rank must stop after the same step, whichever rank saw the signal."""
-    flag = torch.tensor(1.0 if StopRequest.requested else 0.0)
+    flag = torch.tensor(1.0 if StopRequest.requested else 0.0, device=device)
     if dist.is_initialized():
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag)
@@ -229,7 +236,8 @@ def train(cfg: JobConfig, rank: int = 0, engine=None, progress=None) -> list[dic
         tokens = cfg.train.global_batch * cfg.data.seq_len
         record = {"step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr,
                   "tokens": tokens, "step_time_s": elapsed, "tokens_per_s": tokens / elapsed,
-                  "data_wait_s": data_wait, **engine.stats}
+                  "data_wait_s": data_wait, "peak_memory_bytes": peak_memory_bytes(),
+                  **engine.stats}
         if is_logger:  # achieved model TFLOP/s per rank (and MFU on a known GPU); the replica's
             # FLOPs times dp estimates the global batch's
             flops = model_flops(cfg.model, batch.doc_ids, [m.grid_thw for m in batch.media])
@@ -241,7 +249,7 @@ def train(cfg: JobConfig, rank: int = 0, engine=None, progress=None) -> list[dic
         records.append(record)
         done = step + 1
         progress(f"step {step}: agreeing whether to stop")
-        stop = _stop_agreed()
+        stop = _stop_agreed(engine.device)
         if stop or (cfg.checkpoint.interval and (done % cfg.checkpoint.interval == 0
                                                  or done == cfg.train.steps)):
             progress(f"step {step}: saving the step-{done} checkpoint")

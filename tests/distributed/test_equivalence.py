@@ -83,7 +83,7 @@ def check(results, reference, good, mutants=()):
         problems = mismatches(results[layout], reference)
         assert not problems, f"{layout}: " + "; ".join(problems[:8])
         if "encoder=dep" in layout:  # the balance check above was not vacuous
-            encoded = results[layout]["dep_encoded_patches"]
+            encoded = results[layout]["dep_patches_encoded"]
             assert sum(n > 0 for n in encoded) > 1, f"{layout}: patches encoded per rank {encoded}"
     for layout in mutants:
         assert mismatches(results[layout], reference), f"{layout}: the mutant went unnoticed"

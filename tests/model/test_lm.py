@@ -9,8 +9,11 @@ from model.config import LMConfig, preset
 from model.dispatcher import LocalDispatcher
 from model.init import initialize
 from model.lm import LanguageModelChunk
-from model.mla import MLA, packed_causal_mask
+from model.attention import DocumentMask, packed_causal_mask
+from model.mla import MLA
+from model.rope import RotaryEmbedding
 from model.moe import MoE, Router
+from model.param_names import global_named_tensors
 
 torch.set_num_threads(1)
 
@@ -156,11 +159,12 @@ def test_mla_matches_reference(yarn_factor):
     # softmax is nearly uniform and the output hardly depends on q.k, so a wrong rotation or
     # scale would pass; at 0.3 the scores are O(1) and the attention is peaked
     initialize(mla, seed=0, std=0.3)
-    # the module's own numbers against the hand derivation (float32 buffer: 1 ulp ~ 6e-8)
-    torch.testing.assert_close(mla.rotary.inv_freq, torch.tensor(numbers["inv_freq"]),
+    rotary = RotaryEmbedding(cfg)  # the chunk's, computed once per forward for every layer
+    # the modules' own numbers against the hand derivation (float32 buffer: 1 ulp ~ 6e-8)
+    torch.testing.assert_close(rotary.inv_freq, torch.tensor(numbers["inv_freq"]),
                                rtol=1e-7, atol=0)
-    assert mla.rotary.cos_sin_scale == pytest.approx(numbers["cos_sin_scale"], rel=1e-12)
-    assert mla.rotary.attention_mscale == pytest.approx(numbers["attention_mscale"], rel=1e-12)
+    assert rotary.cos_sin_scale == pytest.approx(numbers["cos_sin_scale"], rel=1e-12)
+    assert rotary.attention_mscale == pytest.approx(numbers["attention_mscale"], rel=1e-12)
     assert mla.softmax_scale == pytest.approx(numbers["softmax_scale"], rel=1e-12)
     with torch.no_grad():  # non-trivial norm scales, so the reference must apply them
         mla.q_norm.weight.uniform_(0.5, 1.5)
@@ -169,7 +173,7 @@ def test_mla_matches_reference(yarn_factor):
     x = torch.randn(2, 6, cfg.hidden, generator=gen)
     positions = torch.tensor([[0, 1, 2, 0, 1, 2], [5, 6, 7, 8, 9, 10]])
     doc_ids = torch.tensor([[0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 0, 0]])
-    got = mla(x, positions, packed_causal_mask(doc_ids))
+    got = mla(x, rotary(positions), DocumentMask(doc_ids))
     want = reference_mla(mla, x, positions, doc_ids, numbers)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
@@ -194,21 +198,46 @@ def test_router_weights_normalised_scaled_and_bias_gets_no_gradient():
     assert "bias" in dict(router.named_buffers()) and "bias" not in dict(router.named_parameters())
 
 
-def test_moe_equals_per_token_sum_of_experts():
+def naive_moe(moe: MoE, x_TD: torch.Tensor) -> torch.Tensor:
+    """The MoE equation token by token, expert by expert, from the per-expert weight views."""
+    views = global_named_tensors(moe.experts, "e")
+    idx, w = moe.router(x_TD)
+    want = []
+    for t, token in enumerate(x_TD):
+        out = moe.shared(token)
+        for k in range(idx.shape[1]):
+            e = int(idx[t, k])
+            gate, up, down = (views[f"e.{e}.{p}.weight"] for p in ("gate", "up", "down"))
+            out = out + w[t, k] * (down @ (torch.nn.functional.silu(gate @ token) * (up @ token)))
+        want.append(out)
+    return torch.stack(want)
+
+
+@pytest.mark.parametrize("tokens, starve", [(10, None), (1, None), (7, [0, 3, 5])])
+def test_grouped_moe_equals_per_token_sum_of_experts(tokens, starve):
+    """Grouped GEMM + scatter-add combine against the naive sum, values and every gradient;
+    with one token, and with experts that receive no token at all."""
     cfg = tiny_lm()
     moe = built(MoE(cfg))
     assert isinstance(moe.dispatcher, LocalDispatcher)
-    x = torch.randn(2, 5, cfg.hidden)
+    if starve:
+        moe.router.bias[starve] = -100.0  # never chosen
+    x = torch.randn(1, tokens, cfg.hidden, generator=torch.Generator().manual_seed(tokens))
     y = moe(x)
-    idx, w = moe.router(x.view(-1, cfg.hidden))
-    want = []
-    for t, token in enumerate(x.view(-1, cfg.hidden)):
-        out = moe.shared(token)
-        for k in range(cfg.top_k):
-            out = out + w[t, k] * moe.experts[str(int(idx[t, k]))](token)
-        want.append(out)
-    torch.testing.assert_close(y.view(-1, cfg.hidden), torch.stack(want), atol=1e-5, rtol=1e-5)
-    assert moe.expert_load.sum() == x.shape[0] * x.shape[1] * cfg.top_k
+    assert moe.expert_load.sum() == tokens * cfg.top_k
+    if starve:
+        assert moe.expert_load[starve].sum() == 0
+    upstream = torch.randn_like(y)
+    y.backward(upstream)
+    grads = {n: p.grad.clone() for n, p in moe.named_parameters()}
+    moe.zero_grad()
+    want = naive_moe(moe, x.view(-1, cfg.hidden))
+    torch.testing.assert_close(y.view(-1, cfg.hidden), want, atol=1e-6, rtol=1e-5)
+    want.backward(upstream.view(-1, cfg.hidden))
+    for name, p in moe.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, atol=1e-6, rtol=1e-5, msg=name)
+    if starve:
+        assert grads["experts.gate"][starve].abs().max() == 0
 
 
 def test_balancing_bias_moves_load_toward_underused_experts():
