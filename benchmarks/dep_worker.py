@@ -19,7 +19,7 @@ def measure(argv: list[str], steps: int, warmup: int) -> dict:
     cfg = load_config(argv)
     cfg.validate(world_size=dist.get_world_size())
     engine = DistributedEngine(cfg)
-    data = build_data(cfg, engine.topology.dp_rank, cfg.parallel.dp)
+    data = build_data(cfg, engine.data_role())
     times, loads = [], []
     for step in range(warmup + steps):
         batch = data.next_batch()

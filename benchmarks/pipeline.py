@@ -10,12 +10,15 @@ one thread per rank) so that peak RSS is the layout's own. Printed, one row per 
 
     step ms          median over the timed steps of the slowest rank's step time
     bubble measured  median over the timed steps of trainer.profile.measured_bubble_fraction
+    bubble replay    median of trainer.profile.replayed_bubble_fraction: the simulator fed
+                     with each step's measured forward/backward durations, no communication
     bubble sim       parallel.schedule_sim.simulate on the same (pp, vpp, m), F=1, B=2
                      (for 1F1B and interleaved 1F1B: (pp-1) / (vpp*m))
 
 The measured bubble exceeds the simulated one where stages are unequal (stage 0 runs the
-vision encoder and embedding, the last stage the LM head and loss), where receives wait on
-communication, and by the runtime's Python overhead between actions. For the last timed
+vision encoder and embedding, the last stage the LM head and loss: replay - sim), and where
+receives wait on communication and by the runtime's Python overhead between actions
+(measured - replay; never negative, the spans share one clock). For the last timed
 step of each layout it writes `vpp{v}_trace.json` (Chrome trace: chrome://tracing or
 ui.perfetto.dev), `vpp{v}_gantt.png` and `vpp{v}_stages.txt` (per-rank table) into --out.
 """
@@ -33,8 +36,8 @@ from pathlib import Path
 from parallel.schedule import schedule
 from parallel.schedule_sim import simulate
 from trainer.profile import (RankInfo, Span, format_columns, format_table, gantt_png,
-                             measured_bubble_fraction, slowest_stage, stage_table,
-                             write_chrome_trace)
+                             measured_bubble_fraction, replayed_bubble_fraction, slowest_stage,
+                             stage_table, write_chrome_trace)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,6 +74,10 @@ class LayoutResult:
     def bubbles(self) -> list[float]:
         return [measured_bubble_fraction(spans) for spans in self.spans_per_step]
 
+    def replayed_bubbles(self) -> list[float]:
+        return [replayed_bubble_fraction(spans, self.infos, self.pp, self.vpp, self.microbatches)
+                for spans in self.spans_per_step]
+
 
 def simulated_bubble(pp: int, vpp: int, microbatches: int) -> float:
     return simulate(schedule(pp, vpp, microbatches), pp, vpp,
@@ -98,8 +105,8 @@ def run_layout(result_path: Path, nproc: int, worker_args: list[str],
 
 
 def comparison_table(results: list[LayoutResult]) -> str:
-    header = ("schedule", "pp", "vpp", "m", "step ms", "bubble measured", "bubble sim",
-              "slowest rank", "recv wait ms", "peak MiB")
+    header = ("schedule", "pp", "vpp", "m", "step ms", "bubble measured", "bubble replay",
+              "bubble sim", "slowest rank", "recv wait ms", "peak MiB")
     lines = []
     for r in results:
         last = r.spans_per_step[-1]
@@ -109,6 +116,7 @@ def comparison_table(results: list[LayoutResult]) -> str:
             "1F1B" if r.vpp == 1 else "interleaved 1F1B", str(r.pp), str(r.vpp),
             str(r.microbatches), f"{statistics.median(r.step_times()) * 1e3:.0f}",
             f"{statistics.median(r.bubbles()):.3f}",
+            f"{statistics.median(r.replayed_bubbles()):.3f}",
             f"{simulated_bubble(r.pp, r.vpp, r.microbatches):.3f}",
             f"{slow['rank']} ({slow['compute_s'] * 1e3:.0f} ms)",
             f"{max(row['comm_wait_s'] for row in rows) * 1e3:.0f}",

@@ -4,10 +4,13 @@
         --warmup 1 --steps 3 --parallel.pp 2 --parallel.vpp 2 --train.global_batch 8 ...
 
 Every option it does not know is a job-config override (trainer/config.py). Per step
-each rank passes a barrier, takes its origin t0, runs `DistributedEngine.step` and turns
-the pipeline runtime's per-action timestamps into spans on the shared step axis; the
-rest of the step (loss all-reduce, ZeRO-1 step, router biases) becomes one "optimizer"
-span. Rank 0 gathers every rank's spans, step times and peak memory into one JSON file.
+each rank passes a barrier, takes its t0, runs `DistributedEngine.step` and turns the
+pipeline runtime's per-action timestamps into spans on one time axis whose origin is the
+earliest rank's t0: `time.perf_counter` is CLOCK_MONOTONIC, one clock for every process of
+a machine, so the spans of different ranks compare exactly (no barrier-exit skew; this
+worker runs on one machine). The rest of the step (loss all-reduce, ZeRO-1 step, router
+biases) becomes one "optimizer" span. Rank 0 gathers every rank's spans, step times and
+peak memory into one JSON file.
 
 One layout per launch: on CPU the peak memory is the process's peak RSS, which never
 goes down, so a second layout in the same process would inherit the first one's peak.
@@ -50,7 +53,7 @@ def main() -> None:
     topology, runtime = engine.topology, engine.engine.runtime
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.reset_peak_memory_stats()
-    data = build_data(cfg, topology.dp_rank, cfg.parallel.dp)
+    data = build_data(cfg, engine.data_role())
     total = args.warmup + args.steps
     step_times: list[float] = []
     spans_per_step: list[list[dict]] = []
@@ -63,7 +66,9 @@ def main() -> None:
         t1 = time.perf_counter()
         if step < args.warmup:
             continue
-        spans = step_spans(topology.rank, runtime.timeline, engine.engine.phases, t0)
+        origin = torch.tensor(t0, dtype=torch.float64)
+        dist.all_reduce(origin, op=dist.ReduceOp.MIN)
+        spans = step_spans(topology.rank, runtime.timeline, engine.engine.phases, float(origin))
         step_times.append(t1 - t0)
         spans_per_step.append([s.to_dict() for s in spans])
     if args.torch_profile:  # after the timed steps: the profiler's overhead skews timings

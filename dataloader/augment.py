@@ -5,7 +5,12 @@ is i + 0.5 and an image of width W spans [0, W]. Each transform maps that space 
 
     crop  (x0, y0, cw, ch):  x -> x - x0
     hflip (width cw):        x -> cw - x          (box x0/x1 swap)
-    resize cw x ch -> W x H: x -> x * W / cw      (bilinear, align_corners=False, same map)
+    resize cw x ch -> W x H: x -> x * W / cw      (bilinear, antialiased when shrinking,
+                                                    pixel centres map to pixel centres)
+
+Pixels stay uint8 throughout: Pillow crops and resizes in one pass from the decoded
+image (no full-resolution float copy), colour jitter works on the small output only,
+and patchify is a reshape. No torch here: loader workers never import it.
 
 All randomness comes from `rng_for(seed, epoch, sample_uid, media_index)`, never from a
 worker, so every worker count and every resume draws the same parameters; and the
@@ -20,18 +25,44 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+
+from dataloader.blend import MASK64, splitmix64
 
 PATCH = 14
 SIDE_MULTIPLE = 28  # 2x2 merge of 14-pixel patches
-MEAN, STD = 0.5, 0.5
 
 
-def rng_for(seed: int, epoch: int, sample_uid: int, media_index: int, purpose: int = 0) -> np.random.Generator:
-    return np.random.Generator(np.random.PCG64(
-        np.random.SeedSequence([seed & 0xFFFFFFFF, epoch, sample_uid & 0xFFFFFFFFFFFF,
-                                sample_uid >> 48, media_index, purpose])))
+class KeyedRandom:
+    """A SplitMix64 sequence keyed by integers: the few draws one media item needs.
+
+    Planning draws for every sample of every lane in the main process, where numpy's
+    SeedSequence + PCG64 construction alone cost ~15x these draws; the parameters only
+    need to be a deterministic, well-mixed function of the key."""
+
+    _GOLDEN = 0x9E3779B97F4A7C15
+
+    def __init__(self, *key: int):
+        state = 0
+        for k in key:
+            state = splitmix64(state ^ (k & MASK64))
+        self._state = state
+
+    def _next(self) -> int:
+        self._state = (self._state + self._GOLDEN) & MASK64
+        return splitmix64(self._state)
+
+    def uniform(self, low: float = 0.0, high: float = 1.0, size: int | None = None):
+        if size is not None:
+            return [self.uniform(low, high) for _ in range(size)]
+        return low + (high - low) * ((self._next() >> 11) * 2.0 ** -53)
+
+    def integers(self, low: int, high: int) -> int:
+        """Uniform in [low, high)."""
+        return low + ((self._next() * (high - low)) >> 64)
+
+
+def rng_for(seed: int, epoch: int, sample_uid: int, media_index: int, purpose: int = 0) -> KeyedRandom:
+    return KeyedRandom(seed, epoch, sample_uid, media_index, purpose)
 
 
 @dataclass(frozen=True)
@@ -68,7 +99,7 @@ def fit_size(w: float, h: float, max_patches: int) -> tuple[int, int]:
 
 
 def plan_geometry(width: int, height: int, *, max_patches: int, augment: bool,
-                  rng: np.random.Generator | None = None, keep_box: tuple | None = None,
+                  rng: KeyedRandom | None = None, keep_box: tuple | None = None,
                   min_crop_area: float = 0.6, flip_prob: float = 0.5,
                   min_scale: float = 0.75) -> Geometry:
     """Parameters of the crop/flip/resize for one image (or every frame of one video).
@@ -102,17 +133,18 @@ def plan_geometry(width: int, height: int, *, max_patches: int, augment: bool,
     return Geometry(x0, y0, cw, ch, flip, out_w, out_h)
 
 
-def apply_geometry(frames_THWC: np.ndarray, g: Geometry) -> torch.Tensor:
-    """Crop, flip and resize float32 frames in [0, 1]; returns [T, 3, out_h, out_w]."""
-    crop = frames_THWC[:, g.crop_y0:g.crop_y0 + g.crop_h, g.crop_x0:g.crop_x0 + g.crop_w]
-    x_T3HW = torch.from_numpy(np.ascontiguousarray(crop)).permute(0, 3, 1, 2).float()
-    if g.flip:
-        x_T3HW = x_T3HW.flip(-1)
-    if (g.out_h, g.out_w) != tuple(x_T3HW.shape[-2:]):
-        antialias = g.out_h < x_T3HW.shape[-2] or g.out_w < x_T3HW.shape[-1]
-        x_T3HW = F.interpolate(x_T3HW, size=(g.out_h, g.out_w), mode="bilinear",
-                               align_corners=False, antialias=antialias)
-    return x_T3HW.clamp_(0.0, 1.0)
+def apply_geometry(frames: list, g: Geometry) -> np.ndarray:
+    """Crop, resize and flip PIL images (RGB); returns uint8 [T, out_h, out_w, 3]."""
+    from PIL import Image
+
+    box = (g.crop_x0, g.crop_y0, g.crop_x0 + g.crop_w, g.crop_y0 + g.crop_h)
+    out = []
+    for frame in frames:
+        im = frame.resize((g.out_w, g.out_h), Image.Resampling.BILINEAR, box=box)
+        if g.flip:
+            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        out.append(np.asarray(im))
+    return np.stack(out)
 
 
 def transform_points(points: list, g: Geometry) -> list:
@@ -136,23 +168,24 @@ def transform_boxes(boxes: list, g: Geometry) -> list:
     return out
 
 
-def color_jitter(x_T3HW: torch.Tensor, strength: float, rng: np.random.Generator) -> torch.Tensor:
-    """Brightness, contrast and saturation; pixels only (coordinates do not move)."""
+def color_jitter(pixels_THWC: np.ndarray, strength: float, rng: KeyedRandom) -> np.ndarray:
+    """Brightness, contrast and saturation of uint8 frames; pixels only (coordinates do not move)."""
     if strength <= 0:
-        return x_T3HW
-    b, c, s = (float(v) for v in rng.uniform(1 - strength, 1 + strength, size=3))
-    x = x_T3HW * b
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        return pixels_THWC
+    b, c, s = rng.uniform(1 - strength, 1 + strength, size=3)
+    x = pixels_THWC.astype(np.float32) * b
+    mean = x.mean(axis=(1, 2, 3), keepdims=True)
     x = (x - mean) * c + mean
-    grey = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+    grey = x[..., 0:1] * 0.299 + x[..., 1:2] * 0.587 + x[..., 2:3] * 0.114
     x = (x - grey) * s + grey
-    return x.clamp_(0.0, 1.0)
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 
-def patchify(x_T3HW: torch.Tensor) -> torch.Tensor:
-    """[T, 3, H, W] in [0, 1] -> normalised patches [T*h*w, 3*14*14], rows (t, h, w), cols (c, y, x)."""
-    t, c, hh, ww = x_T3HW.shape
+def patchify(pixels_THWC: np.ndarray) -> np.ndarray:
+    """[T, H, W, 3] -> patches [T*h*w, 3*14*14], rows (t, h, w), columns (c, y, x); same dtype.
+
+    Only a layout change: normalisation happens on the device (batch.normalize_patches)."""
+    t, hh, ww, c = pixels_THWC.shape
     h, w = hh // PATCH, ww // PATCH
-    x = (x_T3HW - MEAN) / STD
-    x = x.reshape(t, c, h, PATCH, w, PATCH).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(t * h * w, c * PATCH * PATCH).contiguous()
+    x = pixels_THWC.reshape(t, h, PATCH, w, PATCH, c).transpose(0, 1, 3, 5, 2, 4)
+    return np.ascontiguousarray(x).reshape(t * h * w, c * PATCH * PATCH)

@@ -21,6 +21,19 @@ one `MediaItem`. Its pixels come pre-patchified: `patches` has one row per
 flattened (channel, y, x) pixels. After the 2x2 patch merger and temporal
 mean pooling it becomes `(h // 2) * (w // 2)` LM embeddings, which replace the
 same number of consecutive placeholder tokens starting at `(row, offset)`.
+
+Pixels stay uint8 (0..255) from the decoder to the device, 4x fewer bytes in
+queues and caches than float32; `normalize_patches` turns them into model input
+there. Float patches are already model input (the synthetic generator makes
+those) and pass through unchanged. `patches` is None when this rank did not
+decode the item: only the ranks that run the encoder on it do (DEP: the rank the
+plan assigns it to; colocated: pipeline stage 0).
+
+`Batch.group` (DEP only) carries what the plan of the step needs beyond this
+replica's rows: the metadata of every media item of the replicas whose media
+one DEP plan balances, computed by this rank's loader from the dataset index
+(no pixels, nothing gathered from other ranks), and the pixels of the items of
+that group this rank was asked to decode.
 """
 from __future__ import annotations
 
@@ -28,13 +41,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-IGNORE_INDEX = -100
+from dataloader.template import IGNORE_INDEX, merged_tokens  # the label and placeholder conventions
+
+PIXEL_MEAN, PIXEL_STD = 0.5, 0.5  # of pixels scaled to [0, 1]
 
 
-def merged_tokens(grid_thw: tuple[int, int, int]) -> int:
-    """LM tokens one media item becomes: frames pool to one, 2x2 patches merge to one."""
-    _, h, w = grid_thw
-    return (h // 2) * (w // 2)
+def normalize_patches(patches: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float32 model input ((x / 255 - mean) / std), on the tensor's device.
+
+    Float patches are taken as already normalised and returned unchanged."""
+    if patches.dtype != torch.uint8:
+        return patches
+    return (patches.float() / 255.0 - PIXEL_MEAN) / PIXEL_STD
 
 
 @dataclass
@@ -45,7 +63,8 @@ class MediaItem:
     grid_thw: tuple[int, int, int]  # frames (1..4), patch rows, patch columns (both even)
     row: int  # sequence index inside the batch
     offset: int  # position of the first placeholder token in that row
-    patches: torch.Tensor | None = None  # [t*h*w, 3*14*14]; None while only metadata is known
+    patches: torch.Tensor | None = None  # [t*h*w, 3*14*14] uint8 pixels (or float model input);
+    # None where this rank does not decode the item
 
     @property
     def num_patches(self) -> int:
@@ -58,12 +77,26 @@ class MediaItem:
 
 
 @dataclass
+class GroupMedia:
+    """One step's media over the replicas whose media one DEP plan balances (DEP only).
+
+    Derived by every rank from the index alone, so the plan built from it can be
+    compared across ranks (a rank whose loader diverged shows another digest)."""
+
+    step: int
+    items: list[tuple[int, MediaItem]]  # (replica, item): row and offset within that replica's rows
+    pixels: dict[int, torch.Tensor]  # item_id -> uint8 patches of the items this rank decodes
+    rows_digest: str  # sha256 of the planned rows of the group (sample ids and lengths)
+
+
+@dataclass
 class Batch:
     tokens: torch.Tensor  # [B, S] int64 token ids (media placeholders hold the media token id)
     labels: torch.Tensor  # [B, S] int64 shifted targets, IGNORE_INDEX where no loss
     position_ids: torch.Tensor  # [B, S] int64, restart at 0 for every document
     doc_ids: torch.Tensor  # [B, S] int64 document index within the row, -1 on padding
     media: list[MediaItem] = field(default_factory=list)
+    group: GroupMedia | None = None
 
     @property
     def num_rows(self) -> int:

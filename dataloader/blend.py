@@ -17,19 +17,19 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 
-_MASK = (1 << 64) - 1
+MASK64 = (1 << 64) - 1
 
 
 def splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
+    x = (x + 0x9E3779B97F4A7C15) & MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
     return x ^ (x >> 31)
 
 
 def unit_hash(seed: int, index: int) -> float:
     """A uniform float in [0, 1) from (seed, index)."""
-    return splitmix64(splitmix64(seed & _MASK) ^ index) / 2.0 ** 64
+    return splitmix64(splitmix64(seed & MASK64) ^ index) / 2.0 ** 64
 
 
 @dataclass

@@ -6,7 +6,9 @@
 
 DiskLRU writes atomically (temp file + rename), so a crash leaves either the whole
 object or nothing; temp files of dead processes are removed at start-up. Recency is the
-file's mtime, refreshed on every hit. Locks are flocks, dropped by the kernel when
+file's mtime, refreshed on every hit. A process lists the folder to evict only when its
+running estimate of the folder's size passes the limit, or after it wrote 1/16 of the
+limit since its last listing (other processes write too): not on every put. Locks are flocks, dropped by the kernel when
 their process dies, so no crash leaves a stale lock behind.
 """
 from __future__ import annotations
@@ -18,7 +20,7 @@ import re
 from collections import OrderedDict
 from contextlib import contextmanager
 
-from dataloader.store import atomic_write, read_file_range
+from dataloader.store import atomic_write, private_dir, read_file_range
 
 
 class MemoryLRU:
@@ -68,8 +70,8 @@ class DiskLRU:
         self.folder, self.max_bytes = folder, max_bytes
         self._data = os.path.join(folder, "objects")
         self._locks = os.path.join(folder, "locks")
-        os.makedirs(self._data, exist_ok=True)
-        os.makedirs(self._locks, exist_ok=True)
+        private_dir(self._data)  # 0700: the cached bytes are this user's only
+        private_dir(self._locks)
         for name in os.listdir(self._data):  # leftovers of crashed writers
             m = _TMP.search(name)
             if m and not _pid_alive(int(m.group(1))):
@@ -78,6 +80,8 @@ class DiskLRU:
                 except FileNotFoundError:
                     pass
         self.hits = self.misses = 0
+        self._estimate: int | None = None  # bytes in the folder at the last listing + own puts since
+        self._put_since_listing = 0
 
     @staticmethod
     def _name(key: str) -> str:
@@ -104,9 +108,13 @@ class DiskLRU:
         if len(data) > self.max_bytes:
             return
         atomic_write(self.path(key), data)
-        self._evict()
+        self._put_since_listing += len(data)
+        if (self._estimate is None or self._estimate + self._put_since_listing > self.max_bytes
+                or self._put_since_listing > self.max_bytes // 16):
+            self._estimate, self._put_since_listing = self._evict(), 0
 
-    def _evict(self) -> None:
+    def _evict(self) -> int:
+        """List the folder, drop the least recent objects over the limit; returns the bytes kept."""
         entries = []
         total = 0
         for name in os.listdir(self._data):
@@ -127,6 +135,7 @@ class DiskLRU:
                 total -= size
             except FileNotFoundError:
                 pass
+        return total
 
     @contextmanager
     def fetch_lock(self, key: str):

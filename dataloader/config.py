@@ -26,17 +26,17 @@ class LoaderConfig:
     s3_region: str = ""  # empty: the standard chain (AWS_REGION, config files)
 
     # --- stream fields (in the checksum) ----------------------------------------------
-    seq_len: int = 512
+    seq_len: int = 512  # tokens per packed row
     blend: str = ""  # "" = all sources by size; "a:0.7,b:0.3" or "0:a:0.7,b:0.3;5000:a:0.2,b:0.8"
-    shuffle: bool = True
+    shuffle: bool = True  # shuffle shards, then windows of samples
     shuffle_window: int = 256  # samples permuted together; reads stay within ~2 shards
     pack_buffer: int = 64  # samples the best-fit packer chooses from
     max_media_per_row: int = 16  # cap on media items (images / video chunks) per packed row
     max_patches_per_image: int = 256  # cap on 14x14 patches of one image or video frame
     max_video_frames: int = 8  # frames sampled from a video (then cut into chunks of 4)
-    augment: bool = True
+    augment: bool = True  # random crop, flip, resize and colour jitter of images
     aug_min_crop_area: float = 0.6  # random crop keeps at least this fraction of the area
-    aug_flip_prob: float = 0.5
+    aug_flip_prob: float = 0.5  # probability of a horizontal flip (boxes and points follow)
     aug_min_scale: float = 0.75  # random resize factor in [aug_min_scale, 1]
     aug_color_jitter: float = 0.1  # brightness/contrast/saturation jitter strength
     tokenizer: str = ""  # "" = the tokenizer stored with the dataset
@@ -52,10 +52,11 @@ class LoaderConfig:
     disk_cache_mb: int = 4096  # per node
     requests_per_s: float = 100.0  # per node, shared by all workers of the node
     max_concurrent_requests: int = 8  # per node
-    max_retries: int = 8
-    retry_base_s: float = 0.05
-    retry_max_s: float = 2.0
-    request_timeout_s: float = 30.0
+    max_retries: int = 8  # retries of a throttled or reset request before failing
+    retry_base_s: float = 0.05  # first retry backoff (doubles, with jitter)
+    retry_max_s: float = 2.0  # longest retry backoff
+    request_timeout_s: float = 20.0  # connect and read timeout of one S3 request
+    retry_deadline_s: float = 60.0  # no S3 retry starts later than this after the first attempt
 
     _STREAM_FIELDS = (
         "seq_len", "blend", "shuffle", "shuffle_window", "pack_buffer", "max_media_per_row",
@@ -93,6 +94,9 @@ class LoaderConfig:
             raise LoaderConfigError("data.requests_per_s must be positive")
         if self.max_retries < 0:
             raise LoaderConfigError("data.max_retries must be >= 0")
+        if self.request_timeout_s <= 0 or self.retry_deadline_s < 0:
+            raise LoaderConfigError("data.request_timeout_s must be positive and "
+                                    "data.retry_deadline_s >= 0")
 
     def stream_checksum(self) -> str:
         stream = {name: getattr(self, name) for name in self._STREAM_FIELDS}

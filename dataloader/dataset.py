@@ -22,6 +22,36 @@ class DatasetError(ValueError):
     pass
 
 
+def _parse_manifest(data: bytes, where: str) -> dict:
+    """The manifest, or a DatasetError naming the first field that is not what the writer
+    (dataloader/shard_writer.py) produces."""
+    def bad(field: str, what: str) -> DatasetError:
+        return DatasetError(f"{MANIFEST} in {where} is malformed: {field} {what}; rebuild it "
+                            "with dataloader.shard_writer (or launch.make_dataset)")
+
+    try:
+        manifest = json.loads(data)
+    except ValueError as e:
+        raise DatasetError(f"{MANIFEST} in {where} is not valid JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise bad("the top level", f"is a {type(manifest).__name__}, not an object")
+    if manifest.get("format") != FORMAT_VERSION:
+        raise DatasetError(f"{MANIFEST} in {where} has format {manifest.get('format')!r}; "
+                           f"this loader reads {FORMAT_VERSION!r}")
+    for field in ("tokenizer", "tokenizer_sha256"):
+        if not isinstance(manifest.get(field), str) or not manifest[field]:
+            raise bad(f"'{field}'", "is missing or not a non-empty string")
+    sources = manifest.get("sources")
+    if not isinstance(sources, dict) or not sources:
+        raise bad("'sources'", "must be a non-empty object {name: {\"shards\": [...]}}")
+    for name, spec in sources.items():
+        shards = spec.get("shards") if isinstance(spec, dict) else None
+        if not isinstance(shards, list) or not all(isinstance(k, str) and k.endswith(".tar")
+                                                   for k in shards):
+            raise bad(f"'sources.{name}.shards'", "must be a list of shard keys (<name>.tar)")
+    return manifest
+
+
 @dataclass
 class Source:
     name: str
@@ -41,20 +71,21 @@ class Dataset:
         self.reader = reader
         where = reader.store.describe()
         try:
-            manifest_bytes = reader.whole(MANIFEST)
+            manifest_bytes = reader.fresh(MANIFEST)  # never a cached copy: see tiered_reader.py
         except MissingObject as e:
             raise DatasetError(f"no {MANIFEST} in {where}: build a dataset with "
                                "`python -m launch.make_dataset --out DIR` or dataloader.shard_writer") from e
-        try:
-            manifest = json.loads(manifest_bytes)
-            if manifest.get("format") != FORMAT_VERSION:
-                raise DatasetError(f"{MANIFEST} in {where} has format {manifest.get('format')!r}; "
-                                   f"this loader reads {FORMAT_VERSION!r}")
-            source_specs = manifest["sources"]
-        except (ValueError, KeyError) as e:
-            raise DatasetError(f"{MANIFEST} in {where} is malformed: {e}") from e
+        manifest = _parse_manifest(manifest_bytes, where)
+        source_specs = manifest["sources"]
         digest = hashlib.sha256(manifest_bytes)
+        self.version = digest.hexdigest()[:16]  # what the node's disk cache keys objects by
+        reader.version = self.version
         tok_bytes = reader.whole(manifest["tokenizer"])
+        if hashlib.sha256(tok_bytes).hexdigest() != manifest["tokenizer_sha256"]:
+            raise DatasetError(
+                f"{manifest['tokenizer']} in {where} does not match the tokenizer_sha256 of "
+                f"{MANIFEST}: the token counts in the shard indexes were made with another "
+                "tokenizer. Restore the original tokenizer file or rebuild the dataset")
         if tokenizer_file:
             with open(tokenizer_file, "rb") as f:
                 own = f.read()
@@ -68,7 +99,7 @@ class Dataset:
         digest.update(tok_bytes)
         self.sources: list[Source] = []
         self.skipped_shards: list[str] = []
-        reader.prefetch([index_key(k) for spec in source_specs.values() for k in spec.get("shards", [])])
+        reader.prefetch([index_key(k) for spec in source_specs.values() for k in spec["shards"]])
         for name, spec in source_specs.items():
             shards = []
             for shard_key in spec["shards"]:

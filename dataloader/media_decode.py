@@ -1,7 +1,9 @@
 """Decoding of native-format media bytes (JPEG/PNG/... with Pillow, MP4/WebM with PyAV).
 
 Errors surface as `BadMedia` so the loader's bad-data policy can name the object key.
-Video frames are sampled evenly (the same indices on every run) up to a cap.
+Video frames are sampled evenly (the same indices on every run) up to a cap; decoding
+converts only the frames asked for and stops after the last of them. Frames come out as
+RGB Pillow images, which augment.py crops and resizes without a full-size copy.
 """
 from __future__ import annotations
 
@@ -26,17 +28,16 @@ def probe_image(data: bytes) -> tuple[int, int]:
         raise BadMedia(f"undecodable image: {e}") from e
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    """[1, H, W, 3] float32 in [0, 1]."""
+def decode_image(data: bytes) -> list:
+    """[the image] as one RGB Pillow image."""
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            rgb = np.asarray(im.convert("RGB"), dtype=np.float32)
+        im = Image.open(io.BytesIO(data))  # in memory: no file to close
+        im.load()
+        return [im if im.mode == "RGB" else im.convert("RGB")]
     except Exception as e:
         raise BadMedia(f"undecodable image: {e}") from e
-    return (rgb / 255.0)[None]
 
 
 def sample_frame_indices(num_frames: int, max_frames: int) -> list[int]:
@@ -64,13 +65,28 @@ def probe_video(data: bytes) -> tuple[int, int, int]:
     return w, h, len(frames)
 
 
-def decode_video(data: bytes, max_frames: int) -> np.ndarray:
-    """[T, H, W, 3] float32 in [0, 1] with T = min(frames, max_frames)."""
-    frames = _video_frames(data)
-    if not frames:
-        raise BadMedia("video has no frames")
-    picked = [frames[i] for i in sample_frame_indices(len(frames), max_frames)]
-    return np.stack(picked).astype(np.float32) / 255.0
+def decode_video(data: bytes, frames: list[int]) -> list:
+    """RGB Pillow images of the frames at these (increasing) indices of the stream.
+
+    Frames before the last wanted one are decoded (a codec needs them) but only the
+    wanted ones are converted to RGB, and decoding stops after the last."""
+    import av
+
+    wanted = {f: i for i, f in enumerate(frames)}
+    out: list = [None] * len(frames)
+    last = max(frames) if frames else -1
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            for index, frame in enumerate(container.decode(video=0)):
+                if index in wanted:
+                    out[wanted[index]] = frame.to_image()
+                if index >= last:
+                    break
+    except Exception as e:
+        raise BadMedia(f"undecodable video: {e}") from e
+    if any(f is None for f in out):
+        raise BadMedia(f"video has fewer frames than the index says (wanted frame {last})")
+    return out
 
 
 def video_chunks(num_frames: int, max_frames: int, chunk: int = 4) -> list[int]:

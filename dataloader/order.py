@@ -32,8 +32,10 @@ class SourceOrder:
         self.shard_sizes = list(shard_sizes)
         self.num_samples = sum(shard_sizes)
         self.seed, self.source_id, self.shuffle, self.window = seed, source_id, shuffle, window
-        self._epoch_table = lru_cache(maxsize=4)(self._make_epoch_table)
-        self._window_perm = lru_cache(maxsize=64)(self._make_window_perm)
+        # lanes (sample_stream.py) read many windows at once, and lanes of a small source
+        # sit in different epochs: keep enough of both for a loader's lanes
+        self._epoch_table = lru_cache(maxsize=256)(self._make_epoch_table)
+        self._window_perm = lru_cache(maxsize=4096)(self._make_window_perm)
 
     def _make_epoch_table(self, epoch: int) -> tuple[list[int], list[int]]:
         """(shard order, start offset of each in the epoch's concatenation)."""

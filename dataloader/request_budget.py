@@ -18,16 +18,16 @@ import struct
 import time
 from contextlib import contextmanager
 
-from dataloader.store import atomic_write
+from dataloader.store import atomic_write, private_dir
 
-_STATE = struct.Struct("<dd")  # tokens, last refill (time.time())
+_STATE = struct.Struct("<ddq")  # tokens, last refill (time.time()), tokens granted so far
 
 
 class RequestBudget:
     def __init__(self, folder: str, requests_per_s: float, max_concurrent: int):
         if requests_per_s <= 0 or max_concurrent <= 0:
             raise ValueError("request budget needs requests_per_s > 0 and max_concurrent > 0")
-        os.makedirs(folder, exist_ok=True)
+        private_dir(folder)
         self.folder, self.rate, self.max_concurrent = folder, float(requests_per_s), int(max_concurrent)
         self._state_path = os.path.join(folder, "budget.state")
         self._lock_path = os.path.join(folder, "budget.lock")
@@ -45,21 +45,30 @@ class RequestBudget:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             now = time.time()
-            try:
-                with open(self._state_path, "rb") as f:
-                    tokens, last = _STATE.unpack(f.read(_STATE.size))
-            except (FileNotFoundError, struct.error):
-                tokens, last = 1.0, now
+            tokens, last, granted = self._read_state(now)
             tokens = min(1.0, tokens + max(0.0, now - last) * self.rate)
             wait = 0.0
             if tokens >= 1.0:
                 tokens -= 1.0
+                granted += 1
             else:
                 wait = (1.0 - tokens) / self.rate
-            atomic_write(self._state_path, _STATE.pack(tokens, now))
+            atomic_write(self._state_path, _STATE.pack(tokens, now, granted))
             return wait
         finally:
             os.close(fd)  # releases the flock
+
+    def _read_state(self, now: float) -> tuple[float, float, int]:
+        try:
+            with open(self._state_path, "rb") as f:
+                return _STATE.unpack(f.read(_STATE.size))
+        except (FileNotFoundError, struct.error):  # first use, or a state of an older layout
+            return 1.0, now, 0
+
+    def granted(self) -> int:
+        """Requests the node's processes have started under this budget so far (all of them,
+        retries included): what tests compare with the requests the store saw."""
+        return self._read_state(time.time())[2]
 
     @contextmanager
     def request(self):

@@ -11,11 +11,10 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from dataloader.augment import Geometry, plan_geometry, rng_for
-from dataloader.batch import merged_tokens
 from dataloader.config import LoaderConfig
-from dataloader.media_decode import video_chunks
+from dataloader.media_decode import sample_frame_indices, video_chunks
 from dataloader.shard_format import SampleIndex
-from dataloader.template import Piece, layout_length, truncate_layout
+from dataloader.template import Piece, layout_length, merged_tokens, truncate_layout
 
 MAX_MEDIA_PER_SAMPLE = 1 << 8  # item_id = global sample index * 256 + media item index
 
@@ -42,6 +41,12 @@ class MediaPlan:
     geometry: Geometry
     chunk_frames: list[int]  # frames of each item (images: [1]; videos: chunks of <= 4)
     first_item: int  # index of its first media item in the sample
+    frames: list[int]  # indices of the decoded frames in the media (images: [0])
+
+    def chunk_source_frames(self, chunk: int) -> list[int]:
+        """Frame indices (in the video) of one chunk: decode only those for that item."""
+        first = sum(self.chunk_frames[:chunk])
+        return self.frames[first:first + self.chunk_frames[chunk]]
 
 
 @dataclass
@@ -85,8 +90,12 @@ def plan_sample(entry: SampleIndex, ref: SampleRef, shard_key: str, cfg: LoaderC
                             min_crop_area=cfg.aug_min_crop_area, flip_prob=cfg.aug_flip_prob,
                             min_scale=cfg.aug_min_scale)
         h, w = geo.grid_hw
-        chunks = [1] if seg["kind"] == "image" else video_chunks(int(seg["f"]), cfg.max_video_frames)
-        media.append(MediaPlan(seg["media"], seg["kind"], geo, chunks, items))
+        if seg["kind"] == "image":
+            chunks, frames = [1], [0]
+        else:
+            chunks = video_chunks(int(seg["f"]), cfg.max_video_frames)
+            frames = sample_frame_indices(int(seg["f"]), cfg.max_video_frames)
+        media.append(MediaPlan(seg["media"], seg["kind"], geo, chunks, items, frames))
         for c, t in enumerate(chunks):
             pieces.append(Piece("media", merged_tokens((t, h, w)), False, (index, c)))
         items += len(chunks)

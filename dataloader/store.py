@@ -9,6 +9,7 @@ not there (never retried) and `StoreError` for anything that survived the retrie
 from __future__ import annotations
 
 import os
+import stat
 from abc import ABC, abstractmethod
 
 
@@ -20,6 +21,20 @@ def atomic_write(path: str, data: bytes) -> None:
     with open(tmp, "wb") as f:
         f.write(data)
     os.replace(tmp, path)
+
+
+def private_dir(path: str) -> str:
+    """Create `path` (and parents) readable by this user only (0700), or tighten an existing
+    one of ours; refuse one owned by someone else (a shared /tmp: another local user could
+    read or plant cached bytes)."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode) or st.st_uid != os.getuid():
+        raise StoreError(f"cache folder {path} is a link or belongs to another user (uid "
+                         f"{st.st_uid}): set data.disk_cache_dir to a folder of your own")
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        os.chmod(path, 0o700)
+    return path
 
 
 def read_file_range(path: str, byte_range: tuple[int, int] | None) -> bytes:
@@ -52,6 +67,11 @@ class ObjectStore(ABC):
     @abstractmethod
     def describe(self) -> str:
         """Where the data lives, for logs and errors; never includes credentials."""
+
+    def get_fresh(self, key: str, etag: str | None) -> tuple[bytes | None, str | None]:
+        """(None, etag) if the object is unchanged since `etag`, else (its bytes, its new ETag).
+        Stores without versions (a local directory) always read it again."""
+        return self.get(key), None
 
 
 class LocalStore(ObjectStore):
@@ -89,13 +109,14 @@ class LocalStore(ObjectStore):
 
 def open_store(uri: str, *, endpoint_url: str = "", region: str = "", budget=None,
                max_retries: int = 8, retry_base_s: float = 0.05, retry_max_s: float = 2.0,
-               timeout_s: float = 30.0) -> ObjectStore:
+               timeout_s: float = 20.0, retry_deadline_s: float = 60.0) -> ObjectStore:
     if uri.startswith("s3://"):
         from dataloader.s3_store import S3Store
 
         return S3Store(uri, endpoint_url=endpoint_url, region=region, budget=budget,
                        max_retries=max_retries, retry_base_s=retry_base_s,
-                       retry_max_s=retry_max_s, timeout_s=timeout_s)
+                       retry_max_s=retry_max_s, timeout_s=timeout_s,
+                       retry_deadline_s=retry_deadline_s)
     if uri.startswith("file://"):
         uri = uri[len("file://"):]
     if "://" in uri:

@@ -22,6 +22,14 @@ from dataclasses import dataclass
 
 from dataloader.shard_format import BOS, EOS, MEDIA, PAD, SPECIAL_TOKENS
 
+IGNORE_INDEX = -100  # the label of a position without loss
+
+
+def merged_tokens(grid_thw: tuple[int, int, int]) -> int:
+    """LM tokens (placeholders) one media item becomes: frames pool to one, 2x2 patches merge to one."""
+    _, h, w = grid_thw
+    return (h // 2) * (w // 2)
+
 
 def _coord(value: float, extent: float) -> str:
     return f"{min(999, max(0, int(value / extent * 1000))):03d}"
@@ -63,6 +71,11 @@ class TextTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """One call for many texts (a row's): the same ids as `encode` on each, without
+        a Python round trip per text."""
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=False)

@@ -28,6 +28,13 @@ def check_environment(world_size: int, rank: int) -> str:
                f"{threads} thread(s) per rank x {local_world} local rank(s) on {cores} cores, "
                f"CUDA: {cuda}")
     if threads * local_world > cores and rank == 0:
-        summary += (f"\nwarning: {threads * local_world} threads on {cores} cores oversubscribe "
-                    "the CPU; set OMP_NUM_THREADS (e.g. 1) for torchrun jobs")
+        if threads > 1:  # the threads per rank come from job.cpu_threads (launch.train sets them)
+            summary += (f"\nwarning: {local_world} local rank(s) x {threads} threads "
+                        f"(job.cpu_threads) = {threads * local_world} threads on {cores} cores "
+                        "oversubscribe the CPU; lower job.cpu_threads (1 is the default)")
+        else:
+            summary += (f"\nwarning: {local_world} ranks on {cores} cores, 1 thread each: more "
+                        "ranks than cores, so they take turns and every step waits for the "
+                        f"slowest; fine for tests, for speed start at most {cores} ranks per "
+                        "node (--nproc-per-node)")
     return summary

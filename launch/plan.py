@@ -1,6 +1,11 @@
 """Plans, computed without running anything.
 
     python -m launch.plan --model k25                          parameter counts of a preset
+    python -m launch.plan --model k25 --pp 16 --vpp 2 --ep 16 --dp 16 --seq-len 4096 \\
+        --micro-batch 1 --global-batch 4096 [--gpu h800] [--precision bf16] [--all] [--json]
+                                                               what each pipeline rank holds
+                                                               and does per step, and whether
+                                                               it fits (trainer/planner.py)
     python -m launch.plan --schedule --pp 4 --vpp 2 --microbatches 8
                                                                each rank's pipeline actions, checked
                                                                and simulated (bubble, Gantt in ASCII)
@@ -8,32 +13,87 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from model.config import ConfigError, PRESETS, preset
 from model.param_count import count
 from parallel.schedule import format_schedule, schedule
 from parallel.schedule_sim import check_schedule, format_timeline, simulate
+from trainer.config import load_config
+from trainer.hardware import GPUS
+from trainer.planner import (DEFAULT_EFFICIENCY, GIB, RESERVED_BYTES, MediaMix, Plan, RankPlan,
+                             Recipe, plan)
+
+# the flags that ask for a plan (without any, `--model` prints parameter counts)
+PLAN_FLAGS = ("pp", "vpp", "ep", "dp", "seq_len", "micro_batch", "global_batch", "layout", "gpu",
+              "precision", "optimizer", "encoder", "media", "efficiency")
 
 
-def _fmt(n: int) -> str:
+def _fmt(n: float) -> str:
     for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= scale:
             return f"{n / scale:.3f}{unit}"
     return str(n)
 
 
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m launch.plan", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="k25", help=f"model preset: one of {sorted(PRESETS)} "
+                   "(default k25)")
+    p.add_argument("--schedule", action="store_true",
+                   help="print, check and simulate a pipeline schedule (--pp, --vpp, "
+                        "--microbatches) instead")
+    p.add_argument("--microbatches", type=int, default=8,
+                   help="--schedule only: microbatches per replica (default 8)")
+    plan_flags = p.add_argument_group("planning a run (any of these asks for a plan)")
+    plan_flags.add_argument("--pp", type=int, help="pipeline stages (default 1; --schedule: 4)")
+    plan_flags.add_argument("--vpp", type=int,
+                            help="virtual stages per pipeline rank (default 1; --schedule: 2)")
+    plan_flags.add_argument("--ep", type=int, help="expert-parallel size (default 1)")
+    plan_flags.add_argument("--dp", type=int, help="data-parallel size (default 1)")
+    plan_flags.add_argument("--seq-len", type=int, help="tokens per sequence (default 4096)")
+    plan_flags.add_argument("--micro-batch", type=int, help="sequences per microbatch (default 1)")
+    plan_flags.add_argument("--global-batch", type=int,
+                            help="sequences per step over all replicas (default: 4 x pp "
+                                 "microbatches per replica)")
+    plan_flags.add_argument("--layout", help="'auto' (default) or an explicit layout such as "
+                                             "'Et|(tt|)*30L' (parallel/layout.py)")
+    plan_flags.add_argument("--gpu", choices=sorted(GPUS),
+                            help="GPU whose memory, peak and links the plan uses (default h800, "
+                                 "the K2.5 report's; constants in trainer/hardware.py)")
+    plan_flags.add_argument("--precision", choices=("fp32", "bf16"),
+                            help="fp32 (today; default) or bf16 weights with fp32 grads, "
+                                 "master weights and state (issue 12)")
+    plan_flags.add_argument("--optimizer", choices=("adamw", "muonclip"),
+                            help="adamw (default: two fp32 moments) or muonclip (one momentum "
+                                 "for hidden matrices, issue 16)")
+    plan_flags.add_argument("--encoder", choices=("dep", "colocated"),
+                            help="where the vision encoder runs (default dep)")
+    plan_flags.add_argument("--media",
+                            help="media per sequence as COUNT*TxHxW items, e.g. "
+                                 "'2*1x32x32,0.25*4x16x16' (mean count, frames, patch rows x "
+                                 "columns); adds text-only vs DEP vs colocated step times")
+    plan_flags.add_argument("--efficiency", type=float,
+                            help=f"fraction of the bf16 peak matmuls sustain in the time model "
+                                 f"(default {DEFAULT_EFFICIENCY})")
+    plan_flags.add_argument("--all", action="store_true",
+                            help="every pipeline rank (default: the first, a middle, the last "
+                                 "and the one with the largest peak)")
+    plan_flags.add_argument("--json", action="store_true", help="one JSON object per rank")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default="k25", help=f"one of {sorted(PRESETS)}")
-    parser.add_argument("--schedule", action="store_true", help="print a pipeline schedule")
-    parser.add_argument("--pp", type=int, default=4)
-    parser.add_argument("--vpp", type=int, default=2)
-    parser.add_argument("--microbatches", type=int, default=8)
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     if args.schedule:
-        return print_schedule(args.pp, args.vpp, args.microbatches)
+        return print_schedule(args.pp or 4, 2 if args.vpp is None else args.vpp,
+                              args.microbatches)
     try:
+        if any(getattr(args, f) is not None for f in PLAN_FLAGS) or args.all or args.json:
+            return print_plan(args)
         cfg = preset(args.model)
         cfg.validate()
     except ConfigError as e:
@@ -49,6 +109,138 @@ def main(argv: list[str] | None = None) -> int:
     for name, n in rows:
         print(f"  {name:<34} {_fmt(n):>10}  ({n:,})")
     return 0
+
+
+def print_plan(args: argparse.Namespace) -> int:
+    pp, vpp, dp, mb = args.pp or 1, args.vpp or 1, args.dp or 1, args.micro_batch or 1
+    overrides = {"model.preset": args.model, "parallel.pp": pp, "parallel.vpp": vpp,
+                 "parallel.ep": args.ep or 1, "parallel.dp": dp,
+                 "parallel.encoder": args.encoder or "dep",
+                 "parallel.layout": args.layout or "auto",
+                 "data.seq_len": args.seq_len or 4096, "train.micro_batch": mb,
+                 "train.global_batch": args.global_batch or 4 * pp * dp * mb,
+                 "data.uri": "synthetic"}
+    cfg = load_config([a for k, v in overrides.items() for a in (f"--{k}", str(v))])
+    cfg.validate_sizes()
+    gpu = GPUS[args.gpu or "h800"]
+    result = plan(cfg, recipe=Recipe(args.precision or "fp32", args.optimizer or "adamw"),
+                  media=MediaMix.parse(args.media or ""), gpu=gpu,
+                  efficiency=args.efficiency or DEFAULT_EFFICIENCY)
+    worst = max(result.ranks, key=lambda r: r.peak).pp_rank
+    shown = result.ranks if args.all else [result.ranks[r] for r in
+                                           sorted({0, pp // 2, pp - 1, worst})]
+    if args.json:
+        for rank in shown:
+            print(json.dumps(rank_json(result, rank)))
+    else:
+        print(format_plan(result, shown))
+    return 0
+
+
+def _budget(result: Plan) -> int:
+    return result.gpu.memory_bytes - RESERVED_BYTES
+
+
+def rank_json(result: Plan, rank: RankPlan) -> dict:
+    """The figures of one rank (bytes, FLOPs, seconds) and the job's step, for scripts."""
+    step = result.step
+    return {
+        "pp_rank": rank.pp_rank, "stages": rank.stages, "chunks": rank.chunks,
+        "params": {k: g.params for k, g in rank.groups.items()},
+        "zero1_group_size": {k: g.group_size for k, g in rank.groups.items()},
+        "bytes": {"weights": rank.total("weights"), "grads": rank.total("grads"),
+                  "master": rank.total("master"), "optimizer_state": rank.total("state"),
+                  "activations": rank.activations, "pipeline_buffers": rank.pipeline_buffers,
+                  "dep_embeddings": rank.dep_embeddings, "dep_recompute": rank.dep_recompute,
+                  "pixels": rank.pixels, "peak": rank.peak, "budget": _budget(result)},
+        "in_flight": {str(s): n for s, n in rank.in_flight.items()},
+        "fits": rank.peak <= _budget(result), "flops": rank.flops,
+        "comm_bytes": rank.comm, "compute_s": rank.compute_s,
+        "all_to_all_s": rank.all_to_all_s,
+        "job": {"step_s": step.step_s, "pipeline_s": step.pipeline_s, "bubble": step.bubble,
+                "dep_s": step.dep_s, "optimizer_s": step.optimizer_s,
+                "model_flops": step.model_flops, "mfu": step.mfu,
+                "gpu": result.gpu.name, "precision": result.recipe.precision,
+                "optimizer": result.recipe.optimizer, "encoder": result.encoder,
+                "media": result.media.describe(),
+                "comparison_step_s": {k: v.step_s for k, v in result.comparison.items()}},
+    }
+
+
+def format_plan(result: Plan, shown: list[RankPlan]) -> str:
+    cfg, gpu, step = result.cfg, result.gpu, result.step
+    p, t = cfg.parallel, cfg.train
+    world = p.pp * p.dp
+    nodes = -(-world // gpu.gpus_per_node)
+    layout = cfg.pipeline_layout()
+    lines = [
+        f"model {cfg.model.preset}: pp={p.pp} vpp={p.vpp} ep={p.ep} dp={p.dp} = {world} GPUs "
+        f"({nodes} node(s) of {gpu.gpus_per_node} {gpu.name}), seq_len {cfg.data.seq_len}, "
+        f"micro_batch {t.micro_batch}, global_batch {t.global_batch} "
+        f"({cfg.microbatches_per_replica} microbatches per replica)",
+        f"layout {layout.notation()}, encoder {result.encoder}, precision "
+        f"{result.recipe.precision}, optimizer {result.recipe.optimizer}, media "
+        f"{result.media.describe()}", ""]
+    width = 17
+    header = f"{'':<44}" + "".join(f"{'pipeline rank ' + str(r.pp_rank):>{width}}" for r in shown)
+    rows: list[tuple[str, list[str]]] = []
+
+    def row(name: str, values: list[str]) -> None:
+        rows.append((name, values))
+
+    def gib(values: list[float]) -> list[str]:
+        return [f"{v / GIB:.2f}" for v in values]
+
+    row("chunks held (E embed, t layer, L head)", [" | ".join(r.chunks) for r in shown])
+    for kind in ("dense", "expert", "encoder"):
+        if any(kind in r.groups for r in shown):
+            row(f"parameters, {kind} (B; ZeRO-1 over N ranks)",
+                [f"{r.groups[kind].params / 1e9:.3f} /{r.groups[kind].group_size}"
+                 if kind in r.groups else "-" for r in shown])
+    row("memory (GiB)", ["" for _ in shown])
+    row("  weights", gib([r.total("weights") for r in shown]))
+    row("  gradients", gib([r.total("grads") for r in shown]))
+    row("  fp32 master weights", gib([r.total("master") for r in shown]))
+    row("  optimizer state", gib([r.total("state") for r in shown]))
+    row("  activations at the schedule's peak", gib([r.activations for r in shown]))
+    row("    chunk-microbatches in flight", [str(sum(r.in_flight.values())) for r in shown])
+    row("  pipeline buffers (chunk outputs)", gib([r.pipeline_buffers for r in shown]))
+    if result.media.kinds:
+        row("  DEP embeddings + grads (stage 0)", gib([r.dep_embeddings for r in shown]))
+        row("  DEP encoder recompute (after pipeline)", gib([r.dep_recompute for r in shown]))
+        row("  pixels (fp32 rows)", gib([r.pixels for r in shown]))
+    row("  peak", gib([r.peak for r in shown]))
+    budget = _budget(result)
+    row(f"  usable HBM ({gpu.memory_bytes / GIB:.1f} less {RESERVED_BYTES / GIB:g} reserved)",
+        gib([budget for _ in shown]))
+    row("  headroom", gib([budget - r.peak for r in shown]))
+    row("  verdict", ["fits" if r.peak <= budget else "DOES NOT FIT" for r in shown])
+    row("per step", ["" for _ in shown])
+    row("  model TFLOP", [f"{r.flops / 1e12:,.0f}" for r in shown])
+    row("  matmul time (s)", [f"{r.compute_s:.2f}" for r in shown])
+    row("  expert all-to-all time, exposed (s)", [f"{r.all_to_all_s:.2f}" for r in shown])
+    kinds = sorted({k for r in shown for k in r.comm},
+                   key=lambda k: (not k.startswith("pipeline"), not k.startswith("expert"), k))
+    row("communication sent per step (GiB)", ["" for _ in shown])
+    for kind in kinds:
+        row(f"  {kind}", gib([r.comm.get(kind, 0.0) for r in shown]))
+    lines.append(header)
+    lines += [f"{name:<44}" + "".join(f"{v:>{width}}" for v in values) for name, values in rows]
+    tokens = t.global_batch * cfg.data.seq_len
+    lines += ["", f"step {step.step_s:.2f} s = DEP {step.dep_s:.2f} + pipeline "
+                  f"{step.pipeline_s:.2f} (bubble {100 * step.bubble:.1f}%) + ZeRO-1 step "
+                  f"{step.optimizer_s:.2f}; {tokens / step.step_s:,.0f} tokens/s, MFU "
+                  f"{100 * step.mfu:.1f}% ({gpu.peak_bf16_tflops:g} TFLOP/s peak, matmuls at "
+                  f"{100 * result.efficiency:.0f}% of it)"]
+    if result.comparison:
+        text = result.comparison["text-only"].step_s
+        parts = [f"{name} {s.step_s:.2f} s ({100 * text / s.step_s:.1f}% of text-only "
+                 f"throughput)" for name, s in result.comparison.items() if name != "text-only"]
+        lines.append(f"media {result.media.describe()}: text-only {text:.2f} s, "
+                     + ", ".join(parts))
+    lines.append("time model: crude (matmuls only, no overlap, data-sheet bandwidths); see "
+                 "trainer/planner.py")
+    return "\n".join(lines)
 
 
 def print_schedule(pp: int, vpp: int, microbatches: int) -> int:

@@ -3,6 +3,10 @@
 Hundreds of ranks printing to one console bury the one line that matters; a
 failing rank's traceback still reaches the console through torchrun's error
 summary (`launch.train.main` is wrapped with torch elastic's `record`).
+
+A log file that cannot be written (the disk is full) is dropped with one note on the
+console, which then gets that rank's output: the message that explains the failure
+must not be lost with the log.
 """
 from __future__ import annotations
 
@@ -13,16 +17,28 @@ from typing import TextIO
 
 class _Tee:
     def __init__(self, *streams: TextIO):
-        self.streams = streams
+        self.streams = list(streams)
+
+    def _each(self, call) -> None:
+        for stream in list(self.streams):
+            try:
+                call(stream)
+            except OSError as e:
+                if stream in (sys.__stdout__, sys.__stderr__):
+                    raise
+                self.streams.remove(stream)
+                sys.__stderr__.write(f"cannot write {getattr(stream, 'name', 'the log')} "
+                                     f"({e.strerror}); this rank's output goes to the console\n")
+                if sys.__stderr__ not in self.streams and sys.__stdout__ not in self.streams:
+                    self.streams.append(sys.__stderr__)
+                    call(sys.__stderr__)
 
     def write(self, text: str) -> int:
-        for stream in self.streams:
-            stream.write(text)
+        self._each(lambda stream: stream.write(text))
         return len(text)
 
     def flush(self) -> None:
-        for stream in self.streams:
-            stream.flush()
+        self._each(lambda stream: stream.flush())
 
     def isatty(self) -> bool:
         return False
@@ -36,5 +52,5 @@ def redirect_rank_output(run_dir: str | Path, rank: int) -> Path:
     if rank == 0:
         sys.stdout, sys.stderr = _Tee(sys.__stdout__, log), _Tee(sys.__stderr__, log)
     else:
-        sys.stdout = sys.stderr = log
+        sys.stdout = sys.stderr = _Tee(log)
     return path

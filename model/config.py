@@ -21,19 +21,18 @@ class ConfigError(ValueError):
 class VisionConfig:
     """MoonViT-3D encoder (SigLIP-style ViT with NaViT packing) and its projector."""
 
-    patch_size: int = 14
-    in_channels: int = 3
-    hidden: int = 128
-    layers: int = 2
-    heads: int = 4
-    mlp_hidden: int = 512
-    # learnable 2D position embedding grid, interpolated (bicubic) to each image's grid
-    pos_emb_height: int = 16
-    pos_emb_width: int = 16
+    patch_size: int = 14  # pixels per side of a square patch
+    in_channels: int = 3  # colour channels of a pixel
+    hidden: int = 128  # width of the ViT's residual stream
+    layers: int = 2  # transformer blocks
+    heads: int = 4  # attention heads (hidden / heads must be divisible by 4 for 2D RoPE)
+    mlp_hidden: int = 512  # inner width of each block's GELU MLP
+    pos_emb_height: int = 16  # rows of the learnable 2D position table (resized per image)
+    pos_emb_width: int = 16  # columns of the learnable 2D position table
     max_frames: int = 4  # frames per spatiotemporal chunk
     merge_kernel: int = 2  # 2x2 spatial patch merger
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0  # base of the 2D RoPE frequencies
+    norm_eps: float = 1e-6  # LayerNorm epsilon
 
     @property
     def patch_dim(self) -> int:
@@ -48,35 +47,34 @@ class VisionConfig:
 class LMConfig:
     """Kimi K2 / DeepSeek-V3 style MoE language model with MLA attention."""
 
-    vocab_size: int = 2048
-    hidden: int = 256
-    layers: int = 4
-    heads: int = 4
+    vocab_size: int = 2048  # token ids of the embedding and the head
+    hidden: int = 256  # width of the residual stream
+    layers: int = 4  # decoder layers (the first first_k_dense dense, the rest MoE)
+    heads: int = 4  # attention heads
     # MLA
-    q_lora_rank: int = 96
-    kv_lora_rank: int = 64
-    qk_nope_head_dim: int = 32
-    qk_rope_head_dim: int = 16
-    v_head_dim: int = 32
-    rope_theta: float = 50000.0
-    # YaRN (0 disables): context extension factor over `yarn_original_max_position`
-    yarn_factor: float = 0.0
-    yarn_original_max_position: int = 4096
-    yarn_beta_fast: float = 32.0
-    yarn_beta_slow: float = 1.0
-    yarn_mscale: float = 1.0
-    yarn_mscale_all_dim: float = 1.0
+    q_lora_rank: int = 96  # MLA: rank of the low-rank query projection
+    kv_lora_rank: int = 64  # MLA: width of the compressed key/value latent
+    qk_nope_head_dim: int = 32  # MLA: query/key dims per head without RoPE
+    qk_rope_head_dim: int = 16  # MLA: query/key dims per head with RoPE (even)
+    v_head_dim: int = 32  # MLA: value dims per head
+    rope_theta: float = 50000.0  # base of the RoPE frequencies
+    yarn_factor: float = 0.0  # YaRN: context extension over yarn_original_max_position (0: off)
+    yarn_original_max_position: int = 4096  # YaRN: context length before extension
+    yarn_beta_fast: float = 32.0  # YaRN: rotations where interpolation ramps out
+    yarn_beta_slow: float = 1.0  # YaRN: rotations where interpolation ramps in
+    yarn_mscale: float = 1.0  # YaRN: attention temperature scale
+    yarn_mscale_all_dim: float = 1.0  # YaRN: temperature scale over all dims
     # FFN / MoE
-    first_k_dense: int = 1
-    dense_hidden: int = 768
-    num_experts: int = 16
-    top_k: int = 4
-    num_shared_experts: int = 1
-    expert_hidden: int = 128
-    routed_scaling_factor: float = 2.5
+    first_k_dense: int = 1  # leading layers with a dense SwiGLU instead of experts
+    dense_hidden: int = 768  # inner width of the dense SwiGLU
+    num_experts: int = 16  # routed experts per MoE layer
+    top_k: int = 4  # routed experts per token
+    num_shared_experts: int = 1  # experts every token goes through
+    expert_hidden: int = 128  # inner width of each expert's SwiGLU
+    routed_scaling_factor: float = 2.5  # scale of the normalised top-k router weights
     bias_update_rate: float = 1e-3  # aux-loss-free balancing: bias step per update
-    norm_eps: float = 1e-6
-    init_std: float = 0.02
+    norm_eps: float = 1e-6  # RMSNorm epsilon
+    init_std: float = 0.02  # standard deviation of the initial matrices and tables
 
     @property
     def qk_head_dim(self) -> int:
@@ -89,11 +87,13 @@ class LMConfig:
 
 @dataclass
 class ModelConfig:
-    preset: str = "tiny"
+    preset: str = "tiny"  # named sizes: tiny, small or k25; other model keys override them
     lm: LMConfig = field(default_factory=LMConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
     # token id of the media placeholder in the LM vocabulary
     media_token_id: int = 1
+    # transformer-engine kernels (fused attention, norm+linear) on CUDA; needs the [gpu] extra
+    te: bool = False
 
     def validate(self) -> None:
         """Refuse sizes that cannot build, each with what to change."""

@@ -18,25 +18,33 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from model.attention import DocumentMask
 from model.config import LMConfig
 from model.ffn import SwiGLU
-from model.mla import MLA, packed_causal_mask
+from model.loss import linear_cross_entropy_sum
+from model.mla import MLA
 from model.moe import MoE
 from model.norm import RMSNorm
+from model.rope import RotaryEmbedding
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: LMConfig, index: int, local_experts: range | None = None):
+    def __init__(self, cfg: LMConfig, index: int, local_experts: range | None = None,
+                 te: bool = False):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.hidden, eps=cfg.norm_eps)
-        self.attn = MLA(cfg)
+        self.attn = MLA(cfg, te)
         self.ffn_norm = RMSNorm(cfg.hidden, eps=cfg.norm_eps)
         self.ffn = (SwiGLU(cfg.hidden, cfg.dense_hidden) if index < cfg.first_k_dense
                     else MoE(cfg, local_experts))
 
-    def forward(self, x_BSD, position_ids_BS, mask_B1SS):
-        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), position_ids_BS, mask_B1SS)
+    def forward(self, x_BSD, rope_cos_sin, mask: DocumentMask):
+        x_BSD = self.attention_block(x_BSD, rope_cos_sin, mask)
         return x_BSD + self.ffn(self.ffn_norm(x_BSD))
+
+    def attention_block(self, x_BSD, rope_cos_sin, mask: DocumentMask):
+        """x + MLA(norm(x)): the layer's first half (node-by-node runners call the halves)."""
+        return x_BSD + self.attn(self.attn_norm(x_BSD), rope_cos_sin, mask)
 
 
 @dataclass(frozen=True)
@@ -61,37 +69,51 @@ class ChunkSpec:
 
 class LanguageModelChunk(nn.Module):
     def __init__(self, cfg: LMConfig, spec: ChunkSpec | None = None,
-                 local_experts: range | None = None):
+                 local_experts: range | None = None, te: bool = False):
+        """`te`: transformer-engine kernels on CUDA (model/te_kernels.py)."""
         super().__init__()
         spec = ChunkSpec.whole(cfg) if spec is None else spec
         spec.check(cfg)
         self.cfg, self.spec = cfg, spec
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden) if spec.embed else None
         self.layers = nn.ModuleDict(
-            {str(i): DecoderLayer(cfg, i, local_experts) for i in spec.layers})
+            {str(i): DecoderLayer(cfg, i, local_experts, te) for i in spec.layers})
         self.norm = RMSNorm(cfg.hidden, eps=cfg.norm_eps) if spec.head else None
         self.head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False) if spec.head else None
+        self.rotary = RotaryEmbedding(cfg)  # no parameters: tables computed once per forward
 
     def forward(self, x: torch.Tensor, position_ids_BS: torch.Tensor, doc_ids_BS: torch.Tensor,
                 media_embeds_MD: torch.Tensor | None = None,
-                media_index_M: torch.Tensor | None = None) -> torch.Tensor:
+                media_index_M: torch.Tensor | None = None,
+                labels_BS: torch.Tensor | None = None) -> torch.Tensor:
         """x: token ids [B, S] for the chunk with the embedding, hidden states [B, S, D] otherwise.
 
-        Returns hidden states, or logits [B, S, V] from the chunk with the head. On the
-        embedding's chunk, `media_embeds_MD` replace the embeddings at the flat
-        positions `media_index_M` (row * S + column) of the media placeholders.
+        Returns hidden states; from the chunk with the head, logits [B, S, V], or with
+        `labels_BS` the summed token cross-entropy (model/loss.py: chunked, no [B, S, V]
+        fp32 logits). On the embedding's chunk, `media_embeds_MD` replace the embeddings at
+        the flat positions `media_index_M` (row * S + column) of the media placeholders.
         """
         if self.embed is not None:
-            x = self.embed(x)
-            if media_embeds_MD is not None and media_index_M is not None and len(media_index_M):
-                x = merge_media(x, media_embeds_MD, media_index_M)
+            x = self.embed_tokens(x, media_embeds_MD, media_index_M)
         if len(self.layers):
-            mask = packed_causal_mask(doc_ids_BS)
+            rope_cos_sin, mask = self.rotary(position_ids_BS), DocumentMask(doc_ids_BS)
             for layer in self.layers.values():
-                x = layer(x, position_ids_BS, mask)
+                x = layer(x, rope_cos_sin, mask)
         if self.head is not None:
+            if labels_BS is not None:
+                return self.head_loss(x, labels_BS)
             x = self.head(self.norm(x))
         return x
+
+    def embed_tokens(self, tokens_BS, media_embeds_MD=None, media_index_M=None) -> torch.Tensor:
+        x = self.embed(tokens_BS)
+        if media_embeds_MD is not None and media_index_M is not None and len(media_index_M):
+            x = merge_media(x, media_embeds_MD, media_index_M)
+        return x
+
+    def head_loss(self, x_BSD: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
+        """The summed token cross-entropy of the head's logits (model/loss.py, chunked)."""
+        return linear_cross_entropy_sum(self.norm(x_BSD), self.head.weight, labels_BS)
 
     def moe_layers(self) -> list[MoE]:
         return [layer.ffn for layer in self.layers.values() if isinstance(layer.ffn, MoE)]

@@ -7,35 +7,26 @@
 
 The low-rank query and the compressed KV latent are what make MLA cheap to
 cache; the rope part is decoupled because RoPE does not commute with the
-up-projection. Packed documents are handled with a causal same-document mask.
+up-projection. Packed documents attend causally within themselves (model/attention.py
+picks the kernel; the mask and the rotary tables are computed once per forward by the
+caller and shared by every layer).
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from model.attention import DocumentMask, document_attention
 from model.config import LMConfig
 from model.norm import RMSNorm
-from model.rope import RotaryEmbedding, apply_rotary
-
-
-def packed_causal_mask(doc_ids_BS: torch.Tensor) -> torch.Tensor:
-    """[B, 1, S, S] bool: position i may attend to j <= i of the same document.
-
-    Padding (doc -1) attends to earlier padding only, so no row is empty (an
-    empty row would make softmax NaN and poison gradients).
-    """
-    S = doc_ids_BS.shape[1]
-    causal = torch.ones(S, S, dtype=torch.bool, device=doc_ids_BS.device).tril()
-    same_doc = doc_ids_BS.unsqueeze(2) == doc_ids_BS.unsqueeze(1)
-    return (same_doc & causal).unsqueeze(1)
+from model.rope import apply_rotary, yarn_attention_mscale
+from model.te_kernels import norm_then_linear
 
 
 class MLA(nn.Module):
-    def __init__(self, cfg: LMConfig):
+    def __init__(self, cfg: LMConfig, te: bool = False):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.te = cfg, te
         H = cfg.heads
         self.q_down = nn.Linear(cfg.hidden, cfg.q_lora_rank, bias=False)
         self.q_norm = RMSNorm(cfg.q_lora_rank, eps=cfg.norm_eps)
@@ -45,27 +36,27 @@ class MLA(nn.Module):
         self.kv_up = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim),
                                bias=False)
         self.o_proj = nn.Linear(H * cfg.v_head_dim, cfg.hidden, bias=False)
-        self.rotary = RotaryEmbedding(cfg)
-        self.softmax_scale = cfg.qk_head_dim ** -0.5 * self.rotary.attention_mscale ** 2
+        self.softmax_scale = cfg.qk_head_dim ** -0.5 * yarn_attention_mscale(cfg) ** 2
 
-    def forward(self, x_BSD: torch.Tensor, position_ids_BS: torch.Tensor,
-                mask_B1SS: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, rope_cos_sin: tuple[torch.Tensor, torch.Tensor],
+                mask: DocumentMask) -> torch.Tensor:
+        """`rope_cos_sin`: `RotaryEmbedding(position_ids)`, [B, S, rope_dim] each."""
         cfg = self.cfg
         B, S, _ = x_BSD.shape
         H, nope, rope, vdim = cfg.heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
-        q_BSHQ = self.q_up(self.q_norm(self.q_down(x_BSD))).view(B, S, H, nope + rope)
-        q_nope, q_rope = q_BSHQ.split([nope, rope], dim=-1)
+        q_BSHQ = norm_then_linear(self.q_norm, self.q_up, self.q_down(x_BSD), self.te)
+        q_nope, q_rope = q_BSHQ.view(B, S, H, nope + rope).split([nope, rope], dim=-1)
         c_kv, k_rope_BSR = self.kv_down(x_BSD).split([cfg.kv_lora_rank, rope], dim=-1)
-        kv_BSHK = self.kv_up(self.kv_norm(c_kv)).view(B, S, H, nope + vdim)
+        kv_BSHK = norm_then_linear(self.kv_norm, self.kv_up, c_kv, self.te).view(
+            B, S, H, nope + vdim)
         k_nope, v_BSHV = kv_BSHK.split([nope, vdim], dim=-1)
 
-        cos, sin = self.rotary(position_ids_BS)
+        cos, sin = rope_cos_sin
         q_rope = apply_rotary(q_rope, cos, sin)
         k_rope_BS1R = apply_rotary(k_rope_BSR.unsqueeze(2), cos, sin)
         q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)
         k = torch.cat([k_nope, k_rope_BS1R.expand(B, S, H, rope)], dim=-1).transpose(1, 2)
         v = v_BSHV.transpose(1, 2)
-        out_BHSV = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_B1SS,
-                                                  scale=self.softmax_scale)
+        out_BHSV = document_attention(q, k, v, mask, self.softmax_scale, self.te)
         return self.o_proj(out_BHSV.transpose(1, 2).reshape(B, S, H * vdim))
 

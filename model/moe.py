@@ -5,11 +5,20 @@
     weights = scores[chosen] / sum(scores[chosen]) * routed_scaling_factor
     y       = shared_expert(x) + sum_k weights_k * expert_{chosen_k}(x)
 
+One layer runs as four steps, each a method, so a scheduler can interleave them with
+another microbatch's (the expert-parallel overlap):
+
+    route     router scores, top-k, weights, load count      (compute)
+    dispatch  pairs sorted by expert, all-to-all to experts   (communication with EP)
+    experts   grouped GEMMs over this rank's experts          (compute)
+    combine   all-to-all back, weighted scatter-add into      (communication, then compute)
+              [T, D], plus the shared expert
+
 After each optimizer step the trainer hands the layer the number of tokens each
 expert received over the whole global batch, and the bias moves by a fixed
-step toward under-used experts (`update_bias`). Experts are kept in a dict
-keyed by their *global* id, so a rank that holds only some of them (expert
-parallelism) names them exactly as the single-process model does.
+step toward under-used experts (`update_bias`). Experts are grouped weights of the
+experts this rank holds (`local_experts`, global ids), named per global expert id
+in checkpoints (model/grouped_experts.py).
 """
 from __future__ import annotations
 
@@ -17,8 +26,9 @@ import torch
 from torch import nn
 
 from model.config import LMConfig
-from model.dispatcher import Dispatcher, LocalDispatcher
+from model.dispatcher import Dispatcher, LocalDispatcher, Route
 from model.ffn import SwiGLU
+from model.grouped_experts import GroupedExperts
 
 
 class Router(nn.Module):
@@ -29,6 +39,9 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden))
         # balancing bias: a buffer (saved in checkpoints, never trained by the optimizer)
         self.register_buffer("bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
+
+    def reset_buffers(self) -> None:
+        self.bias.zero_()
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scores_TE = torch.sigmoid(x_TD.float() @ self.weight.float().t())
@@ -45,30 +58,43 @@ class MoE(nn.Module):
         self.local_experts = range(cfg.num_experts) if local_experts is None else local_experts
         self.bias_update_rate = cfg.bias_update_rate
         self.router = Router(cfg)
-        self.experts = nn.ModuleDict(
-            {str(e): SwiGLU(cfg.hidden, cfg.expert_hidden) for e in self.local_experts})
+        self.experts = GroupedExperts(cfg.hidden, cfg.expert_hidden, self.local_experts)
         self.shared = (SwiGLU(cfg.hidden, cfg.expert_hidden * cfg.num_shared_experts)
                        if cfg.num_shared_experts else None)
         self.dispatcher: Dispatcher = LocalDispatcher(cfg.num_experts)
-        # tokens routed to each expert since the last bias update (not a parameter or buffer:
-        # it is per-step bookkeeping, summed over ranks by the trainer before `update_bias`)
-        self.expert_load = torch.zeros(cfg.num_experts, dtype=torch.float64)
+        # tokens routed to each expert since the last bias update: per-step bookkeeping
+        # (summed over ranks by the trainer before `update_bias`), a buffer so it lives on the
+        # layer's device, not persistent (checkpoints hold the bias it produced)
+        self.register_buffer("expert_load", torch.zeros(cfg.num_experts, dtype=torch.float64),
+                             persistent=False)
+
+    def reset_buffers(self) -> None:
+        self.expert_load.zero_()
+
+    def route(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        topk_idx_TK, weights_TK = self.router(x_TD)
+        self.expert_load += torch.bincount(topk_idx_TK.reshape(-1),
+                                           minlength=self.num_experts).to(torch.float64)
+        return topk_idx_TK, weights_TK
+
+    def combine_rows(self, rows_RD: torch.Tensor, route: Route, weights_TK: torch.Tensor,
+                     x_TD: torch.Tensor) -> torch.Tensor:
+        """sum_k weight * expert output per token, by scatter-add, plus the shared expert."""
+        weights_R = weights_TK.reshape(-1)[route.order].to(rows_RD.dtype)
+        y_TD = torch.zeros_like(x_TD).index_add(0, route.token_of_row,
+                                                rows_RD * weights_R.unsqueeze(-1))
+        if self.shared is not None:
+            y_TD = y_TD + self.shared(x_TD)
+        return y_TD
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
-        topk_idx_TK, weights_TK = self.router(x_TD)
-        self.expert_load += torch.bincount(topk_idx_TK.reshape(-1),
-                                           minlength=self.num_experts).to(torch.float64)
-        expert_in_ND, rows_per_expert, context = self.dispatcher.dispatch(x_TD, topk_idx_TK)
-        outputs = [self.experts[str(e)](chunk) for e, chunk in
-                   zip(self.local_experts, expert_in_ND.split(rows_per_expert))]
-        expert_out_ND = torch.cat(outputs) if outputs else expert_in_ND
-        out_TKD = self.dispatcher.combine(expert_out_ND, context)
-        y_TD = (out_TKD * weights_TK.unsqueeze(-1).to(out_TKD.dtype)).sum(dim=1)
-        if self.shared is not None:
-            y_TD = y_TD + self.shared(x_TD)
-        return y_TD.view(B, S, D)
+        topk_idx_TK, weights_TK = self.route(x_TD)
+        expert_in_ND, rows_per_expert_E, route = self.dispatcher.dispatch(x_TD, topk_idx_TK)
+        expert_out_ND = self.experts(expert_in_ND, rows_per_expert_E)
+        rows_RD = self.dispatcher.combine(expert_out_ND, route)
+        return self.combine_rows(rows_RD, route, weights_TK, x_TD).view(B, S, D)
 
     @torch.no_grad()
     def update_bias(self, load_E: torch.Tensor) -> None:

@@ -22,28 +22,43 @@ def _correction_dim(rotations: float, dim: int, base: float, max_position: int) 
     return dim * math.log(max_position / (rotations * 2 * math.pi)) / (2 * math.log(base))
 
 
+def yarn_attention_mscale(cfg: LMConfig) -> float:
+    """The factor whose square multiplies the attention softmax scale under YaRN (1 without)."""
+    return _yarn_mscale(cfg.yarn_factor, cfg.yarn_mscale_all_dim) if cfg.yarn_factor > 1 else 1.0
+
+
+def rotary_inv_freq(cfg: LMConfig) -> torch.Tensor:
+    """[rope_dim / 2] fp32 frequencies (YaRN-blended when cfg.yarn_factor > 1), on the CPU."""
+    dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64, device="cpu") / dim))
+    if cfg.yarn_factor > 1:
+        factor = cfg.yarn_factor
+        low = max(math.floor(_correction_dim(cfg.yarn_beta_fast, dim, base,
+                                             cfg.yarn_original_max_position)), 0)
+        high = min(math.ceil(_correction_dim(cfg.yarn_beta_slow, dim, base,
+                                             cfg.yarn_original_max_position)), dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = ((torch.arange(dim // 2, dtype=torch.float64, device="cpu") - low)
+                / (high - low)).clamp(0, 1)
+        keep_original = 1.0 - ramp
+        inv_freq = inv_freq / factor * (1 - keep_original) + inv_freq * keep_original
+    return inv_freq.float()
+
+
 class RotaryEmbedding(torch.nn.Module):
     def __init__(self, cfg: LMConfig):
         super().__init__()
-        dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
-        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+        self.cfg = cfg
         self.cos_sin_scale = 1.0
-        self.attention_mscale = 1.0
+        self.attention_mscale = yarn_attention_mscale(cfg)
         if cfg.yarn_factor > 1:
-            factor = cfg.yarn_factor
-            low = max(math.floor(_correction_dim(cfg.yarn_beta_fast, dim, base,
-                                                 cfg.yarn_original_max_position)), 0)
-            high = min(math.ceil(_correction_dim(cfg.yarn_beta_slow, dim, base,
-                                                 cfg.yarn_original_max_position)), dim - 1)
-            if low == high:
-                high += 0.001
-            ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
-            keep_original = 1.0 - ramp
-            inv_freq = inv_freq / factor * (1 - keep_original) + inv_freq * keep_original
-            self.cos_sin_scale = (_yarn_mscale(factor, cfg.yarn_mscale)
-                                  / _yarn_mscale(factor, cfg.yarn_mscale_all_dim))
-            self.attention_mscale = _yarn_mscale(factor, cfg.yarn_mscale_all_dim)
-        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+            self.cos_sin_scale = (_yarn_mscale(cfg.yarn_factor, cfg.yarn_mscale)
+                                  / _yarn_mscale(cfg.yarn_factor, cfg.yarn_mscale_all_dim))
+        self.register_buffer("inv_freq", rotary_inv_freq(cfg), persistent=False)
+
+    def reset_buffers(self) -> None:
+        self.inv_freq.copy_(rotary_inv_freq(self.cfg))
 
     def forward(self, position_ids_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape [B, S, rope_dim] for the given positions."""

@@ -27,13 +27,16 @@ giving bitwise the same embeddings.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model.attention import segment_attention
 from model.config import VisionConfig
 from model.norm import LayerNorm
+from model.te_kernels import norm_then_linear
 
 Grid = tuple[int, int, int]
 
@@ -42,47 +45,54 @@ INIT_STD = 0.02
 
 def validate_grids(grid_thw: list[Grid], num_patch_rows: int, max_frames: int) -> None:
     """Refuse grids the encoder cannot pack or merge, naming the item and what to change."""
-    total = 0
-    for index, grid in enumerate(grid_thw):
+    for index, grid in enumerate(grid_thw):  # host metadata, checked once per call
         if len(grid) != 3:
             raise ValueError(f"grid_thw[{index}]={grid!r} must be a (t, h, w) triple")
-        t, h, w = (int(v) for v in grid)
-        if not 1 <= t <= max_frames:
-            raise ValueError(
-                f"grid_thw[{index}]={tuple(grid)}: t={t} frames is outside 1..{max_frames} "
-                f"(cfg.max_frames); split longer videos into chunks of at most {max_frames} frames")
-        if h <= 0 or w <= 0 or h % 2 or w % 2:
-            raise ValueError(
-                f"grid_thw[{index}]={tuple(grid)}: h={h} and w={w} patch rows/columns must be even "
-                "and positive for the 2x2 patch merger; resize or pad the image")
-        total += t * h * w
+    grids = torch.tensor(grid_thw, dtype=torch.int64, device="cpu").reshape(-1, 3)
+    t, h, w = grids.unbind(1)
+    bad_t = ((t < 1) | (t > max_frames)).nonzero()
+    if len(bad_t):
+        index = int(bad_t[0])
+        raise ValueError(
+            f"grid_thw[{index}]={tuple(grid_thw[index])}: t={int(t[index])} frames is outside "
+            f"1..{max_frames} (cfg.max_frames); split longer videos into chunks of at most "
+            f"{max_frames} frames")
+    bad_hw = ((h <= 0) | (w <= 0) | (h % 2 != 0) | (w % 2 != 0)).nonzero()
+    if len(bad_hw):
+        index = int(bad_hw[0])
+        raise ValueError(
+            f"grid_thw[{index}]={tuple(grid_thw[index])}: h={int(h[index])} and w={int(w[index])} "
+            "patch rows/columns must be even and positive for the 2x2 patch merger; resize or "
+            "pad the image")
+    total = int((t * h * w).sum())
     if total != num_patch_rows:
         raise ValueError(
             f"patches_NP has {num_patch_rows} rows but grid_thw {list(grid_thw)} needs "
             f"sum(t*h*w) = {total}; pass one grid per item, in the order of the patches")
 
 
-def segment_attention(q_NHD: Tensor, k_NHD: Tensor, v_NHD: Tensor, cu_seqlens: Tensor) -> Tensor:
-    """Attention of a packed sequence, confined to the segments [cu[i], cu[i+1]).
+@dataclass(frozen=True)
+class PatchCoordinates:
+    """Where every packed patch sits, computed once per forward from the grids (vectorised)."""
 
-    Equivalent to one attention call with a block-diagonal mask, but exact and O(sum n_i^2)
-    memory because each segment is its own dense call. Kept behind this one function so a
-    GPU varlen (flash) kernel with the same (q, k, v, cu_seqlens) contract can replace it.
-    """
-    bounds = [int(b) for b in cu_seqlens.tolist()]
-    if not bounds or bounds[0] != 0 or bounds[-1] != q_NHD.shape[0] or any(
-            b1 < b0 for b0, b1 in zip(bounds, bounds[1:])):
-        raise ValueError(f"cu_seqlens {bounds} must rise from 0 to the sequence length "
-                         f"{q_NHD.shape[0]}")
-    outputs = []
-    for start, end in zip(bounds, bounds[1:]):
-        if end == start:
-            continue
-        q_HSD, k_HSD, v_HSD = (x[start:end].transpose(0, 1) for x in (q_NHD, k_NHD, v_NHD))
-        outputs.append(F.scaled_dot_product_attention(q_HSD, k_HSD, v_HSD).transpose(0, 1))
-    if not outputs:
-        return v_NHD[:0]
-    return torch.cat(outputs, dim=0)
+    item_N: Tensor
+    frame_N: Tensor
+    row_N: Tensor
+    col_N: Tensor
+    grids_I3: Tensor  # (t, h, w) per item
+
+    @classmethod
+    def of(cls, grids: list[Grid], device: torch.device) -> "PatchCoordinates":
+        grids_I3 = torch.tensor(grids, dtype=torch.int64, device=device).reshape(-1, 3)
+        t, h, w = grids_I3.unbind(1)
+        lengths = t * h * w
+        item_N = torch.repeat_interleave(torch.arange(len(grids), device=device), lengths,
+                                         output_size=sum(a * b * c for a, b, c in grids))
+        starts = lengths.cumsum(0) - lengths
+        local = torch.arange(item_N.shape[0], device=device) - starts[item_N]
+        area = (h * w)[item_N]
+        within = local % area
+        return cls(item_N, local // area, within // w[item_N], within % w[item_N], grids_I3)
 
 
 def rope_2d_angles(rows_N: Tensor, cols_N: Tensor, head_dim: int, theta: float) -> Tensor:
@@ -96,7 +106,8 @@ def rope_2d_angles(rows_N: Tensor, cols_N: Tensor, head_dim: int, theta: float) 
     if head_dim % 4:
         raise ValueError(f"2D RoPE needs head_dim divisible by 4, got {head_dim}")
     quarter = head_dim // 4
-    inv_freq = theta ** (-torch.arange(quarter, dtype=torch.float32) * 4.0 / head_dim)
+    inv_freq = theta ** (-torch.arange(quarter, dtype=torch.float32, device=rows_N.device)
+                         * 4.0 / head_dim)
     row_angles = rows_N.to(torch.float32)[:, None] * inv_freq[None, :]
     col_angles = cols_N.to(torch.float32)[:, None] * inv_freq[None, :]
     return torch.stack([row_angles, col_angles], dim=-1).reshape(rows_N.shape[0], 2 * quarter)
@@ -119,12 +130,13 @@ def sinusoidal_time_embedding(num_frames: int, dim: int) -> Tensor:
     if dim % 2:
         raise ValueError(f"sinusoidal time embedding needs an even dim, got {dim}")
     half = dim // 2
-    inv_freq = 10000.0 ** (-torch.arange(half, dtype=torch.float64) / half)
-    angles = torch.arange(num_frames, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    inv_freq = 10000.0 ** (-torch.arange(half, dtype=torch.float64, device="cpu") / half)
+    angles = torch.arange(num_frames, dtype=torch.float64, device="cpu")[:, None] * inv_freq[None, :]
     return torch.cat([angles.sin(), angles.cos()], dim=-1).to(torch.float32)
 
 
-def merge_patches(features_ND: Tensor, grid_thw: list[Grid]) -> Tensor:
+def merge_patches(features_ND: Tensor, grid_thw: list[Grid],
+                  coords: PatchCoordinates | None = None) -> Tensor:
     """Per item: [t, h, w, D] -> mean over t -> 2x2 groups [(h/2)*(w/2), 4, D].
 
     Groups are ordered row-major over (row pair, column pair); inside a group the four
@@ -134,17 +146,30 @@ def merge_patches(features_ND: Tensor, grid_thw: list[Grid]) -> Tensor:
         a b | . .                    0 1                    a=(0,0) b=(0,1)
         c d | . .                    2 3                    c=(1,0) d=(1,1)
         ----+----
+
+    Vectorised and deterministic on every device: a table of the source patch of every
+    (group slot, frame), a gather, a sum over frames in frame order, a division by t.
     """
     dim = features_ND.shape[-1]
-    merged, start = [], 0
-    for t, h, w in grid_thw:
-        item = features_ND[start:start + t * h * w].reshape(t, h, w, dim).mean(dim=0)
-        groups = item.reshape(h // 2, 2, w // 2, 2, dim).permute(0, 2, 1, 3, 4)
-        merged.append(groups.reshape((h // 2) * (w // 2), 4, dim))
-        start += t * h * w
-    if not merged:
+    if not grid_thw:
         return features_ND.reshape(0, 4, dim)
-    return torch.cat(merged, dim=0)
+    coords = coords or PatchCoordinates.of(grid_thw, features_ND.device)
+    t, h, w = coords.grids_I3.unbind(1)
+    groups = (h // 2) * (w // 2)
+    first_group = groups.cumsum(0) - groups
+    item, row, col = coords.item_N, coords.row_N, coords.col_N
+    group_N = first_group[item] + (row // 2) * (w[item] // 2) + col // 2
+    slot_N = group_N * 4 + (row % 2) * 2 + col % 2
+    max_frames = int(t.max())
+    num_slots = int(groups.sum()) * 4
+    pad_row = features_ND.shape[0]  # a zero row for the frames an item does not have
+    table = torch.full((num_slots, max_frames), pad_row, dtype=torch.int64,
+                       device=features_ND.device)
+    table[slot_N, coords.frame_N] = torch.arange(pad_row, device=features_ND.device)
+    padded = torch.cat([features_ND, features_ND.new_zeros(1, dim)])
+    frames_of_slot = t.repeat_interleave(groups * 4, output_size=num_slots)
+    pooled = padded[table].sum(1) / frames_of_slot.unsqueeze(1).to(features_ND.dtype)
+    return pooled.view(-1, 4, dim)
 
 
 class Learnable2DPosEmb(nn.Module):
@@ -165,52 +190,57 @@ class Learnable2DPosEmb(nn.Module):
 
 
 class VisionAttention(nn.Module):
-    """Multi-head self-attention with 2D RoPE, confined to packed segments."""
+    """Multi-head self-attention with 2D RoPE, confined to packed segments. Takes the qkv
+    projection's output, so the block can fuse the norm into that projection."""
 
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: VisionConfig, te: bool = False):
         super().__init__()
-        self.heads, self.head_dim = cfg.heads, cfg.head_dim
+        self.heads, self.head_dim, self.te = cfg.heads, cfg.head_dim, te
         self.qkv = nn.Linear(cfg.hidden, 3 * cfg.hidden, bias=True)
         self.out = nn.Linear(cfg.hidden, cfg.hidden, bias=True)
 
-    def forward(self, x_ND: Tensor, rope_angles_NR: Tensor, cu_seqlens: Tensor) -> Tensor:
-        n = x_ND.shape[0]
-        q_NHD, k_NHD, v_NHD = self.qkv(x_ND).reshape(n, 3, self.heads, self.head_dim).unbind(1)
+    def forward(self, qkv_N3D: Tensor, rope_angles_NR: Tensor, lengths: list[int]) -> Tensor:
+        n = qkv_N3D.shape[0]
+        q_NHD, k_NHD, v_NHD = qkv_N3D.reshape(n, 3, self.heads, self.head_dim).unbind(1)
         q_NHD = apply_rope_2d(q_NHD, rope_angles_NR)
         k_NHD = apply_rope_2d(k_NHD, rope_angles_NR)
-        attended_NHD = segment_attention(q_NHD, k_NHD, v_NHD, cu_seqlens)
+        attended_NHD = segment_attention(q_NHD, k_NHD, v_NHD, lengths, self.te)
         return self.out(attended_NHD.reshape(n, self.heads * self.head_dim))
 
 
 class VisionMLP(nn.Module):
+    """The block MLP's weights (up, GELU, down); `VisionBlock` runs them, so that the norm
+    can fuse into `up`."""
+
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.up = nn.Linear(cfg.hidden, cfg.mlp_hidden, bias=True)
         self.down = nn.Linear(cfg.mlp_hidden, cfg.hidden, bias=True)
 
-    def forward(self, x_ND: Tensor) -> Tensor:
-        return self.down(F.gelu(self.up(x_ND), approximate="tanh"))
-
 
 class VisionBlock(nn.Module):
-    """Pre-LN transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+    """Pre-LN transformer block: x + Attn(LN(x)), then x + MLP(LN(x)); each LN feeds one
+    projection (qkv, up), fused with it under transformer-engine."""
 
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: VisionConfig, te: bool = False):
         super().__init__()
+        self.te = te
         self.attn_norm = LayerNorm(cfg.hidden, eps=cfg.norm_eps)
-        self.attn = VisionAttention(cfg)
+        self.attn = VisionAttention(cfg, te)
         self.mlp_norm = LayerNorm(cfg.hidden, eps=cfg.norm_eps)
         self.mlp = VisionMLP(cfg)
 
-    def forward(self, x_ND: Tensor, rope_angles_NR: Tensor, cu_seqlens: Tensor) -> Tensor:
-        x_ND = x_ND + self.attn(self.attn_norm(x_ND), rope_angles_NR, cu_seqlens)
-        return x_ND + self.mlp(self.mlp_norm(x_ND))
+    def forward(self, x_ND: Tensor, rope_angles_NR: Tensor, lengths: list[int]) -> Tensor:
+        qkv = norm_then_linear(self.attn_norm, self.attn.qkv, x_ND, self.te)
+        x_ND = x_ND + self.attn(qkv, rope_angles_NR, lengths)
+        hidden = norm_then_linear(self.mlp_norm, self.mlp.up, x_ND, self.te)
+        return x_ND + self.mlp.down(F.gelu(hidden, approximate="tanh"))
 
 
 class MoonViT3D(nn.Module):
     """Packed patches of images and video chunks -> 2x2-merged, time-pooled features."""
 
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: VisionConfig, te: bool = False):
         super().__init__()
         if cfg.hidden % cfg.heads or cfg.head_dim % 4:
             raise ValueError(
@@ -224,9 +254,12 @@ class MoonViT3D(nn.Module):
         # Fixed, so not a parameter; not persistent, so checkpoints hold only learned state.
         self.register_buffer("time_emb_FD", sinusoidal_time_embedding(cfg.max_frames, cfg.hidden),
                              persistent=False)
-        self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.layers))
+        self.blocks = nn.ModuleList(VisionBlock(cfg, te) for _ in range(cfg.layers))
         self.final_norm = LayerNorm(cfg.hidden, eps=cfg.norm_eps)
         self.reset_parameters()
+
+    def reset_buffers(self) -> None:
+        self.time_emb_FD.copy_(sinusoidal_time_embedding(self.cfg.max_frames, self.cfg.hidden))
 
     def reset_parameters(self) -> None:
         """SigLIP-style init; the caller seeds torch beforehand for reproducibility."""
@@ -251,37 +284,32 @@ class MoonViT3D(nn.Module):
         grids = [tuple(int(v) for v in g) for g in grid_thw]
         validate_grids(grids, patches_NP.shape[0], self.cfg.max_frames)
 
+        coords = PatchCoordinates.of(grids, patches_NP.device)
         dtype = self.patch_embed.weight.dtype  # the compute dtype (pixels arrive in fp32)
-        x_ND = self.patch_embed(patches_NP.to(dtype)) + self._position_embeddings(grids)
-        rope_angles_NR = self._rope_angles(grids, x_ND.device)
-        lengths = torch.tensor([t * h * w for t, h, w in grids], dtype=torch.int64)
-        cu_seqlens = F.pad(lengths.cumsum(0), (1, 0))
+        x_ND = self.patch_embed(patches_NP.to(dtype)) + self._position_embeddings(grids, coords)
+        rope_angles_NR = rope_2d_angles(coords.row_N, coords.col_N, self.cfg.head_dim,
+                                        self.cfg.rope_theta)
+        lengths = [t * h * w for t, h, w in grids]
         for block in self.blocks:
-            x_ND = block(x_ND, rope_angles_NR, cu_seqlens)
-        return merge_patches(self.final_norm(x_ND), grids)
+            x_ND = block(x_ND, rope_angles_NR, lengths)
+        return merge_patches(self.final_norm(x_ND), grids, coords)
 
-    def _position_embeddings(self, grids: list[Grid]) -> Tensor:
+    def _position_embeddings(self, grids: list[Grid], coords: PatchCoordinates) -> Tensor:
         """[N, D]: the resized 2D table on every frame, plus the frame's time embedding for
-        chunks (t > 1); single images get no time term, so they match image-only training."""
-        per_item = []
-        for t, h, w in grids:
-            item_THWD = self.pos_emb(h, w).unsqueeze(0).expand(t, h, w, self.cfg.hidden)
-            if t > 1:
-                item_THWD = item_THWD + self.time_emb_FD[:t, None, None, :].to(item_THWD.dtype)
-            per_item.append(item_THWD.reshape(t * h * w, self.cfg.hidden))
-        if not per_item:
-            return self.pos_emb.weight_HWD.reshape(-1, self.cfg.hidden)[:0]
-        return torch.cat(per_item, dim=0)
-
-    def _rope_angles(self, grids: list[Grid], device: torch.device) -> Tensor:
-        """[N, head_dim/2]: every frame of a chunk reuses the (row, col) of its patch."""
-        rows, cols = [], []
-        for t, h, w in grids:
-            row_THW = torch.arange(h).view(1, h, 1).expand(t, h, w)
-            col_THW = torch.arange(w).view(1, 1, w).expand(t, h, w)
-            rows.append(row_THW.reshape(-1))
-            cols.append(col_THW.reshape(-1))
-        rows_N = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.int64)
-        cols_N = torch.cat(cols) if cols else torch.zeros(0, dtype=torch.int64)
-        angles = rope_2d_angles(rows_N, cols_N, self.cfg.head_dim, self.cfg.rope_theta)
-        return angles.to(device)
+        chunks (t > 1); single images get no time term, so they match image-only training.
+        One bicubic resize per distinct (h, w) of the call, then one gather for all patches."""
+        sizes = sorted({(h, w) for _, h, w in grids})
+        tables = torch.cat([self.pos_emb(h, w).reshape(h * w, self.cfg.hidden)
+                            for h, w in sizes]) if sizes else self.pos_emb.weight_HWD[:0, 0]
+        offset = {size: 0 for size in sizes}
+        running = 0
+        for h, w in sizes:
+            offset[(h, w)] = running
+            running += h * w
+        item_offset = torch.tensor([offset[(h, w)] for _, h, w in grids], dtype=torch.int64,
+                                   device=coords.item_N.device)
+        width = coords.grids_I3[:, 2]
+        index_N = item_offset[coords.item_N] + coords.row_N * width[coords.item_N] + coords.col_N
+        pos_ND = tables[index_N]
+        is_chunk_N = (coords.grids_I3[:, 0] > 1)[coords.item_N].unsqueeze(1)
+        return torch.where(is_chunk_N, pos_ND + self.time_emb_FD[coords.frame_N].to(pos_ND.dtype), pos_ND)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from model.config import ModelConfig
-from model.init import initialize
+from model.init import materialize
 from model.lm import LanguageModelChunk
 from model.projector import Projector
 from model.vision import MoonViT3D
@@ -23,7 +23,7 @@ from model.vision import MoonViT3D
 class VisionEncoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.vit = MoonViT3D(cfg.vision)
+        self.vit = MoonViT3D(cfg.vision, cfg.te)
         self.projector = Projector(cfg.vision.hidden, cfg.lm.hidden)
 
     def forward(self, patches_NP: torch.Tensor, grid_thw: list[tuple[int, int, int]]) -> torch.Tensor:
@@ -32,17 +32,20 @@ class VisionEncoder(nn.Module):
 
 
 class VisionLanguageModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, seed: int = 0):
+    def __init__(self, cfg: ModelConfig, seed: int = 0, device: torch.device | str = "cpu"):
+        """Built on the meta device, then allocated on `device` and initialised by name."""
         super().__init__()
         self.cfg = cfg
-        self.vision = VisionEncoder(cfg)
-        self.lm = LanguageModelChunk(cfg.lm)
-        initialize(self.vision, seed, cfg.lm.init_std, prefix="vision")
-        initialize(self.lm, seed, cfg.lm.init_std, prefix="lm")
+        with torch.device("meta"):
+            self.vision = VisionEncoder(cfg)
+            self.lm = LanguageModelChunk(cfg.lm, te=cfg.te)
+        materialize(self, device, seed, cfg.lm.init_std)
 
     def forward(self, tokens_BS, position_ids_BS, doc_ids_BS, patches_NP=None, grid_thw=None,
-                media_index_M=None) -> torch.Tensor:
+                media_index_M=None, labels_BS=None) -> torch.Tensor:
+        """Logits [B, S, V], or with `labels_BS` the summed token cross-entropy."""
         media_embeds = None
         if grid_thw:
             media_embeds = self.vision(patches_NP, grid_thw)
-        return self.lm(tokens_BS, position_ids_BS, doc_ids_BS, media_embeds, media_index_M)
+        return self.lm(tokens_BS, position_ids_BS, doc_ids_BS, media_embeds, media_index_M,
+                       labels_BS)

@@ -4,8 +4,10 @@
         loss = stage(x)
     saved.bytes   # unique storages saved for backward (parameters excluded)
 
-Parameters are excluded (they live anyway); a storage saved by several ops is
-counted once. This is how memory policies (DEP, recomputation, FP8, offload)
+Parameters and views of them (a linear saves `weight.t()`) are excluded: they live
+anyway. A storage saved by several ops is counted once, in full: a saved view of a
+larger tensor (e.g. a microbatch's tokens sliced from the replica's batch) counts that
+whole storage. This is how memory policies (DEP, recomputation, FP8, offload)
 are compared without a GPU allocator.
 """
 from __future__ import annotations
@@ -21,7 +23,7 @@ class SavedTensorBytes:
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        if isinstance(tensor, torch.nn.Parameter):
+        if isinstance(tensor, torch.nn.Parameter) or isinstance(tensor._base, torch.nn.Parameter):
             return tensor
         storage = tensor.untyped_storage()
         key = storage.data_ptr()

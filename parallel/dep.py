@@ -2,9 +2,11 @@
 
 One step, on every rank of the job (the encoder is replicated everywhere):
 
-    1 plan        every rank: same LPT assignment of the global batch's media to all ranks,
-                  digest compared over the world before any other DEP collective
-    2 forward     encode MY items under no_grad (ViT + projector), keep only the output rows
+    1 plan        every rank: same LPT assignment of the step's media to all ranks (of the
+                  DEP group), built from locally derived metadata, digest compared over the
+                  group before any other DEP collective
+    2 forward     fetch and decode MY items (only those), encode them under no_grad
+                  (ViT + projector), keep only the output rows
                   ──all_to_all──> stage-0 rank of the replica that owns each item
     3 backbone    stage 0 puts the rows, as leaves that require grad, at the placeholders;
                   the pipeline schedule runs unchanged
@@ -21,41 +23,52 @@ One step, on every rank of the job (the encoder is replicated everywhere):
 Stage 0 keeps only the embeddings it receives; no encoder activation lives through
 the backbone schedule, so its memory no longer depends on image sizes.
 
-Where pixels come from: each replica's loader decodes its own media; step 1 gathers
-only their metadata (shapes, owners) from the stage-0 ranks, and the pixels of each
-item travel once from its owner to its encoder rank (an all_to_all of patch rows)
-before the balanced forward. The encoder rank keeps them for the recomputation.
+Where pixels come from: nowhere but this rank's own loader. Every rank derives the
+metadata of the group's step locally (its loader plans the group's rows from the
+dataset index: item ids, grids, owners; no gather), so the digest check compares plans
+built independently and catches a rank whose data diverged. Each rank then fetches
+and decodes exactly the items the plan gives it (`StepMedia.fetch`, a callback of the
+trainer into the loader), and keeps their pixels for the recomputation. No pixels
+travel between ranks; only embeddings and their gradients do.
+
+The ranks that share one plan are a DEP group (parallel/topology.py): by default every
+rank of the job; with more DP replicas than `parallel.dep_group_replicas`, runs of that
+many replicas, so the metadata and planning work per rank stays bounded.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
 from model.vision_language import VisionEncoder
-from parallel.dep_plan import (DepPlan, ExchangeSplits, MediaRef, plan_media, send_recv_splits,
-                               verify_same_plan)
+from parallel.dep_plan import DepPlan, ExchangeSplits, MediaRef, plan_media, send_recv_splits, verify_same_plan
 from parallel.expert_dispatch import all_to_all
 
 Grid = tuple[int, int, int]
 
 
 @dataclass
-class ReplicaMedia:
-    """The media of this rank's data-parallel replica for one step, as its loader made them."""
+class StepMedia:
+    """One step's media as this rank derived it (nothing gathered from other ranks)."""
 
-    refs: list[MediaRef]  # item ids unique in the global batch; replica, microbatch, sizes
+    refs: list[MediaRef]  # every item of the DEP group's step; replica = index within the group
     grids: dict[int, Grid]  # item_id -> (t, h, w)
-    patches: dict[int, torch.Tensor]  # item_id -> [t*h*w, patch_dim] pixels
+    # the model-ready patches [t*h*w, patch_dim] of the given items (those this rank encodes)
+    fetch: Callable[[list[MediaRef]], list[torch.Tensor]]
+    rows_digest: str = ""  # digest of the group's planned rows: compared together with the plan
 
 
 class DecoupledEncoder:
-    def __init__(self, encoder: VisionEncoder, world_group, stage0_rank_of_replica: list[int]):
+    def __init__(self, encoder: VisionEncoder, group, stage0_rank_of_replica: list[int]):
+        """`group`: the DEP group; `stage0_rank_of_replica[r]`: rank in `group` of pipeline
+        stage 0 of the group's r-th replica."""
         self.encoder = encoder
-        self.group = world_group
-        self.rank = dist.get_rank(world_group)
-        self.world = dist.get_world_size(world_group)
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
         self.stage0_rank_of_replica = stage0_rank_of_replica
         self.plan: DepPlan | None = None
         self._mine: list[MediaRef] = []
@@ -63,28 +76,13 @@ class DecoupledEncoder:
         self._grids: dict[int, Grid] = {}
         self._patches: dict[int, torch.Tensor] = {}  # pixels of the items this rank encodes
         self._leaves: dict[int, torch.Tensor] = {}
+        # last step: what this rank encoded (items, patch rows actually fed to the encoder)
+        # and sent; the engine reports it, tests check it against the plan
+        self.stats: dict[str, float] = {}
 
-    def _gather_metadata(self, media: ReplicaMedia, is_owner: bool
-                         ) -> tuple[list[MediaRef], dict[int, Grid]]:
-        """Every replica's media metadata (sent by its stage-0 rank), on every rank."""
-        mine = (media.refs, media.grids) if is_owner else ([], {})
-        everyone = [None] * self.world
-        dist.all_gather_object(everyone, mine, group=self.group)
-        refs = [ref for rank_refs, _ in everyone for ref in rank_refs]
-        grids = {item: grid for _, rank_grids in everyone for item, grid in rank_grids.items()}
-        return refs, grids
-
-    def _move_pixels(self, media: ReplicaMedia) -> dict[int, torch.Tensor]:
-        """Owners send each item's patches to its encoder rank; returns the patches I encode."""
-        ex = self._exchange
-        patch_dim = self.encoder.vit.patch_embed.in_features
-        rows = [media.patches[m.item_id] for per_encoder in ex.recv for m in per_encoder]
-        send = torch.cat(rows) if rows else torch.zeros(0, patch_dim)
-        received = all_to_all(send, [sum(m.num_patches for m in items) for items in ex.recv],
-                              [sum(m.num_patches for m in items) for items in ex.send], self.group)
-        items = [m for per_owner in ex.send for m in per_owner]
-        return dict(zip([m.item_id for m in items],
-                        received.split([m.num_patches for m in items])))
+    @property
+    def _device(self) -> torch.device:
+        return self.encoder.projector.fc2.weight.device
 
     def _encode(self) -> torch.Tensor:
         if not self._mine:  # the compute dtype: every rank's all_to_all buffers must agree
@@ -93,18 +91,18 @@ class DecoupledEncoder:
         patches = torch.cat([self._patches[m.item_id] for m in self._mine])
         return self.encoder(patches, [self._grids[m.item_id] for m in self._mine])
 
-    def forward(self, media: ReplicaMedia, is_owner: bool) -> dict[int, torch.Tensor]:
-        """Steps 1-2: returns {item_id: leaf embeddings [tokens, D]} for the items this rank owns.
-
-        `is_owner`: this rank is pipeline stage 0 of its replica (it sends its replica's
-        media metadata and pixels, and receives the embeddings)."""
-        refs, self._grids = self._gather_metadata(media, is_owner)
-        plan = plan_media(refs, self.world, self.stage0_rank_of_replica)
-        verify_same_plan(plan, self.group)
+    def forward(self, media: StepMedia) -> dict[int, torch.Tensor]:
+        """Steps 1-2: returns {item_id: leaf embeddings [tokens, D]} for the items this rank owns."""
+        plan = plan_media(media.refs, self.world, self.stage0_rank_of_replica)
+        verify_same_plan(plan, self.group, rows_digest=media.rows_digest)
         self.plan = plan
         self._mine = plan.items_encoded_by(self.rank)
         self._exchange = ex = send_recv_splits(plan, self.rank, self.world)
-        self._patches = self._move_pixels(media)
+        self._grids = media.grids
+        patches = media.fetch(self._mine)
+        if len(patches) != len(self._mine):
+            raise RuntimeError(f"DEP asked for {len(self._mine)} media items and got {len(patches)}")
+        self._patches = {m.item_id: p.to(self._device) for m, p in zip(self._mine, patches)}
         with torch.no_grad():
             rows = self._encode()
         by_item = dict(zip([m.item_id for m in self._mine],
@@ -115,6 +113,11 @@ class DecoupledEncoder:
         items = [m for per_src in ex.recv for m in per_src]
         self._leaves = {m.item_id: r.detach().clone().requires_grad_() for m, r in
                         zip(items, received.split([m.num_tokens for m in items]))}
+        remote = sum(n for dst, n in enumerate(ex.send_rows) if dst != self.rank)
+        self.stats = {"dep_items_encoded": float(len(self._mine)),
+                      "dep_patches_encoded": float(sum(p.shape[0] for p in patches)),
+                      # to other ranks, forward (the gradients come back the same size)
+                      "dep_embedding_bytes_sent": float(remote * send.shape[1] * send.element_size())}
         return self._leaves
 
     def backward(self) -> None:

@@ -243,16 +243,21 @@ def _collective_device(group) -> torch.device:
     return torch.device("cpu")
 
 
-def verify_same_plan(plan: DepPlan, group=None, device: torch.device | None = None) -> None:
+def verify_same_plan(plan: DepPlan, group=None, device: torch.device | None = None,
+                     rows_digest: str = "") -> None:
     """Compare the plan digest over `group`; raise DepPlanMismatch on every rank if any differs.
 
     Call it before any other DEP collective: the digest is a fixed-size tensor,
     so this all_gather completes even when the plans (and so the split sizes of
     the exchange) disagree. `device` defaults to the current CUDA device on
-    NCCL and to the CPU otherwise.
+    NCCL and to the CPU otherwise. `rows_digest` (the loader's digest of the
+    step's planned rows) is folded in, so ranks whose rows differ where no
+    media item shows it are caught too.
     """
     device = device or _collective_device(group)
     mine = plan.digest()
+    if rows_digest:
+        mine = hashlib.sha256(bytes.fromhex(mine) + rows_digest.encode()).hexdigest()
     local = torch.tensor(_digest_words(mine), dtype=torch.int64, device=device)
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, local, group=group)
@@ -266,5 +271,6 @@ def verify_same_plan(plan: DepPlan, group=None, device: torch.device | None = No
         raise DepPlanMismatch(
             f"DEP plan mismatch on rank {dist.get_rank()}: this rank's plan digest is {mine}, "
             f"but {'; '.join(differing)}. Every rank must build the plan from the same media "
-            "metadata of the global batch (same data order, seed, world size and cost model).")
+            "metadata of the step (same data order, seed, loader settings, world size and cost "
+            "model): a rank whose data diverged would otherwise train on mismatched data.")
 

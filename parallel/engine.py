@@ -19,23 +19,25 @@ the rest of stage 0.
 """
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from model.config import ModelConfig
-from model.init import initialize
+from model.init import materialize
 from model.inputs import ModelInputs
 from model.lm import LanguageModelChunk
-from model.loss import IGNORE_INDEX, cross_entropy_sum
+from model.param_names import expert_entry_names, global_named_tensors
+from model.loss import IGNORE_INDEX
 from model.vision_language import VisionEncoder
-from parallel.dep import DecoupledEncoder, ReplicaMedia
+from parallel.chunk_pass import ChunkPass
+from parallel.dep import DecoupledEncoder, StepMedia
 from parallel.expert_dispatch import AllToAllDispatcher
+from parallel.flat_chunks import split_grouped
 from parallel.layout import PipelineLayout
 from parallel.pipeline_runtime import PipelineRuntime
 from parallel.schedule import COMPUTE_OPS, schedule
+from parallel.step_clock import StepClock
 from parallel.topology import Topology
 from parallel.update_rule import UpdateRule
 from parallel.zero1 import DEFAULT_BUCKET_NUMEL, ParamGroup, Zero1Optimizer
@@ -55,14 +57,47 @@ class StageModule(nn.Module):
 
     def forward(self, x: torch.Tensor, inputs: ModelInputs,
                 media_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """`media_embeds` (DEP) replace the encoder; colocated stage 0 runs its own encoder."""
+        """Hidden states, or the summed loss of the microbatch from the chunk with the head.
+        `media_embeds` (DEP) replace the encoder; colocated stage 0 runs its own encoder."""
         if media_embeds is None and self.vision is not None and inputs.grid_thw:
             media_embeds = self.vision(inputs.patches, inputs.grid_thw)
-        return self.lm(x, inputs.position_ids, inputs.doc_ids, media_embeds, inputs.media_index)
+        return self.lm(x, inputs.position_ids, inputs.doc_ids, media_embeds, inputs.media_index,
+                       inputs.labels)
+
+    def embed_inputs(self, inputs: ModelInputs, media_embeds: torch.Tensor | None
+                     ) -> torch.Tensor:
+        """The embedding chunk's first step, as `forward` runs it (for node-by-node runs)."""
+        if media_embeds is None and self.vision is not None and inputs.grid_thw:
+            media_embeds = self.vision(inputs.patches, inputs.grid_thw)
+        return self.lm.embed_tokens(inputs.tokens, media_embeds, inputs.media_index)
 
 
 def is_expert_param(name: str) -> bool:
     return ".experts." in name
+
+
+def stage_module(model_cfg: ModelConfig, layout: PipelineLayout, stage: int,
+                 local_experts: range, encoder: str) -> StageModule:
+    """Chunk `stage` of `layout` with these experts, and the encoder on a colocated stage 0
+    (not initialised: both the engine and the planner build it on `meta`; the engine then
+    materialises it on its device)."""
+    lm = LanguageModelChunk(model_cfg.lm, layout.chunks[stage], local_experts, model_cfg.te)
+    return StageModule(lm, VisionEncoder(model_cfg) if stage == 0 and encoder == "colocated"
+                       else None)
+
+
+def zero1_param_groups(stages: dict[int, StageModule], dep_encoder: VisionEncoder | None
+                       ) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """The parameters ZeRO-1 shards together, by group, in optimizer order: "dense" over the
+    data-parallel group, "expert" over the expert-data-parallel group, "encoder" (DEP's
+    replicated encoder) over the world. Empty groups are left out (every rank of a group
+    holds the same stages, so all its members leave it out)."""
+    named = [(n, p) for m in stages.values() for n, p in m.named_parameters()]
+    groups = {"dense": [(n, p) for n, p in named if not is_expert_param(n)],
+              "expert": [(n, p) for n, p in named if is_expert_param(n)],
+              "encoder": ([(f"vision.{n}", p) for n, p in dep_encoder.named_parameters()]
+                          if dep_encoder is not None else [])}
+    return {kind: params for kind, params in groups.items() if params}
 
 
 class ParallelEngine:
@@ -70,10 +105,14 @@ class ParallelEngine:
                  micro_batch: int, seq_len: int, microbatches: int, seed: int,
                  rule: UpdateRule, grad_clip: float, encoder: str = "colocated",
                  dtype: torch.dtype = torch.float32, bucket_numel: int = DEFAULT_BUCKET_NUMEL,
-                 overlap_grad_reduce: bool = True):
+                 overlap_grad_reduce: bool = True, device: torch.device | str = "cpu",
+                 ep_overlap: bool = False):
+        """`ep_overlap` (applies with ep > 1): chunks run node by node and the steady state's
+        forward/backward pairs interleave, hiding expert all-to-alls (parallel/chunk_pass.py)."""
         if encoder not in ("colocated", "dep"):
             raise ValueError(f"encoder={encoder!r}: choose 'dep' or 'colocated'")
         self.cfg, self.topo = model_cfg, topology
+        self.device = torch.device(device)
         sizes = topology.sizes
         self.microbatches = microbatches
         if len(layout.chunks) != sizes.stages:
@@ -82,91 +121,117 @@ class ParallelEngine:
         local_experts = topology.local_experts(model_cfg.lm.num_experts)
         self.stages: dict[int, StageModule] = {}
         for stage in topology.stages_of_rank():
-            lm = LanguageModelChunk(model_cfg.lm, layout.chunks[stage], local_experts)
-            for moe in lm.moe_layers():
-                moe.dispatcher = AllToAllDispatcher(topology.ep_group, model_cfg.lm.num_experts)
-            vision = VisionEncoder(model_cfg) if stage == 0 and encoder == "colocated" else None
-            module = StageModule(lm, vision)
-            initialize(module, seed, model_cfg.lm.init_std)
+            with torch.device("meta"):  # allocated on the device and initialised by name below
+                module = stage_module(model_cfg, layout, stage, local_experts, encoder)
+            materialize(module, self.device, seed, model_cfg.lm.init_std)
+            for moe in module.lm.moe_layers():
+                moe.dispatcher = AllToAllDispatcher(topology.ep_group, model_cfg.lm.num_experts,
+                                                    topology.ep_meta_group)
             self.stages[stage] = module
-        named = [(n, p) for m in self.stages.values() for n, p in m.named_parameters()]
-        dense = [(n, p) for n, p in named if not is_expert_param(n)]
-        expert = [(n, p) for n, p in named if is_expert_param(n)]
-        encoder_params = []
         self.dep: DecoupledEncoder | None = None
         if encoder == "dep":  # replicated on every rank, outside the pipeline
-            vision = VisionEncoder(model_cfg)
-            initialize(vision, seed, model_cfg.lm.init_std, prefix="vision")
-            self.dep = DecoupledEncoder(vision, topology.world_group,
-                                        topology.stage0_rank_of_replica)
-            encoder_params = [(f"vision.{n}", p) for n, p in vision.named_parameters()]
-        # every rank of a group holds the same stages, so all members skip an empty group
-        groups = [ParamGroup([p for _, p in params], group, [n for n, _ in params])
-                  for params, group in ((dense, topology.dp_group), (expert, topology.edp_group),
-                                        (encoder_params, topology.world_group))
-                  if params]
+            with torch.device("meta"):
+                vision = VisionEncoder(model_cfg)
+            materialize(vision, self.device, seed, model_cfg.lm.init_std, prefix="vision")
+            self.dep = DecoupledEncoder(vision, topology.dep_group, topology.dep_stage0_ranks)
+        process_groups = {"dense": topology.dp_group, "expert": topology.edp_group,
+                          "encoder": topology.world_group}
+        groups = [ParamGroup([p for _, p in params], process_groups[kind], [n for n, _ in params])
+                  for kind, params in zero1_param_groups(
+                      self.stages, self.dep.encoder if self.dep else None).items()]
         self.optimizer = Zero1Optimizer(groups, norm_group=topology.world_group, rule=rule,
                                         max_grad_norm=grad_clip, bucket_numel=bucket_numel,
                                         param_dtype=dtype,
                                         overlap_grad_reduce=overlap_grad_reduce)
         self.stage_params = {stage: list(m.parameters()) for stage, m in self.stages.items()}
-        actions = schedule(sizes.pp, sizes.vpp, microbatches)[topology.pp_rank]
-        self.phases: list[tuple[str, str, float, float]] = []
+        self.ep_overlap = ep_overlap and sizes.ep > 1
+        actions = schedule(sizes.pp, sizes.vpp, microbatches, self.ep_overlap)[topology.pp_rank]
+        self._phase_marks: list[tuple[str, str, object, object]] = []
         self.stats: dict[str, float] = {}  # last step's extra metrics (load balance, idle)
+        self.clock = StepClock(self.device)  # CUDA events on GPU: host times only time launches
         self.runtime = PipelineRuntime(
             actions, num_stages=sizes.stages, microbatches=microbatches,
             stage_rank=topology.stage_rank,
-            activation_shape=(micro_batch, seq_len, model_cfg.lm.hidden), dtype=dtype)
+            activation_shape=(micro_batch, seq_len, model_cfg.lm.hidden), dtype=dtype,
+            device=self.device, clock=self.clock)
 
-    def step(self, microbatches: list[ModelInputs], lr: float, media: ReplicaMedia | None = None,
+    @property
+    def phases(self) -> list[tuple[str, str, float, float]]:
+        """(name, category, start, end) of the last step's work outside the schedule, and of
+        its expert all-to-alls (category "a2a": issued .. waited for)."""
+        return [(name, kind, self.clock.seconds(a), self.clock.seconds(b))
+                for name, kind, a, b in self._phase_marks] + [
+            (name, "a2a", start, end) for name, start, end in self.runtime.comm_timeline]
+
+    def step(self, microbatches: list[ModelInputs], lr: float, media: StepMedia | None = None,
              media_ids: list[list[int]] | None = None) -> tuple[float, float]:
         """One optimizer step on this replica's microbatches; returns (global loss, grad norm).
 
-        In DEP mode `media` holds this replica's media (metadata and pixels) and
+        In DEP mode `media` describes the step's media of the DEP group (metadata, and a
+        callback that fetches the pixels of the items this rank encodes) and
         `media_ids[mb]` the item ids of microbatch `mb` in placeholder order.
         """
         if len(microbatches) != self.microbatches:
             raise ValueError(f"expected {self.microbatches} microbatches, got {len(microbatches)}")
-        count = torch.tensor(sum(int((m.labels != IGNORE_INDEX).sum()) for m in microbatches),
-                             dtype=torch.float64)
+        count = torch.stack([(m.labels != IGNORE_INDEX).sum() for m in microbatches]).sum()
+        count = count.to(torch.float64)
         dist.all_reduce(count, group=self.topo.dp_group)
         self.stats["loss_tokens"] = float(count)
         count = max(float(count), 1.0)
 
-        self.phases = []  # (name, category, start, end): work outside the schedule, for profiles
-        clock = time.perf_counter
-        start = clock()
-        leaves = (self.dep.forward(media, is_owner=self.topo.is_first_stage)
-                  if self.dep is not None else {})
+        phases = self._phase_marks = []
+        clock = self.clock
+        clock.start()
+        start = clock.mark()
+        leaves = self.dep.forward(media) if self.dep is not None else {}
         if self.dep is not None:
-            self.phases.append(("DEP plan + encode + send", "dep", start, clock()))
+            phases.append(("DEP plan + fetch + encode + send", "dep", start, clock.mark()))
+            self.stats.update(self.dep.stats)
+
+        def media_embeds(stage: int, mb: int) -> torch.Tensor | None:
+            if stage == 0 and self.dep is not None and media_ids[mb]:
+                return torch.cat([leaves[i] for i in media_ids[mb]])
+            return None
 
         def forward(stage: int, x: torch.Tensor | None, mb: int) -> torch.Tensor:
             inputs = microbatches[mb]
-            embeds = None
-            if stage == 0 and self.dep is not None and media_ids[mb]:
-                embeds = torch.cat([leaves[i] for i in media_ids[mb]])
-            return self.stages[stage](inputs.tokens if x is None else x, inputs, embeds)
+            return self.stages[stage](inputs.tokens if x is None else x, inputs,
+                                      media_embeds(stage, mb))
 
-        def loss_fn(logits: torch.Tensor, mb: int) -> torch.Tensor:
-            return cross_entropy_sum(logits, microbatches[mb].labels) / count
+        def loss_fn(loss_sum: torch.Tensor, mb: int) -> torch.Tensor:
+            return loss_sum / count
 
-        loss = self.runtime.run(forward, loss_fn, lambda stage: self.optimizer.last_backward(
-            self.stage_params[stage])).double()
+        def make_pass(stage: int, x: torch.Tensor | None, mb: int) -> ChunkPass:
+            return ChunkPass(self.stages[stage], x, microbatches[mb], media_embeds(stage, mb),
+                             lambda loss_sum: loss_fn(loss_sum, mb), self.clock)
+
+        loss = self.runtime.run(
+            forward, loss_fn, make_pass if self.ep_overlap else None,
+            lambda stage: self.optimizer.last_backward(self.stage_params[stage])).double()
+        self.stats["a2a_wait_s"] = sum(wait for _, wait in self.runtime.a2a.values())
         if self.dep is not None:
-            start = clock()
+            start = clock.mark()
             with self.optimizer.last_backward(self.dep.encoder.parameters()):
                 self.dep.backward()
-            self.phases.append(("DEP grads back + recompute + backward", "dep", start, clock()))
-        start = clock()
+            phases.append(("DEP grads back + recompute + backward", "dep", start, clock.mark()))
+        start = clock.mark()
         dist.all_reduce(loss, group=self.topo.world_group)  # only last stages contribute
         grad_norm = self.optimizer.step(lr)
         self.optimizer.zero_grad()
         self._update_router_biases()
-        self.phases.append(("loss all-reduce + ZeRO-1 step + router bias", "optimizer", start,
-                            clock()))
+        phases.append(("loss all-reduce + ZeRO-1 step + router bias", "optimizer", start,
+                       clock.mark()))
+        clock.resolve()
         self.stats["pipeline_idle_fraction"] = self._pipeline_idle_fraction()
         return float(loss), float(grad_norm)
+
+    def set_ep_overlap(self, on: bool) -> None:
+        """Switch the overlapped schedule on or off between steps (benchmarks compare both
+        on one engine); every rank must switch together."""
+        sizes = self.topo.sizes
+        self.ep_overlap = on and sizes.ep > 1
+        self.runtime.actions = schedule(sizes.pp, sizes.vpp, self.microbatches,
+                                        self.ep_overlap)[self.topo.pp_rank]
 
     def _update_router_biases(self) -> None:
         balance = []
@@ -188,25 +253,37 @@ class ParallelEngine:
     # ------------------------------------------------------------------ checkpoints
 
     def checkpoint_state(self) -> tuple[dict, dict]:
-        """(model tensors, optimizer state pieces) this rank writes; see trainer/checkpoint.py."""
-        return self.named_tensors(), self.optimizer.state_pieces()
+        """(model tensors, optimizer state pieces) this rank writes, by global name; see
+        trainer/checkpoint.py."""
+        return self.named_tensors(), split_grouped(self.optimizer.state_pieces(),
+                                                   self._expert_entries())
 
     def checkpoint_targets(self, saved: set[str]) -> tuple[dict, dict]:
         """Where a load writes, given the checkpoint's tensor names (`model.*`, `optim.*`)."""
+        experts = self._expert_entries()
         buffers = {n: t for n, t in self.named_tensors().items() if n.endswith("router.bias")}
-        weights, state = self.optimizer.load_targets(lambda n: f"optim.{n}.master" in saved)
-        return {**buffers, **weights}, state
+        weights, state = self.optimizer.load_targets(
+            lambda n: f"optim.{experts.get(n, [n])[0]}.master" in saved)
+        return ({**buffers, **split_grouped(weights, experts)},
+                split_grouped(state, experts))
 
     def finish_load(self, step: int) -> None:
         self.optimizer.finish_load(step)
 
+    def _modules_by_prefix(self) -> list[tuple[nn.Module, str]]:
+        named = [(module, "") for module in self.stages.values()]
+        return named + ([(self.dep.encoder, "vision")] if self.dep is not None else [])
+
+    def _expert_entries(self) -> dict[str, list[str]]:
+        """{grouped expert parameter name: its experts' global names}."""
+        return {name: names for module, prefix in self._modules_by_prefix()
+                for name, names in expert_entry_names(module, prefix).items()}
+
     def named_tensors(self) -> dict[str, torch.Tensor]:
         """Parameters and router-bias buffers this rank holds, by their global names."""
         out = {}
-        for module in self.stages.values():
-            out.update({n: p.detach() for n, p in module.named_parameters()})
-            out.update({n: b for n, b in module.named_buffers() if n.endswith("router.bias")})
-        if self.dep is not None:
-            out.update({f"vision.{n}": p.detach()
-                        for n, p in self.dep.encoder.named_parameters()})
+        for module, prefix in self._modules_by_prefix():
+            out.update({n: p.detach() for n, p in global_named_tensors(module, prefix).items()})
+            out.update({n: b for n, b in module.named_buffers(prefix=prefix)
+                        if n.endswith("router.bias")})
         return out

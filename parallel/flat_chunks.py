@@ -62,3 +62,40 @@ class FlatChunks:
         if index.offset is None or int(index.offset[0]) not in self.pieces:
             raise ValueError(f"{index.fqn}: this rank holds no piece at {index.offset}")
         return self.pieces[int(index.offset[0])]
+
+
+def _window(chunks: FlatChunks, start: int, numel: int) -> FlatChunks:
+    """The part of `chunks` in [start, start + numel), as an entry of `numel` elements
+    (views: writing them writes the shards)."""
+    pieces = []
+    for offset, tensor in chunks.pieces.items():
+        lo, hi = max(offset, start), min(offset + tensor.numel(), start + numel)
+        if lo < hi:
+            pieces.append((lo - start, tensor[lo - offset:hi - offset]))
+    return FlatChunks(numel, pieces)
+
+
+def split_grouped(per_param: dict, experts: dict[str, list[str]]) -> dict:
+    """Checkpoint entries by parameter name -> by global name: a grouped expert parameter
+    (`[E_local, out, in]`, named in `experts`: model/param_names.expert_entry_names) becomes
+    one entry per expert, so checkpoints stay independent of the EP size. Values are a
+    tensor shaped like the parameter (split on dim 0), a flat tensor of its numel or
+    `FlatChunks` (cut into E equal runs: an expert's weights are contiguous), or a dict of
+    those by state kind. Every result is a view."""
+    out = {}
+    for name, value in per_param.items():
+        names = experts.get(name)
+        if names is None:
+            out[name] = value
+        elif isinstance(value, dict):
+            for kind, entry in value.items():
+                for global_name, part in split_grouped({name: entry}, experts).items():
+                    out.setdefault(global_name, {})[kind] = part
+        elif isinstance(value, FlatChunks):
+            each = value.numel // len(names)
+            out.update((n, _window(value, i * each, each)) for i, n in enumerate(names))
+        elif value.dim() == 1:
+            out.update(zip(names, value.unflatten(0, (len(names), -1)).unbind(0)))
+        else:
+            out.update(zip(names, value.unbind(0)))
+    return out

@@ -36,10 +36,12 @@ the same model idles (pp-1)*vpp*(F+B) = 4 units.
 Forwards walk the chunks in groups of pp microbatches (forward k runs chunk (k // pp) % vpp on
 microbatch (k // (pp*vpp)) * pp + k % pp); backwards walk the chunks in reverse order.
 
-Communication: `with_communication` puts a RECV right before the F/B that consumes a tensor from
-another rank and a SEND right after the F/B that produces one. When producer and consumer stage
-sit on the SAME rank (only when pp == 1) no SEND/RECV is emitted at all: the runtime hands the
-tensor over locally, and the checker instead requires the producing F/B earlier on that rank.
+Communication: `with_communication` follows Megatron-Core's batched point-to-point: after each
+loop iteration (warm-up F, steady F+B, cool-down B) the sends of its outputs and the receives
+of the next iteration's inputs, posted together as one batch, which NCCL's rendezvous sends
+need (see its docstring). When producer and consumer stage sit on the SAME rank (only when
+pp == 1) no SEND/RECV is emitted at all: the runtime hands the tensor over locally, and the
+checker instead requires the producing F/B earlier on that rank.
 """
 
 from __future__ import annotations
@@ -47,20 +49,24 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 
 class Op(enum.Enum):
-    """What an action does: F/B run a chunk, SEND_*/RECV_* move its tensors between ranks."""
+    """What an action does: F/B run a chunk, SEND_*/RECV_* move its tensors between ranks,
+    FB runs the forward of one chunk-microbatch and the backward of another together, node
+    by node, so each one's expert all-to-alls overlap the other's compute."""
 
     F = "F"
     B = "B"
+    FB = "FB"
     SEND_F = "SEND_F"
     RECV_F = "RECV_F"
     SEND_B = "SEND_B"
     RECV_B = "RECV_B"
 
 
-COMPUTE_OPS = (Op.F, Op.B)
+COMPUTE_OPS = (Op.F, Op.B, Op.FB)
 SEND_OPS = (Op.SEND_F, Op.SEND_B)
 RECV_OPS = (Op.RECV_F, Op.RECV_B)
 
@@ -68,6 +74,8 @@ RECV_OPS = (Op.RECV_F, Op.RECV_B)
 _ACTION_PATTERN = re.compile(
     r"^(?P<op>SEND_F|RECV_F|SEND_B|RECV_B|F|B)(?P<stage>\d+)\.m(?P<microbatch>\d+)$"
 )
+_PAIR_PATTERN = re.compile(
+    r"^F(?P<stage>\d+)\.m(?P<microbatch>\d+)\+B(?P<b_stage>\d+)\.m(?P<b_microbatch>\d+)$")
 _RANK_LINE_PATTERN = re.compile(r"^rank\s+(?P<rank>\d+):(?P<actions>.*)$")
 
 
@@ -75,13 +83,16 @@ _RANK_LINE_PATTERN = re.compile(r"^rank\s+(?P<rank>\d+):(?P<actions>.*)$")
 class Action:
     """One step of one rank's schedule: `op` on global stage `stage` for microbatch `microbatch`.
 
-    The string form (`F3.m5`, `RECV_F2.m0`) is what printed schedules and tests are written in,
-    so it parses back to the same action with `Action.parse`.
+    An FB action is the forward of (stage, microbatch) and the backward of (b_stage,
+    b_microbatch). The string form (`F3.m5`, `RECV_F2.m0`, `F3.m5+B2.m1`) is what printed
+    schedules and tests are written in, so it parses back with `Action.parse`.
     """
 
     op: Op
     stage: int
     microbatch: int
+    b_stage: int | None = None
+    b_microbatch: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.op, Op):
@@ -91,17 +102,35 @@ class Action:
                 f"Action stage and microbatch must be >= 0, got stage={self.stage}, "
                 f"microbatch={self.microbatch}"
             )
+        if (self.op is Op.FB) != (self.b_stage is not None and self.b_microbatch is not None):
+            raise ValueError("an FB action, and only an FB action, names a backward part "
+                             "(b_stage, b_microbatch)")
+
+    @property
+    def parts(self) -> tuple["Action", ...]:
+        """The F and the B an FB runs (in that order), or the action itself."""
+        if self.op is not Op.FB:
+            return (self,)
+        return (Action(Op.F, self.stage, self.microbatch),
+                Action(Op.B, self.b_stage, self.b_microbatch))
 
     def __str__(self) -> str:
+        if self.op is Op.FB:
+            return f"F{self.stage}.m{self.microbatch}+B{self.b_stage}.m{self.b_microbatch}"
         return f"{self.op.value}{self.stage}.m{self.microbatch}"
 
     @classmethod
     def parse(cls, text: str) -> Action:
+        pair = _PAIR_PATTERN.match(text.strip())
+        if pair is not None:
+            return cls(Op.FB, int(pair["stage"]), int(pair["microbatch"]), int(pair["b_stage"]),
+                       int(pair["b_microbatch"]))
         match = _ACTION_PATTERN.match(text.strip())
         if match is None:
             raise ValueError(
                 f"cannot parse action {text!r}: write <OP><stage>.m<microbatch> with OP one of "
-                f"{', '.join(op.value for op in Op)}, e.g. 'F3.m5' or 'RECV_F2.m0'"
+                f"{', '.join(op.value for op in Op if op is not Op.FB)}, e.g. 'F3.m5' or "
+                "'RECV_F2.m0', or a pair 'F3.m5+B2.m1'"
             )
         return cls(Op(match["op"]), int(match["stage"]), int(match["microbatch"]))
 
@@ -138,7 +167,8 @@ def validate_schedule_shape(pp: int, vpp: int, microbatches: int) -> None:
         )
 
 
-def warmup_forwards(pp: int, vpp: int, microbatches: int, rank: int) -> int:
+def warmup_forwards(pp: int, vpp: int, microbatches: int, rank: int,
+                    ep_overlap: bool = False) -> int:
     """Forwards `rank` runs before its first backward.
 
     (vpp-1)*pp fills the other chunks so the first backward (last chunk) has its input; the
@@ -147,14 +177,20 @@ def warmup_forwards(pp: int, vpp: int, microbatches: int, rank: int) -> int:
     (the simulator shows it), but the extra pp-rank-1 forwards keep a rank computing while a
     message is in flight (simulate(..., p2p_latency=1) on pp=16 vpp=2 m=32: makespan 299 vs
     387 units), for pp-rank-1 more microbatches of stored activations.
+
+    With `ep_overlap` (interleaved, or pp = 1) one more warm-up forward, as Megatron-Core
+    does for its combined 1F1B: otherwise the last stage would pair the forward and the
+    backward of the same microbatch, which cannot run together.
     """
     depth_term = pp - rank - 1
     if vpp > 1:
         depth_term *= 2
-    return min(microbatches * vpp, depth_term + (vpp - 1) * pp)
+    extra = int(ep_overlap and (vpp > 1 or pp == 1))
+    return min(microbatches * vpp, depth_term + (vpp - 1) * pp + extra)
 
 
-def interleaved_1f1b(pp: int, vpp: int, microbatches: int) -> list[list[Action]]:
+def interleaved_1f1b(pp: int, vpp: int, microbatches: int,
+                     ep_overlap: bool = False) -> list[list[Action]]:
     """Per pipeline rank, the ordered F/B actions of Megatron-Core's interleaved 1F1B.
 
     vpp == 1 yields plain 1F1B. Counting each rank's forwards and backwards k = 0, 1, ...:
@@ -175,7 +211,7 @@ def interleaved_1f1b(pp: int, vpp: int, microbatches: int) -> list[list[Action]]
 
     per_rank = []
     for rank in range(pp):
-        warmup = warmup_forwards(pp, vpp, microbatches, rank)
+        warmup = warmup_forwards(pp, vpp, microbatches, rank, ep_overlap)
         actions = [compute_action(Op.F, rank, k) for k in range(warmup)]
         for k in range(total - warmup):
             actions.append(compute_action(Op.F, rank, warmup + k))
@@ -185,14 +221,47 @@ def interleaved_1f1b(pp: int, vpp: int, microbatches: int) -> list[list[Action]]
     return per_rank
 
 
+def _iterations(actions: list[Action], pp: int, vpp: int, rank: int) -> list[list[Action]]:
+    """A rank's compute order as Megatron's interleaved loop iterations: warm-up F, steady
+    (F, B) pairs, cool-down B. Plain 1F1B (vpp = 1) and lists of another shape (hand-written)
+    are one action per iteration: Megatron's 1F1B posts send_forward_recv_backward between
+    the F and the B of a steady-state step, which lets the backward's input arrive while
+    nothing else is pending (waiting for it before the F would double the bubble)."""
+    forwards = sum(a.op is Op.F for a in actions)
+    singles = [[a] for a in actions]
+    if vpp == 1 or forwards % vpp or not forwards:
+        return singles
+    microbatches = forwards // vpp
+    for ep_overlap in (False, True):
+        try:
+            warmup = warmup_forwards(pp, vpp, microbatches, rank, ep_overlap)
+        except ValueError:
+            return singles
+        steady = forwards - warmup
+        shape = [Op.F] * warmup + [Op.F, Op.B] * steady + [Op.B] * warmup
+        if [a.op for a in actions] == shape:
+            pairs = [actions[warmup + 2 * k: warmup + 2 * k + 2] for k in range(steady)]
+            return singles[:warmup] + pairs + singles[warmup + 2 * steady:]
+    return singles
+
+
 def with_communication(
     compute_actions_per_rank: list[list[Action]], pp: int, vpp: int
 ) -> list[list[Action]]:
-    """Add the SEND/RECV around each F/B whose neighbour stage lives on another rank.
+    """Add the SEND/RECV of every F/B whose neighbour stage lives on another rank.
 
-    RECV goes right before its consumer (a blocking receive as late as possible) and SEND right
-    after its producer (sends are non-blocking, so as early as possible); nothing is emitted
-    between stages of the same rank.
+    Placement (Megatron-Core's loops, batch_p2p_comm): after each iteration (plain 1F1B:
+    each F or B; interleaved: a warm-up F, a steady-state F+B pair, a cool-down B) ONE group
+    of communication: the SENDs of what the iteration produced, then the RECVs of what the
+    next iteration consumes. The first iteration's RECVs come first. Consecutive SEND/RECV
+    actions are posted as one batch (`comm_batches`), so neighbours always post facing
+    sends together with the receives that complete them: no head-on send blocks under
+    NCCL's rendezvous semantics (`simulate(..., rendezvous=True)` proves it per shape).
+
+        rank 0:  F0.m0 [SEND_F0.m0] F0.m1 [SEND_F0.m1 RECV_B0.m0] B0.m0 ...
+        rank 1:  [RECV_F1.m0] F1.m0 B1.m0 [SEND_B1.m0 RECV_F1.m1] F1.m1 ...
+
+    Nothing is emitted between stages of the same rank (pp == 1: handed over locally).
     """
     if len(compute_actions_per_rank) != pp:
         raise ValueError(
@@ -200,38 +269,119 @@ def with_communication(
             f"got {len(compute_actions_per_rank)}"
         )
     last_stage = pp * vpp - 1
+
+    def remote(rank: int, stage: int) -> bool:
+        return 0 <= stage <= last_stage and stage_owner(stage, pp) != rank
+
+    def receives(rank: int, iteration: list[Action]) -> list[Action]:
+        out = []
+        for a in iteration:
+            if a.op is Op.F and remote(rank, a.stage - 1):
+                out.append(Action(Op.RECV_F, a.stage, a.microbatch))
+            elif a.op is Op.B and remote(rank, a.stage + 1):
+                out.append(Action(Op.RECV_B, a.stage, a.microbatch))
+        return out
+
+    def sends(rank: int, iteration: list[Action]) -> list[Action]:
+        out = []
+        for a in iteration:
+            if a.op is Op.F and remote(rank, a.stage + 1):
+                out.append(Action(Op.SEND_F, a.stage, a.microbatch))
+            elif a.op is Op.B and remote(rank, a.stage - 1):
+                out.append(Action(Op.SEND_B, a.stage, a.microbatch))
+        return out
+
     per_rank = []
     for rank, actions in enumerate(compute_actions_per_rank):
-        out: list[Action] = []
         for action in actions:
-            stage, microbatch = action.stage, action.microbatch
-            if stage > last_stage:
-                raise ValueError(
-                    f"{action} on rank {rank}: stage {stage} does not exist with pp={pp} vpp={vpp}"
-                )
-            previous_is_remote = stage > 0 and stage_owner(stage - 1, pp) != rank
-            next_is_remote = stage < last_stage and stage_owner(stage + 1, pp) != rank
-            if action.op is Op.F:
-                before, after = (Op.RECV_F, previous_is_remote), (Op.SEND_F, next_is_remote)
-            elif action.op is Op.B:
-                before, after = (Op.RECV_B, next_is_remote), (Op.SEND_B, previous_is_remote)
-            else:
+            if action.op not in (Op.F, Op.B):
                 raise ValueError(
                     f"with_communication takes compute actions (F/B) only, got {action} "
                     f"on rank {rank}"
                 )
-            if before[1]:
-                out.append(Action(before[0], stage, microbatch))
-            out.append(action)
-            if after[1]:
-                out.append(Action(after[0], stage, microbatch))
+            if action.stage > last_stage:
+                raise ValueError(
+                    f"{action} on rank {rank}: stage {action.stage} does not exist with "
+                    f"pp={pp} vpp={vpp}"
+                )
+        iterations = _iterations(actions, pp, vpp, rank)
+        out: list[Action] = receives(rank, iterations[0]) if iterations else []
+        for index, iteration in enumerate(iterations):
+            out.extend(iteration)
+            out.extend(sends(rank, iteration))
+            if index + 1 < len(iterations):
+                out.extend(receives(rank, iterations[index + 1]))
         per_rank.append(out)
     return per_rank
 
 
-def schedule(pp: int, vpp: int, microbatches: int) -> list[list[Action]]:
-    """The full per-rank action lists (compute and communication) of interleaved 1F1B."""
-    return with_communication(interleaved_1f1b(pp, vpp, microbatches), pp, vpp)
+def comm_batches(actions: list[Action]) -> list[list[Action]]:
+    """A rank's schedule as steps: each compute action alone, each maximal run of consecutive
+    SEND/RECV actions as one batch (what the runtime posts with one batch_isend_irecv)."""
+    steps: list[list[Action]] = []
+    for action in actions:
+        if action.op in COMPUTE_OPS or not steps or steps[-1][0].op in COMPUTE_OPS:
+            steps.append([action])
+        else:
+            steps[-1].append(action)
+    return steps
+
+
+def combine_forward_backward(actions_per_rank: list[list[Action]]) -> list[list[Action]]:
+    """Merge each forward directly followed by a backward, or a backward directly followed by
+    a forward, into one FB action when neither needs the other (another microbatch): the
+    steady state of interleaved 1F1B (and of pp = 1) with `ep_overlap`. The runtime then runs
+    the two node by node, each one's all-to-alls under the other's compute."""
+    out = []
+    for actions in actions_per_rank:
+        merged: list[Action] = []
+        index = 0
+        while index < len(actions):
+            pair = actions[index:index + 2]
+            ops = [a.op for a in pair]
+            if ops in ([Op.F, Op.B], [Op.B, Op.F]) and pair[0].microbatch != pair[1].microbatch:
+                forward, backward = pair if ops[0] is Op.F else pair[::-1]
+                merged.append(Action(Op.FB, forward.stage, forward.microbatch, backward.stage,
+                                     backward.microbatch))
+                index += 2
+            else:
+                merged.append(actions[index])
+                index += 1
+        out.append(merged)
+    return out
+
+
+def schedule(pp: int, vpp: int, microbatches: int, ep_overlap: bool = False
+             ) -> list[list[Action]]:
+    """The full per-rank action lists (compute and communication) of interleaved 1F1B.
+
+    `ep_overlap`: steady-state forward/backward pairs become FB actions (interleaved 1F1B,
+    or pp = 1; plain 1F1B with pp > 1 receives each backward's input between its F and its B,
+    so nothing pairs there and the schedule is unchanged).
+    """
+    actions = with_communication(interleaved_1f1b(pp, vpp, microbatches, ep_overlap), pp, vpp)
+    return combine_forward_backward(actions) if ep_overlap else actions
+
+
+def peak_in_flight(actions: list[Action], held: Callable[[int, int], float]
+                   ) -> tuple[float, dict[int, int]]:
+    """One rank's largest stored activation under its action list: the maximum over time of
+    `held(stage, microbatch)` summed over the forwards whose backward has not run yet (a
+    forward's saved tensors live until its backward frees them), and the microbatches of
+    each stage in flight at that moment. For interleaved 1F1B with equal chunks that is
+    `warmup_forwards + 1` forwards."""
+    live: dict[int, int] = {}
+    total, peak, at_peak = 0.0, 0.0, {}
+    for action in actions:
+        if action.op is Op.F:
+            live[action.stage] = live.get(action.stage, 0) + 1
+            total += held(action.stage, action.microbatch)
+            if total > peak:
+                peak, at_peak = total, {s: n for s, n in live.items() if n}
+        elif action.op is Op.B:
+            live[action.stage] -= 1
+            total -= held(action.stage, action.microbatch)
+    return peak, dict(sorted(at_peak.items()))
 
 
 def format_schedule(actions_per_rank: list[list[Action]]) -> str:

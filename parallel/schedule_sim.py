@@ -1,7 +1,8 @@
 """Check a pipeline schedule and simulate its timeline, without running a model.
 
-Model of the runtime (parallel/pipeline_runtime.py) that the simulator reproduces:
+Two models of point-to-point communication:
 
+  buffered (gloo's semantics, the default):
     F, B     run for forward_cost / backward_cost on their rank
     SEND_*   take no time and never block
     RECV_*   block until the matching SEND has run on the other rank; the message arrives at
@@ -10,6 +11,20 @@ Model of the runtime (parallel/pipeline_runtime.py) that the simulator reproduce
     rank 0:  F0.m0 SEND_F0.m0 ......
     rank 1:  RECV_F1.m0 [waits until rank 0 ran SEND_F0.m0] F1.m0 ...
 
+  rendezvous (NCCL's semantics, `rendezvous=True`; what parallel/pipeline_runtime.py runs):
+    consecutive SEND/RECV actions of a rank form ONE batch (`comm_batches`), posted together
+    (batch_isend_irecv) and waited for together. An operation completes only when its peer
+    has posted the matching operation; the rank waits until every operation of its batch
+    has. So a send that faces a send blocks both ranks, unless each batch also holds the
+    receive of the other's send:
+
+        rank 0: F0.m1 [SEND_F0.m1 RECV_B0.m0] B0.m0      one batch each: both complete
+        rank 1: B1.m0 [SEND_B1.m0 RECV_F1.m1] F1.m1
+
+    NCCL also matches the messages between two ranks in posting order (no tags):
+    `check_fifo` requires that, on every directed pair of ranks, the sender posts its
+    SENDs in the order the receiver posts the matching RECVs.
+
 Each rank runs its list strictly in order, so a rank's times depend only on its own list and
 on the send times of the others. The simulator therefore advances every rank as far as it can,
 repeatedly; the result equals an event-queue simulation, and a sweep in which no rank moves
@@ -17,15 +32,20 @@ while some still have actions left is a deadlock.
 
 Bubble: every rank computes microbatches * vpp * (forward_cost + backward_cost) (the ideal);
 bubble_fraction = (makespan - ideal) / ideal. For (interleaved) 1F1B theory gives
-(pp - 1) / (vpp * microbatches).
+(pp - 1) / (vpp * microbatches). With per-action `costs` (e.g. measured durations, to replay
+a profiled step) ranks compute different amounts and the ideal is their mean.
 """
 
 from __future__ import annotations
 
+import statistics
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Callable
 
-from parallel.schedule import COMPUTE_OPS, RECV_OPS, SEND_OPS, Action, Op, stage_owner
+from parallel.schedule import (COMPUTE_OPS, RECV_OPS, SEND_OPS, Action, Op, comm_batches,
+                               stage_owner)
 
 
 class ScheduleError(ValueError):
@@ -76,7 +96,11 @@ def matching_recv(send: Action) -> Action:
 
 
 def _prerequisite(action: Action, rank: int, pp: int, last_stage: int) -> list[Action]:
-    """Actions that must have run earlier on `rank` (the same rank) before `action`."""
+    """Actions that must have run earlier on `rank` (the same rank) before `action`; for an
+    FB, what either part needs (a part that needs the other cannot pair)."""
+    if action.op is Op.FB:
+        return [need for part in action.parts
+                for need in _prerequisite(part, rank, pp, last_stage)]
     stage, microbatch = action.stage, action.microbatch
     if action.op is Op.F:
         if stage == 0:
@@ -120,7 +144,8 @@ def check_schedule(
         )
     num_stages = pp * vpp
     last_stage = num_stages - 1
-    counts = Counter(action for actions in actions_per_rank for action in actions)
+    counts = Counter(part for actions in actions_per_rank for action in actions
+                     for part in action.parts)
     duplicates = sorted(str(action) for action, n in counts.items() if n > 1)
     if duplicates:
         raise ScheduleError(f"actions scheduled more than once: {', '.join(duplicates)}")
@@ -129,13 +154,14 @@ def check_schedule(
         done: set[Action] = set()
         for position, action in enumerate(actions):
             where = f"{action} (rank {rank}, position {position})"
-            if action.stage > last_stage:
-                raise ScheduleError(f"{where}: stage out of range 0..{last_stage}")
-            if action.microbatch >= microbatches:
-                raise ScheduleError(f"{where}: microbatch out of range 0..{microbatches - 1}")
-            owner = stage_owner(action.stage, pp)
-            if owner != rank:
-                raise ScheduleError(f"{where}: stage {action.stage} is held by rank {owner}")
+            for part in action.parts:
+                if part.stage > last_stage:
+                    raise ScheduleError(f"{where}: stage out of range 0..{last_stage}")
+                if part.microbatch >= microbatches:
+                    raise ScheduleError(f"{where}: microbatch out of range 0..{microbatches - 1}")
+                owner = stage_owner(part.stage, pp)
+                if owner != rank:
+                    raise ScheduleError(f"{where}: stage {part.stage} is held by rank {owner}")
             if action.op in SEND_OPS or action.op in RECV_OPS:
                 peer = _peer_stage(action)
                 if not 0 <= peer <= last_stage or stage_owner(peer, pp) == rank:
@@ -146,11 +172,11 @@ def check_schedule(
             for needed in _prerequisite(action, rank, pp, last_stage):
                 if needed not in done:
                     raise ScheduleError(f"{where}: needs {needed} earlier on rank {rank}")
-            done.add(action)
+            done.update(action.parts)
 
     for stage in range(num_stages):
         for microbatch in range(microbatches):
-            for op in COMPUTE_OPS:
+            for op in (Op.F, Op.B):
                 if Action(op, stage, microbatch) not in counts:
                     raise ScheduleError(
                         f"missing {Action(op, stage, microbatch)} "
@@ -167,29 +193,74 @@ def simulate(
     actions_per_rank: list[list[Action]],
     pp: int,
     vpp: int,
-    forward_cost: float = 1.0,
-    backward_cost: float = 2.0,
+    forward_cost: float | Callable[[int, int], float] = 1.0,
+    backward_cost: float | Callable[[int, int], float] = 2.0,
     *,
     microbatches: int | None = None,
     p2p_latency: float = 0.0,
+    costs: Mapping[Action, float] | None = None,
+    rendezvous: bool = False,
+    a2a_cost: float = 0.0,
 ) -> SimResult:
     """Check, then time the schedule; raises ScheduleError / ScheduleDeadlock if it cannot run.
 
+    Costs are one number for every chunk, or a function of (global stage, microbatch):
+    the planner's times of uneven chunks and of microbatches whose media differ. With
+    such costs `ideal` is the busiest rank's compute, so the bubble is the idle time the
+    schedule adds to the slowest rank.
+    `rendezvous=True` uses NCCL's semantics (module docstring) instead of buffered sends.
+    `a2a_cost`: the part of each F and each B spent in expert all-to-alls. An FB runs both
+    with each one's all-to-alls under the other's compute, so it takes
+    max(compute of both, all-to-alls of both) instead of the sum of F and B.
     `microbatches` defaults to one more than the largest microbatch index in the schedule;
     pass it to also catch a schedule that leaves out the last microbatches entirely.
+    `costs` gives each F/B action its own duration (a profiled step replayed) instead of
+    forward_cost/backward_cost; `ideal` is then the ranks' mean compute.
     """
     if microbatches is None:
         indices = [action.microbatch for actions in actions_per_rank for action in actions]
         if not indices:
             raise ScheduleError("the schedule has no actions")
         microbatches = max(indices) + 1
-    if forward_cost <= 0 or backward_cost <= 0 or p2p_latency < 0:
+    variable = callable(forward_cost) or callable(backward_cost)
+    cost = {op: c if callable(c) else (lambda stage, microbatch, c=c: c)
+            for op, c in ((Op.F, forward_cost), (Op.B, backward_cost))}
+    smallest = min(cost[op](stage, mb) for op in (Op.F, Op.B) for stage in range(pp * vpp)
+                   for mb in range(microbatches))
+    if smallest <= 0 or p2p_latency < 0:
         raise ValueError(
             f"costs must be > 0 and p2p_latency >= 0, got forward_cost={forward_cost}, "
-            f"backward_cost={backward_cost}, p2p_latency={p2p_latency}"
+            f"backward_cost={backward_cost} (smallest {smallest}), p2p_latency={p2p_latency}"
         )
     check_schedule(actions_per_rank, pp, vpp, microbatches)
-    cost = {Op.F: forward_cost, Op.B: backward_cost}
+    if costs is not None:
+        wrong = [f"{a}: {costs.get(a)}" for actions in actions_per_rank for a in actions
+                 if a.op in COMPUTE_OPS and not costs.get(a, 0.0) > 0]
+        if wrong:
+            raise ValueError(f"costs must give every F/B action a duration > 0; "
+                             f"not so for {', '.join(wrong[:4])}")
+    if not 0 <= a2a_cost <= smallest:
+        raise ValueError(f"a2a_cost={a2a_cost} must lie in [0, smallest F or B cost={smallest}]")
+
+    def duration(action: Action) -> float:
+        if costs is not None:
+            return costs[action]
+        if action.op is Op.FB:  # an FB's overlap makes a rank less busy
+            f = cost[Op.F](action.stage, action.microbatch)
+            b = cost[Op.B](action.b_stage, action.b_microbatch)
+            return max(f + b - 2 * a2a_cost, 2 * a2a_cost)
+        return cost[action.op](action.stage, action.microbatch)
+
+    if costs is not None:
+        ideal_of = statistics.fmean
+    elif variable:
+        ideal_of = max
+    else:
+        ideal_of = lambda busy: microbatches * vpp * (forward_cost + backward_cost)  # noqa: E731
+    if rendezvous:
+        check_fifo(actions_per_rank, pp)
+        clock, busy, timeline = _simulate_rendezvous(actions_per_rank, pp, duration, p2p_latency)
+        return SimResult(max(clock), ideal_of(busy), busy, timeline)
 
     arrival: dict[Action, float] = {}  # SEND -> time its message is available to the RECV
     clock = [0.0] * pp
@@ -212,8 +283,9 @@ def simulate(
                     end = start
                     arrival[action] = start + p2p_latency
                 else:
-                    end = start + cost[action.op]
-                    busy[rank] += cost[action.op]
+                    took = duration(action)
+                    end = start + took
+                    busy[rank] += took
                 timeline[rank].append(ActionTiming(action, start, end))
                 clock[rank] = end
                 position[rank] += 1
@@ -221,8 +293,70 @@ def simulate(
                 progressed = True
         if not progressed:
             raise ScheduleDeadlock(_describe_deadlock(actions_per_rank, position, pp))
-    ideal = microbatches * vpp * (forward_cost + backward_cost)
-    return SimResult(max(clock), ideal, busy, timeline)
+    return SimResult(max(clock), ideal_of(busy), busy, timeline)
+
+
+def check_fifo(actions_per_rank: list[list[Action]], pp: int) -> None:
+    """NCCL matches point-to-point messages per directed rank pair in posting order: the
+    SENDs from a to b must be posted in the order b posts their RECVs."""
+    posted: dict[tuple[int, int, str], list[Action]] = {}
+    for rank, actions in enumerate(actions_per_rank):
+        for action in actions:
+            if action.op in SEND_OPS:
+                peer = stage_owner(_peer_stage(action), pp)
+                posted.setdefault((rank, peer, "send"), []).append(matching_recv(action))
+            elif action.op in RECV_OPS:
+                peer = stage_owner(_peer_stage(action), pp)
+                posted.setdefault((peer, rank, "recv"), []).append(action)
+    for (src, dst, kind), recvs in posted.items():
+        if kind != "send":
+            continue
+        expected = posted.get((src, dst, "recv"), [])
+        if recvs != expected:
+            first = next(i for i, (a, b) in enumerate(zip(recvs, expected)) if a != b)
+            raise ScheduleError(
+                f"messages from rank {src} to rank {dst} are posted in another order than they "
+                f"are received (message {first}: rank {src} sends for {recvs[first]}, rank "
+                f"{dst} receives {expected[first]} first); NCCL would deliver the wrong tensor")
+
+
+def _simulate_rendezvous(actions_per_rank: list[list[Action]], pp: int,
+                         duration: Callable[[Action], float], p2p_latency: float
+                         ) -> tuple[list[float], list[float], list[list[ActionTiming]]]:
+    steps = [comm_batches(actions) for actions in actions_per_rank]
+    clock = [0.0] * pp
+    position = [0] * pp
+    busy = [0.0] * pp
+    timeline: list[list[ActionTiming]] = [[] for _ in range(pp)]
+    posted_at: dict[Action, float] = {}  # operations of the batch each rank waits in
+    while any(position[r] < len(steps[r]) for r in range(pp)):
+        progressed = False
+        for rank in range(pp):
+            while position[rank] < len(steps[rank]):
+                step = steps[rank][position[rank]]
+                start = clock[rank]
+                if step[0].op in COMPUTE_OPS:
+                    end = start + duration(step[0])
+                    busy[rank] += duration(step[0])
+                    timeline[rank].append(ActionTiming(step[0], start, end))
+                else:
+                    for action in step:
+                        posted_at.setdefault(action, start)
+                    partners = [matching_recv(a) if a.op in SEND_OPS else matching_send(a)
+                                for a in step]
+                    if any(partner not in posted_at for partner in partners):
+                        break
+                    end = max(start, *(posted_at[p] for p in partners)) + p2p_latency
+                    timeline[rank].extend(ActionTiming(a, start, end) for a in step)
+                clock[rank] = end
+                position[rank] += 1
+                progressed = True
+        if not progressed:
+            waiting = [f"rank {r} waits in batch [{' '.join(map(str, steps[r][position[r]]))}]"
+                       for r in range(pp) if position[r] < len(steps[r])]
+            raise ScheduleDeadlock("schedule deadlocks under rendezvous point-to-point: "
+                                   + "; ".join(waiting))
+    return clock, busy, timeline
 
 
 def _describe_deadlock(
@@ -256,7 +390,7 @@ def format_timeline(result: SimResult, time_unit: float = 1.0, cell_width: int =
             first = round(timing.start / time_unit) * cell_width
             last = round(timing.end / time_unit) * cell_width
             action = timing.action
-            label = f"{action.op.value}{action.stage}.{action.microbatch}"
+            label = "+".join(f"{p.op.value}{p.stage}.{p.microbatch}" for p in action.parts)
             text = (label + "-" * (last - first))[: last - first - 1] + " "
             row[first:last] = list(text)
         rows.append(f"rank {rank}: " + "".join(row).rstrip())

@@ -8,6 +8,13 @@ Example, 8 ranks, pp=2 dp=4 ep=2:
     stage 0: ranks 0 1 2 3      dp group {0,1,2,3}   ep groups {0,1} {2,3}   expert-dp {0,2} {1,3}
     stage 1: ranks 4 5 6 7      dp group {4,5,6,7}   ep groups {4,5} {6,7}   expert-dp {4,6} {5,7}
     pipelines: {0,4} {1,5} {2,6} {3,7}
+    DEP groups (dep_group_replicas=2): replicas {0,1} -> ranks {0,1,4,5}; {2,3} -> {2,3,6,7}
+
+A DEP group is a run of consecutive DP replicas with all their pipeline stages: one DEP
+plan balances the media of those replicas over those ranks. Each rank derives that
+plan from its loader's view of the group's rows, so the group size bounds the
+planning work per rank; covering every replica (the default for dp <= 8) is the
+report's DEP over all GPUs.
 
 The groups are built by megatron-core's `parallel_state` (it runs on gloo and
 NCCL alike) and exposed only through this object: nothing else in the code
@@ -26,15 +33,18 @@ import torch.distributed as dist
 from parallel.layout import LayoutError
 
 
-def init_distributed(backend: str = "gloo") -> None:
-    """Join the job's default process group from torchrun's environment.
+def init_distributed(backend: str = "gloo", timeout_s: float = 1800.0):
+    """Join the job's default process group from torchrun's environment; return its store
+    (None when the group already exists: the first caller gets it).
 
     The store is prefixed with torchrun's restart count: after a restart
     (`--max-restarts`) the agent's store still holds the previous attempt's keys,
     and gloo would read a dead peer's address from them and fail to connect.
+    `timeout_s` bounds every collective (a frozen peer makes it raise instead of
+    waiting forever); the groups built later by `Topology` get the same bound.
     """
     if dist.is_initialized():
-        return
+        return None
     env = os.environ
     rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
     agent_hosts_store = env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
@@ -42,8 +52,10 @@ def init_distributed(backend: str = "gloo") -> None:
                           is_master=not agent_hosts_store and rank == 0,
                           timeout=timedelta(minutes=10), multi_tenant=not agent_hosts_store)
     attempt = env.get("TORCHELASTIC_RESTART_COUNT", "0")
-    dist.init_process_group(backend, store=dist.PrefixStore(f"k25/attempt_{attempt}", store),
-                            rank=rank, world_size=world)
+    prefixed = dist.PrefixStore(f"k25/attempt_{attempt}", store)
+    dist.init_process_group(backend, store=prefixed, rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout_s))
+    return prefixed
 
 
 @dataclass(frozen=True)
@@ -95,7 +107,9 @@ def check_layout(sizes: ParallelSizes, *, num_experts: int, microbatches: int,
 class Topology:
     """Sizes, this rank's coordinates and the process groups of the job."""
 
-    def __init__(self, sizes: ParallelSizes):
+    def __init__(self, sizes: ParallelSizes, timeout_s: float = 1800.0, dep_group_replicas: int = 0):
+        """`timeout_s` bounds every collective of the groups built here (as init_distributed's);
+        `dep_group_replicas`: DP replicas per DEP group (0: all)."""
         if not dist.is_initialized():
             raise RuntimeError("Topology needs torch.distributed initialised (torchrun sets it up)")
         with warnings.catch_warnings():  # megatron warns that TE/Apex are absent: expected on CPU
@@ -112,6 +126,7 @@ class Topology:
             virtual_pipeline_model_parallel_size=sizes.vpp if sizes.vpp > 1 else None,
             expert_model_parallel_size=sizes.ep,
             create_gloo_process_groups=False,
+            distributed_timeout_minutes=timeout_s / 60,
         )
         self.world_group = dist.group.WORLD
         self.pp_group = ps.get_pipeline_model_parallel_group()
@@ -125,9 +140,32 @@ class Topology:
         # global ranks of this rank's pipeline, indexed by pipeline rank
         self.pipeline_ranks = dist.get_process_group_ranks(self.pp_group)
         coords = [None] * sizes.world
-        dist.all_gather_object(coords, (self.pp_rank, self.dp_rank))
+        dist.all_gather_object(coords, (self.pp_rank, self.dp_rank,
+                                        tuple(dist.get_process_group_ranks(self.ep_group))))
         # global rank of pipeline stage 0 of each data-parallel replica (DEP sends media there)
-        self.stage0_rank_of_replica = [coords.index((0, r)) for r in range(sizes.dp)]
+        self.stage0_rank_of_replica = [[c[:2] for c in coords].index((0, r))
+                                       for r in range(sizes.dp)]
+        # DEP group: `dep_group_replicas` consecutive replicas (0 or more than dp: all of them)
+        k = sizes.dp if dep_group_replicas <= 0 else min(dep_group_replicas, sizes.dp)
+        first = self.dp_rank // k * k
+        self.dep_replicas = list(range(first, min(first + k, sizes.dp)))
+        members = list(range(sizes.world))
+        self.dep_group = self.world_group
+        if k < sizes.dp:
+            for start in range(0, sizes.dp, k):  # every rank creates every group, in order
+                ranks = sorted(i for i, c in enumerate(coords) if start <= c[1] < start + k)
+                group = dist.new_group(ranks, timeout=timedelta(seconds=timeout_s))
+                if start == first:
+                    self.dep_group, members = group, ranks
+        # rank within the DEP group of stage 0 of each of its replicas (DEP plans in group ranks)
+        self.dep_stage0_ranks = [members.index(self.stage0_rank_of_replica[r]) for r in self.dep_replicas]
+        # the expert-parallel ranks again, on another communicator: the per-expert counts
+        # travel there, so they never queue behind a token all-to-all still in flight
+        self.ep_meta_group = self.ep_group
+        if sizes.ep > 1:
+            ep_groups = sorted({c[2] for c in coords})
+            self.ep_meta_group, _ = dist.new_subgroups_by_enumeration(
+                [list(g) for g in ep_groups], timeout=timedelta(seconds=timeout_s))
         self._ps = ps
 
     @property

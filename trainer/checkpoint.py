@@ -29,14 +29,21 @@ checkpoint saved with one dp / pp / vpp / ep loads into another (and into one pr
 
 A damaged file makes the load fail on every rank (DCP shares the failure); with
 `--resume auto` the job then falls back to the next older checkpoint. A checkpoint
-of another model config is refused with the differing fields named. The DCP
-metadata is a pickle written by this job itself; never point `--resume` at files
-from someone you do not trust.
+of another model config is refused with the differing fields named. DCP's
+`.metadata` is a pickle: it is read through an allow-list of metadata types
+(checkpoint_metadata.py), so a tampered one is refused instead of run. Only
+directories named exactly `step_<digits>` are ours; anything else in checkpoints/
+(a `step_00000002.bak` copy) is left alone.
+
+A save that fails (e.g. the disk is full) removes its temporary directory and says
+why; the previous checkpoint was never touched, so `--resume auto` continues from it.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 import time
 import warnings
@@ -51,12 +58,18 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, Def
 from torch.distributed.checkpoint.metadata import MetadataIndex
 
 from model.config import ConfigError
+from trainer.checkpoint_metadata import SafeReader
 
 MANIFEST = "MANIFEST.json"
 MANIFEST_PARTS = "manifest"  # <rank>.json from every writer, merged into MANIFEST.json
 META = "meta.json"
 DCP_METADATA = ".metadata"
 PREFIX = "step_"
+_NAME = re.compile(rf"{PREFIX}(\d+)")
+
+
+class CheckpointWriteError(RuntimeError):
+    """A save that failed; its temporary directory is gone, earlier checkpoints are intact."""
 
 
 class CorruptCheckpoint(ConfigError):
@@ -83,6 +96,15 @@ def _from_rank0(value):
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def _tensors(state):
+    """Every tensor in a nested dict of tensors."""
+    for value in state.values():
+        if isinstance(value, dict):
+            yield from _tensors(value)
+        elif isinstance(value, torch.Tensor):
+            yield value
 
 
 def _crc32(path: Path) -> int:
@@ -146,8 +168,9 @@ def checkpoints(root: Path) -> list[Path]:
     """Finished checkpoint directories, newest first."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]), reverse=True)
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if p.is_dir() and (m := _NAME.fullmatch(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
 
 
 def newest_complete(root: Path, skip: set[Path] = frozenset()) -> Path | None:
@@ -230,7 +253,7 @@ class _ManifestWriter(dcp.FileSystemWriter):
         return future
 
 
-class _VerifyingReader(dcp.FileSystemReader):
+class _VerifyingReader(SafeReader):
     """Checks every data file its rank's read plan touches against the manifest, once,
     before reading it; files no read of this rank touches are never opened.
 
@@ -259,24 +282,27 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint, in one process (for inspection and tests)."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    reader = SafeReader(path)
+    metadata = reader.read_metadata()
     state = {key: torch.empty(meta.size, dtype=meta.properties.dtype)
              for key, meta in metadata.state_dict_metadata.items()
              if isinstance(meta, TensorStorageMetadata)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "assuming a single process": intended here
-        dcp.load(state, checkpoint_id=str(path), no_dist=True)
+        dcp.load(state, storage_reader=reader, no_dist=True)
     return state
 
 
 def _agree(problem: str | None) -> str | None:
-    """A problem one rank found is every rank's problem (so all take the same branch)."""
+    """A problem one rank found is every rank's problem (so all take the same branch).
+    An object collective: it runs on gloo and NCCL alike (no tensor to place)."""
     if not dist.is_initialized():
         return problem
-    flag = torch.tensor(1 if problem else 0)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    if flag.item() and problem is None:
-        problem = "another rank found it damaged (see that rank's log)"
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, problem)
+    found = [(rank, p) for rank, p in enumerate(everyone) if p is not None]
+    if problem is None and found:
+        problem = f"rank {found[0][0]} found: {found[0][1]}"
     return problem
 
 
@@ -288,6 +314,30 @@ def _load_failure(path: Path, error: BaseException) -> ConfigError:
     if corrupt is not None:
         return CorruptCheckpoint(str(corrupt))
     return ConfigError(f"cannot load checkpoint {path} into this layout: {failures[0]}")
+
+
+def _first_failure(e: BaseException) -> BaseException:
+    """The exception behind DCP's CheckpointException (it wraps each rank's as a pair)."""
+    failures = getattr(e, "failures", None)
+    if failures:
+        return next(iter(failures.values()))[0]
+    return e
+
+
+def _no_space(e: BaseException, root: Path, needed: int) -> bool:
+    """Whether a failed save ran out of disk. torch.save into a full disk reports
+    'unexpected pos N vs M' with the OSError only as its context; where even that is lost,
+    a free space below what this rank was writing counts as well."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    try:
+        return shutil.disk_usage(root).free < needed
+    except OSError:
+        return False
 
 
 class CheckpointManager:
@@ -311,19 +361,32 @@ class CheckpointManager:
         state = {"model": model, "optim": optimizer,
                  "rng": {f"rank{rank}": torch.get_rng_state()}}
         writer = _ManifestWriter(tmp)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # single process: DCP warns that it is one
-            metadata = dcp.save(state, storage_writer=writer, planner=_SavePlanner())
-        mine = {name: _file_entry(tmp / name) for name in sorted(writer.files)}
-        if rank == 0:
-            (tmp / META).write_text(json.dumps(dict(meta, step=step, saved_at=time.time()),
-                                               indent=1))
-            mine.update({name: _file_entry(tmp / name) for name in (DCP_METADATA, META)})
-        (parts / f"{rank}.json").write_text(json.dumps(mine))
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # single process: DCP warns that it is one
+                metadata = dcp.save(state, storage_writer=writer, planner=_SavePlanner())
+        except (Exception, CheckpointException) as e:  # every rank gets DCP's verdict
+            self._failed(tmp, step, _first_failure(e), state, every_rank=True)
+        error: OSError | None = None
+        try:
+            mine = {name: _file_entry(tmp / name) for name in sorted(writer.files)}
+            if rank == 0:
+                (tmp / META).write_text(json.dumps(dict(meta, step=step, saved_at=time.time()),
+                                                   indent=1))
+                mine.update({name: _file_entry(tmp / name) for name in (DCP_METADATA, META)})
+            (parts / f"{rank}.json").write_text(json.dumps(mine))
+        except OSError as e:  # e.g. the disk filled up after DCP's files
+            error = e
         _barrier()
         problem = None
-        if rank == 0:
-            problem = self._finish(tmp, final, parts, metadata)
+        if rank == 0 and error is None:
+            try:
+                problem = self._finish(tmp, final, parts, metadata)
+            except OSError as e:
+                error = e
+        if _agree(str(error) if error else None) is not None:
+            self._failed(tmp, step, error or RuntimeError("another rank's write failed"),
+                         state, every_rank=True)
         problem = _from_rank0(problem)
         if problem is not None:
             raise RuntimeError(f"checkpoint {final} was not completed: {problem}")
@@ -352,6 +415,31 @@ class CheckpointManager:
         for old in checkpoints(self.root)[self.keep:]:
             shutil.rmtree(old, ignore_errors=True)
         return None
+
+    def _failed(self, tmp: Path, step: int, cause: BaseException, state: dict,
+                every_rank: bool) -> None:
+        """Remove the partial save (rank 0) and raise one line that says what happened.
+        `every_rank`: all ranks are here (DCP's verdict is collective), so they judge the
+        free space before rank 0 frees it."""
+        needed = sum(t.numel() * t.element_size() for t in _tensors(state))
+        no_space = _no_space(cause, self.root, needed)
+        free = shutil.disk_usage(self.root).free if no_space else 0
+        if every_rank:
+            _barrier()
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = next(iter(checkpoints(self.root)), None)
+        kept = (f"the previous checkpoint {previous.name} is intact and --resume auto continues "
+                "from it" if previous else "there is no earlier checkpoint")
+        if no_space:
+            raise CheckpointWriteError(
+                f"no space left on {self.root} ({free >> 20} MiB free; this rank's part of the "
+                f"step-{step} checkpoint is {needed >> 20} MiB): the checkpoint was not written "
+                f"and its temporary directory was removed; {kept}. Free space or lower "
+                "checkpoint.keep") from cause
+        raise CheckpointWriteError(
+            f"saving the step-{step} checkpoint to {tmp} failed ({type(cause).__name__}: "
+            f"{cause}); its temporary directory was removed; {kept}") from cause
 
     def resolve(self, resume: str, skip: set[Path] = frozenset()) -> Path | None:
         """The checkpoint `--resume` names: None (fresh start), the newest complete one not
@@ -384,6 +472,9 @@ class CheckpointManager:
         problem = _agree(problem)
         if problem is not None:
             raise CorruptCheckpoint(f"checkpoint {path}: {problem}")
+        # the allow-listed unpickling, before any DCP collective; every rank reads the same
+        # file, so a refusal (UnsafeCheckpoint, not skipped by --resume auto) is everyone's
+        reader.check()
         return reader
 
     @classmethod

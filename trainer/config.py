@@ -9,7 +9,13 @@ place where combinations are checked, before anything large is allocated.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import io
+import os
+import textwrap
+import tokenize
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +27,7 @@ from dataloader.config import LoaderConfig
 from model.config import ConfigError, ModelConfig, preset
 from parallel.layout import PipelineLayout, resolve_layout
 from parallel.topology import ParallelSizes, check_layout
+from trainer.device import DEVICES
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -28,18 +35,27 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 @dataclass
 class JobSection:
-    run_dir: str = "runs/demo"
+    run_dir: str = "runs/demo"  # metrics, logs, checkpoints, profiles and config.json go here
     log_every: int = 1  # console line every N steps (metrics.jsonl gets every step)
     tensorboard: bool = True  # scalars of every metric in <run_dir>/tensorboard
     # intra-op CPU threads per rank. 1 keeps runs bitwise reproducible: with more threads,
     # MKL's matrix products round differently depending on memory alignment
     cpu_threads: int = 1
+    # progress watchdog: a rank that finishes no phase of a step (data, forward/backward/
+    # optimizer, checkpoint save) in this many seconds logs where it waits and exits 124
+    # (trainer/watchdog.py); 0: off. Must exceed the slowest such phase (the first step, a save)
+    step_timeout_s: float = 600.0
+    # every collective raises after this long instead of waiting forever for a lost peer;
+    # keep it above step_timeout_s so that the watchdog's report comes first
+    collective_timeout_s: float = 900.0
+    # auto (this rank's GPU when CUDA is present, else CPU), cuda (NCCL) or cpu (gloo)
+    device: str = "auto"
 
 
 @dataclass
 class TrainSection:
-    steps: int = 30
-    seed: int = 0
+    steps: int = 30  # optimizer steps to train (a resumed run continues up to it)
+    seed: int = 0  # seeds the data order and the initial parameters
     global_batch: int = 8  # sequences per optimizer step, over all data-parallel replicas
     micro_batch: int = 1  # sequences per microbatch
     # compute dtype of weights and activations. "bf16": router scores, norm statistics,
@@ -50,14 +66,14 @@ class TrainSection:
 
 @dataclass
 class OptimSection:
-    lr: float = 3e-3
-    min_lr: float = 3e-4
-    warmup_steps: int = 5
+    lr: float = 3e-3  # peak learning rate, after warm-up
+    min_lr: float = 3e-4  # learning rate at the end of the cosine decay
+    warmup_steps: int = 5  # linear warm-up from 0 to lr
     decay_steps: int = 0  # cosine decay length after warm-up; 0 means until train.steps
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
+    weight_decay: float = 0.1  # AdamW decoupled decay of matrices (not norms or biases)
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay
+    eps: float = 1e-8  # AdamW denominator epsilon
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
 
     def update_rule(self):
@@ -72,10 +88,9 @@ class DataSection(LoaderConfig):
     """Every streaming-loader setting (dataloader/config.py) plus the synthetic generator's."""
 
     uri: str = "data/demo"  # dataset directory, s3://bucket/prefix, or "synthetic"
-    seq_len: int = 128
-    # synthetic generator only: media per sequence and the largest image side in patches
-    media_per_seq: int = 1
-    max_image_patches_side: int = 8
+    seq_len: int = 128  # tokens per packed sequence
+    media_per_seq: int = 1  # synthetic data: media items per sequence
+    max_image_patches_side: int = 8  # synthetic data: largest image side, in patches (even)
     # add the edge cases DEP must handle: one image larger than the rest of the batch,
     # text-only rows and media-only rows
     edge_cases: bool = False
@@ -83,10 +98,10 @@ class DataSection(LoaderConfig):
 
 @dataclass
 class ParallelSection:
-    pp: int = 1
-    vpp: int = 1
-    ep: int = 1
-    dp: int = 1
+    pp: int = 1  # pipeline stages (ranks per pipeline)
+    vpp: int = 1  # virtual stages (chunks) per pipeline rank: interleaved 1F1B when > 1
+    ep: int = 1  # expert-parallel size, carved out of the dp ranks of a stage
+    dp: int = 1  # data-parallel replicas; world size = pp x dp
     # "dep": Decoupled Encoder Process (encoder replicated on all ranks, outside the pipeline);
     # "colocated": encoder inside pipeline stage 0 (the baseline most VLM trainers use)
     encoder: str = "dep"
@@ -98,12 +113,19 @@ class ParallelSection:
     # reduce-scatter starts during the backward once its parameters' grads are final
     bucket_numel: int = 40_000_000
     overlap_grad_reduce: bool = True  # false: every reduce-scatter waits for the optimizer step
+    # DEP balances the media of this many consecutive DP replicas over all their ranks (one
+    # plan per group; 0 = all replicas). Each rank derives its group's media metadata from
+    # the dataset index, so this bounds the planning work per rank as dp grows
+    dep_group_replicas: int = 8
+    # with ep > 1: run chunks node by node and pair steady-state forwards and backwards so
+    # expert all-to-alls overlap compute (parallel/chunk_pass.py); false: one call per F/B
+    ep_overlap: bool = True
 
 
 @dataclass
 class CheckpointSection:
     interval: int = 0  # steps between checkpoints; 0 disables
-    keep: int = 2
+    keep: int = 2  # checkpoints kept (the oldest are deleted)
 
 
 @dataclass
@@ -146,7 +168,15 @@ class JobConfig:
         return self.train.global_batch // (self.parallel.dp * self.train.micro_batch)
 
     def validate(self, world_size: int | None = None) -> None:
-        """Refuse every combination that cannot run, naming what to change."""
+        """Refuse every combination that cannot run, naming what to change: the sizes, then
+        whether the planner's predicted peak fits in what a rank may use, then the data."""
+        self.validate_sizes(world_size)
+        self.check_memory(world_size)
+        from trainer.data import check_data_config  # last: it looks at the disk
+        check_data_config(self)
+
+    def validate_sizes(self, world_size: int | None = None) -> None:
+        """Everything but memory and data: the model, the numbers, the layout."""
         self.model.validate()
         t, p, o, d = self.train, self.parallel, self.optim, self.data
         for key, value in {"train.steps": t.steps, "train.global_batch": t.global_batch,
@@ -157,6 +187,10 @@ class JobConfig:
                            "job.cpu_threads": self.job.cpu_threads}.items():
             if value <= 0:
                 raise ConfigError(f"{key} must be positive, got {value}")
+        if self.job.step_timeout_s < 0 or self.job.collective_timeout_s <= 0:
+            raise ConfigError(f"job.step_timeout_s must be >= 0 (0 disables the watchdog) and "
+                              f"job.collective_timeout_s > 0 (got {self.job.step_timeout_s}, "
+                              f"{self.job.collective_timeout_s})")
         if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
             raise ConfigError(f"need 0 <= optim.min_lr <= optim.lr and optim.lr > 0 "
                               f"(got lr={o.lr}, min_lr={o.min_lr})")
@@ -169,8 +203,19 @@ class JobConfig:
                 f"train.micro_batch = {p.dp} x {t.micro_batch}")
         if t.dtype not in DTYPES:
             raise ConfigError(f"train.dtype={t.dtype!r}: choose one of {sorted(DTYPES)}")
+        if self.job.device not in DEVICES:
+            raise ConfigError(f"job.device={self.job.device!r}: choose one of {', '.join(DEVICES)}")
+        if self.model.te:
+            from model import te_kernels
+            if self.job.device == "cpu" or not te_kernels.available():
+                raise ConfigError("model.te=true needs a CUDA device and transformer-engine "
+                                  "(pip install -e '.[gpu]' with the CUDA build of torch); "
+                                  "drop --model.te or set it false")
         if p.encoder not in ("colocated", "dep"):
             raise ConfigError(f"parallel.encoder={p.encoder!r}: choose 'dep' or 'colocated'")
+        if p.dep_group_replicas < 0:
+            raise ConfigError(f"parallel.dep_group_replicas={p.dep_group_replicas} must be >= 0 "
+                              "(0: one DEP plan over every replica)")
         if d.media_per_seq < 0 or d.max_image_patches_side < 2:
             raise ConfigError("data.media_per_seq must be >= 0 and "
                               "data.max_image_patches_side >= 2")
@@ -180,14 +225,23 @@ class JobConfig:
         if self.profile.enabled and not 0 <= self.profile.step < t.steps:
             raise ConfigError(f"profile.step={self.profile.step} must be a step of the run "
                               f"(0 .. train.steps-1 = {t.steps - 1})")
-        if self.model.preset == "k25":
-            raise ConfigError("model.preset='k25' is the full 1T-parameter model: it is only "
-                              "counted (python -m launch.plan --model k25), not trained here")
         check_layout(self.parallel_sizes, num_experts=self.model.lm.num_experts,
                      microbatches=self.microbatches_per_replica, world_size=world_size)
         self.pipeline_layout()
-        from trainer.data import check_data_config  # last: it looks at the disk
-        check_data_config(self)
+
+    def check_memory(self, world_size: int | None = None) -> None:
+        """Refuse, before anything is allocated, a job whose predicted peak on some rank
+        (trainer/planner.py) exceeds what a rank may use: under torchrun each rank checks its
+        own pipeline rank against MemAvailable / the ranks on its node; otherwise every
+        pipeline rank is checked against MemAvailable / pp x dp. The trainer computes on the
+        CPU today; the GPU path (issue 13) passes its device (the device's memory)."""
+        from trainer.planner import check_fits, rank_memory_budget
+        env = os.environ
+        world = world_size or self.parallel_sizes.world
+        device = torch.device("cpu")
+        budget, where = rank_memory_budget(device, int(env.get("LOCAL_WORLD_SIZE", world)))
+        pp_ranks = [int(env["RANK"]) // self.parallel.dp] if "RANK" in env else None
+        check_fits(self, budget, where, device, pp_ranks)
 
 
 # ---------------------------------------------------------------- loading
@@ -269,6 +323,9 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, list[tuple[str, str]]]
             if i + 1 >= len(argv):
                 raise ConfigError(f"{arg} needs a value")
             value = argv[i + 1]
+            if value.startswith("--"):  # `--job.run_dir --train.steps=2`: a value forgotten
+                raise ConfigError(f"{arg} needs a value, got the option {value!r}; write "
+                                  f"{arg} VALUE (or {arg}=VALUE)")
             i += 1
         i += 1
         if key == "config":
@@ -306,3 +363,85 @@ def load_config(argv: list[str]) -> JobConfig:
 
 def to_dict(cfg: JobConfig) -> dict:
     return dataclasses.asdict(cfg)
+
+
+# ---------------------------------------------------------------- help
+
+
+@dataclass(frozen=True)
+class KeyDoc:
+    """One leaf of the job config, as `launch.train --help` lists it."""
+
+    key: str
+    type: str
+    default: object
+    doc: str
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """Each field's documentation: the comment beside its definition, else the comment lines
+    right above it (banner lines like '# --- x ---' are headings, not docs). A subclass that
+    redefines a field documents it first; undocumented there, its base's comment counts."""
+    docs: dict[str, str] = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        lines, _ = inspect.getsourcelines(klass)
+        source = textwrap.dedent("".join(lines))
+        comments: dict[int, tuple[str, bool]] = {}  # line -> (text, stands alone on its line)
+        for token in tokenize.generate_tokens(io.StringIO(source).readline):
+            if token.type == tokenize.COMMENT:
+                alone = not token.line[:token.start[1]].strip()
+                comments[token.start[0]] = (token.string.lstrip("#").strip(), alone)
+        for node in ast.parse(source).body[0].body:
+            if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+                continue
+            beside = [comments[n][0] for n in range(node.lineno, node.end_lineno + 1)
+                      if n in comments and not comments[n][1]]
+            above, line = [], node.lineno - 1
+            while line in comments and comments[line][1] and not comments[line][0].startswith("-"):
+                above.insert(0, comments[line][0])
+                line -= 1
+            text = " ".join(beside or above)
+            if text or node.target.id not in docs:
+                docs[node.target.id] = text
+    return docs
+
+
+def config_keys(cfg: JobConfig | None = None) -> list[KeyDoc]:
+    """Every leaf key of the job config with its type, default (`cfg`'s values; by default
+    a fresh JobConfig, whose model fields are the `tiny` preset's) and documentation."""
+    out: list[KeyDoc] = []
+
+    def walk(node, prefix: str) -> None:
+        docs = _field_docs(type(node))
+        hints = typing.get_type_hints(type(node))
+        for f in dataclasses.fields(node):
+            if f.name.startswith("_"):
+                continue
+            value = getattr(node, f.name)
+            if _is_section(value):
+                walk(value, f"{prefix}{f.name}.")
+            else:
+                out.append(KeyDoc(f"{prefix}{f.name}", hints[f.name].__name__, value,
+                                  docs.get(f.name, "")))
+
+    walk(cfg or JobConfig(), "")
+    return out
+
+
+def help_text() -> str:
+    keys = config_keys()
+    width = max(len(k.key) for k in keys) + 3  # "--" and a space
+    lines = [
+        "usage: [torchrun --nproc-per-node N] python -m launch.train [--config FILE.toml] "
+        "[--section.key VALUE ...]",
+        "",
+        "Every key below can be set in the TOML file ([section] key = value) or as "
+        "--section.key VALUE. Model defaults are the `tiny` preset's; --model.preset picks "
+        "another preset's sizes. Before training, the job is checked, including whether the "
+        "planner's predicted memory fits (python -m launch.plan shows it per rank).",
+        "",
+        f"{'key':<{width}}{'type':<7}{'default':<20}documentation"]
+    for k in keys:
+        default = repr(k.default) if isinstance(k.default, str) else str(k.default)
+        lines.append(f"{'--' + k.key:<{width}}{k.type:<7}{default:<20}{k.doc}")
+    return "\n".join(lines)

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import torch
 
-# Dense (no sparsity) bf16 tensor-core peak per GPU, from NVIDIA's data sheets.
+from trainer.hardware import GPUS
+
+# Dense (no sparsity) bf16 tensor-core peak per GPU, from NVIDIA's data sheets (the
+# planner's GPUs from its table, trainer/hardware.py).
 PEAK_BF16_DENSE_TFLOPS: dict[str, float] = {
-    "H100 SXM": 989.0,
+    "H100 SXM": GPUS["h100"].peak_bf16_tflops,
     "H100 PCIe": 756.0,
-    "H200": 989.0,
+    "H800": GPUS["h800"].peak_bf16_tflops,
+    "H200": GPUS["h200"].peak_bf16_tflops,
     "A100": 312.0,
 }
 
@@ -16,6 +20,7 @@ PEAK_BF16_DENSE_TFLOPS: dict[str, float] = {
 # First match wins; a name matching no rule (e.g. "H100 NVL") gets no peak, hence no MFU.
 _DEVICE_NAME_RULES: tuple[tuple[tuple[str, ...], str], ...] = (
     (("H200",), "H200"),  # H200 and GH200
+    (("H800", "HBM3"), "H800"),  # "NVIDIA H800 80GB HBM3", the SXM part (not the PCIe)
     (("H100", "PCIE"), "H100 PCIe"),
     (("H100", "HBM3"), "H100 SXM"),  # "NVIDIA H100 80GB HBM3" is the SXM part
     (("H100", "SXM"), "H100 SXM"),

@@ -15,9 +15,13 @@ one time axis up to the barrier's exit skew:
 Categories (`Span.category`):
 
     forward, backward   compute of one chunk on one microbatch (the pipeline's work)
-    send                posting a non-blocking send (near zero)
-    recv                a blocking receive: the time spent waiting for the neighbour
+    forward+backward    an FB action: one microbatch's forward and another's backward, node
+                        by node, with their expert all-to-alls overlapped (parallel.ep_overlap)
+    send, recv          one batched exchange with the neighbours (its sends and receives share
+                        the interval: posted together, waited for together)
     dep, optimizer      work outside the pipeline schedule (encoder process, ZeRO-1 step)
+    a2a                 an expert all-to-all of a node-by-node pass, from its issue to the wait
+                        that consumed it (the Gantt chart draws these on their own track)
 
 Bubble. Only the schedule's spans (forward/backward/send/recv) define the pipeline
 window; the optimizer and DEP phases are drawn but do not stretch the makespan.
@@ -36,14 +40,15 @@ from pathlib import Path
 import torch
 
 from parallel.pipeline_runtime import ActionRecord
-from parallel.schedule import Op
+from parallel.schedule import Action, Op, schedule
+from parallel.schedule_sim import simulate
 
-COMPUTE_CATEGORIES = ("forward", "backward")
-SCHEDULE_CATEGORIES = ("forward", "backward", "send", "recv")
-CATEGORIES = (*SCHEDULE_CATEGORIES, "dep", "optimizer")
+COMPUTE_CATEGORIES = ("forward", "backward", "forward+backward")
+SCHEDULE_CATEGORIES = (*COMPUTE_CATEGORIES, "send", "recv")
+CATEGORIES = (*SCHEDULE_CATEGORIES, "dep", "optimizer", "a2a")
 
-_CATEGORY_OF_OP = {Op.F: "forward", Op.B: "backward", Op.SEND_F: "send", Op.SEND_B: "send",
-                   Op.RECV_F: "recv", Op.RECV_B: "recv"}
+_CATEGORY_OF_OP = {Op.F: "forward", Op.B: "backward", Op.FB: "forward+backward",
+                   Op.SEND_F: "send", Op.SEND_B: "send", Op.RECV_F: "recv", Op.RECV_B: "recv"}
 
 
 @dataclass(frozen=True)
@@ -136,6 +141,17 @@ def _total(spans: Sequence[Span], categories: Sequence[str]) -> float:
     return sum(s.duration for s in spans if s.category in categories)
 
 
+def _covered(spans: Sequence[Span], categories: Sequence[str]) -> float:
+    """Time covered by these spans, overlaps counted once (the sends and receives of one
+    batched exchange share its interval)."""
+    total, reach = 0.0, float("-inf")
+    for s in sorted((s for s in spans if s.category in categories), key=lambda s: s.start):
+        if s.end > reach:
+            total += s.end - max(s.start, reach)
+            reach = s.end
+    return total
+
+
 def measured_bubble_fraction(spans_per_rank: Sequence[Sequence[Span]]) -> float:
     """The simulator's bubble (parallel/schedule_sim.py), measured.
 
@@ -153,14 +169,45 @@ def measured_bubble_fraction(spans_per_rank: Sequence[Sequence[Span]]) -> float:
     return (last - first - compute) / compute
 
 
+def replayed_bubble_fraction(spans_per_rank: Sequence[Sequence[Span]],
+                             meta: Sequence[RankInfo], pp: int, vpp: int,
+                             microbatches: int) -> float:
+    """The bubble this step would have had with zero communication and overhead.
+
+    Each data-parallel replica's schedule is simulated (parallel/schedule_sim.py) with every
+    forward/backward taking its measured duration, sends and receives taking none; the
+    makespan is the longest replica's, the compute the same mean as the measured one's:
+
+        measured bubble - replayed bubble   waiting on messages + the runtime's overhead
+        replayed bubble - simulated (F=1,B=2) bubble   unequal stages (embedding, head and
+                                                       loss, a colocated encoder), B/F != 2
+
+    On one clock the replay is a lower bound of `measured_bubble_fraction`: in the replay
+    every action starts as early as its rank's order and its message allow, and the
+    measured run obeys the same constraints (a receive ends after its send started).
+    """
+    if len(meta) != len(spans_per_rank):
+        raise ValueError(f"{len(meta)} RankInfo for {len(spans_per_rank)} ranks: one per rank")
+    actions = schedule(pp, vpp, microbatches)
+    makespan = 0.0
+    for dp_rank in sorted({info.dp_rank for info in meta}):
+        costs = {Action.parse(s.name): s.duration
+                 for info, spans in zip(meta, spans_per_rank) if info.dp_rank == dp_rank
+                 for s in spans if s.category in COMPUTE_CATEGORIES}
+        result = simulate(actions, pp, vpp, microbatches=microbatches, costs=costs)
+        makespan = max(makespan, result.makespan)
+    compute = statistics.fmean(_total(spans, COMPUTE_CATEGORIES) for spans in spans_per_rank)
+    return (makespan - compute) / compute
+
+
 def stage_table(spans_per_rank: Sequence[Sequence[Span]],
                 peak_memory_per_rank: Sequence[int] | None = None) -> list[dict]:
     """One row per rank: its stages and where its time inside the pipeline window went.
 
-        compute_s    forward_s + backward_s
+        compute_s    forward_s + backward_s + paired_s (FB actions)
         idle_s       makespan - compute_s (bubble; includes recv waits and loop overhead)
         idle_frac    idle_s / makespan
-        comm_wait_s  time blocked in receives (part of idle_s)
+        comm_wait_s  time blocked in batched sends and receives (part of idle_s)
         slowest_chunk_s  compute of the most expensive chunk (stage) on this rank
     """
     if peak_memory_per_rank is not None and len(peak_memory_per_rank) != len(spans_per_rank):
@@ -172,20 +219,22 @@ def stage_table(spans_per_rank: Sequence[Sequence[Span]],
     for index, spans in enumerate(spans_per_rank):
         forward = _total(spans, ("forward",))
         backward = _total(spans, ("backward",))
+        paired = _total(spans, ("forward+backward",))
         per_stage: dict[int, float] = {}
         for s in spans:
             if s.category in COMPUTE_CATEGORIES:
                 per_stage[s.stage] = per_stage.get(s.stage, 0.0) + s.duration
-        compute = forward + backward
+        compute = forward + backward + paired
         rows.append({
             "rank": spans[0].rank if spans else index,
             "stages": tuple(sorted(per_stage)),
             "forward_s": forward,
             "backward_s": backward,
+            "paired_s": paired,
             "compute_s": compute,
             "idle_s": makespan - compute,
             "idle_frac": (makespan - compute) / makespan if makespan > 0 else 0.0,
-            "comm_wait_s": _total(spans, ("recv",)),
+            "comm_wait_s": _covered(spans, ("send", "recv")),
             "slowest_chunk_s": max(per_stage.values(), default=0.0),
             "peak_memory_bytes": (None if peak_memory_per_rank is None
                                   else int(peak_memory_per_rank[index])),
@@ -202,15 +251,16 @@ def slowest_stage(rows: Sequence[dict]) -> dict:
 
 def format_table(rows: Sequence[dict]) -> str:
     """Fixed-width text of `stage_table` rows (times in ms, memory in MiB)."""
-    header = ("rank", "stages", "fwd ms", "bwd ms", "compute ms", "idle ms", "idle %",
-              "recv wait ms", "peak MiB")
+    header = ("rank", "stages", "fwd ms", "bwd ms", "f+b ms", "compute ms", "idle ms", "idle %",
+              "comm wait ms", "peak MiB")
     lines = []
     for row in rows:
         memory = row["peak_memory_bytes"]
         lines.append((
             str(row["rank"]), ",".join(map(str, row["stages"])) or "-",
             f"{row['forward_s'] * 1e3:.1f}", f"{row['backward_s'] * 1e3:.1f}",
-            f"{row['compute_s'] * 1e3:.1f}", f"{row['idle_s'] * 1e3:.1f}",
+            f"{row['paired_s'] * 1e3:.1f}", f"{row['compute_s'] * 1e3:.1f}",
+            f"{row['idle_s'] * 1e3:.1f}",
             f"{row['idle_frac'] * 100:.1f}", f"{row['comm_wait_s'] * 1e3:.1f}",
             "-" if memory is None else f"{memory / 2**20:.0f}"))
     return format_columns(header, lines)
@@ -267,7 +317,9 @@ def write_chrome_trace(path: str | os.PathLike, spans_per_rank: Sequence[Sequenc
 
 _FORWARD_COLOURS = ("#4c72b0", "#8fb0de", "#2b4a80", "#b5cbe8")  # one shade per local chunk
 _BACKWARD_COLOURS = ("#dd8452", "#f0b48e", "#a85a2c", "#f5cfb4")
-_OTHER_COLOURS = {"recv": "#d0d0d0", "send": "#909090", "optimizer": "#55a868", "dep": "#8172b3"}
+_PAIRED_COLOURS = ("#937860", "#c4ad96", "#5e4a36", "#dccbb9")  # FB: forward + backward
+_OTHER_COLOURS = {"recv": "#d0d0d0", "send": "#d0d0d0", "optimizer": "#55a868", "dep": "#8172b3",
+                  "a2a": "#c44e52"}
 
 
 def gantt_png(spans_per_rank: Sequence[Sequence[Span]], path: str | os.PathLike, title: str = "",
@@ -300,17 +352,23 @@ def gantt_png(spans_per_rank: Sequence[Sequence[Span]], path: str | os.PathLike,
         stages = sorted({s.stage for s in spans if s.category in COMPUTE_CATEGORIES})
         chunk_of = {stage: i for i, stage in enumerate(stages)}
         for s in spans:
-            if s.category == "send":
-                continue  # posting a non-blocking send takes no visible time
+            if s.category == "a2a":  # its own thin track under the rank's row
+                axes.broken_barh([((s.start - t_min) * scale, s.duration * scale)],
+                                 (y - 0.45, 0.15), facecolors=_OTHER_COLOURS["a2a"],
+                                 edgecolors="white", linewidth=0.3)
+                continue
             if s.category in COMPUTE_CATEGORIES:
-                palette = _FORWARD_COLOURS if s.category == "forward" else _BACKWARD_COLOURS
+                palette = {"forward": _FORWARD_COLOURS, "backward": _BACKWARD_COLOURS}.get(
+                    s.category, _PAIRED_COLOURS)
                 colour = palette[chunk_of[s.stage] % len(palette)]
             else:
                 colour = _OTHER_COLOURS[s.category]
-            axes.broken_barh([((s.start - t_min) * scale, s.duration * scale)], (y - 0.4, 0.8),
+            axes.broken_barh([((s.start - t_min) * scale, s.duration * scale)], (y - 0.25, 0.65),
                              facecolors=colour, edgecolors="white", linewidth=0.5)
             if s.category in COMPUTE_CATEGORIES and s.duration >= label_min_width:
-                axes.text((s.start - t_min + s.duration / 2) * scale, y, str(s.microbatch),
+                label = (str(s.microbatch) if s.category != "forward+backward"
+                         else s.name.replace(".m", "."))
+                axes.text((s.start - t_min + s.duration / 2) * scale, y + 0.07, label,
                           ha="center", va="center", fontsize=7, color="white")
     labels = [meta[i].label if meta is not None else f"rank {i}" for i in range(num_ranks)]
     axes.set_yticks(range(num_ranks), labels[::-1])
@@ -320,10 +378,12 @@ def gantt_png(spans_per_rank: Sequence[Sequence[Span]], path: str | os.PathLike,
     axes.set_title(title, loc="left", fontsize=10)
     axes.legend(handles=[Patch(color=_FORWARD_COLOURS[0], label="forward (shade: chunk)"),
                          Patch(color=_BACKWARD_COLOURS[0], label="backward"),
-                         Patch(color=_OTHER_COLOURS["recv"], label="recv wait"),
+                         Patch(color=_PAIRED_COLOURS[0], label="forward+backward (FB)"),
+                         Patch(color=_OTHER_COLOURS["recv"], label="p2p wait"),
+                         Patch(color=_OTHER_COLOURS["a2a"], label="all-to-all in flight"),
                          Patch(color=_OTHER_COLOURS["optimizer"], label="optimizer"),
                          Patch(color=_OTHER_COLOURS["dep"], label="DEP")],
-                loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=5, fontsize=8,
+                loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=7, fontsize=8,
                 frameon=False)
     figure.tight_layout()
     path = Path(path)
@@ -370,9 +430,6 @@ def write_profile(out_dir: str | os.PathLike, spans_per_rank: Sequence[Sequence[
                   meta: Sequence[RankInfo], peak_memory: Sequence[int], *, pp: int, vpp: int,
                   microbatches: int, title: str) -> str:
     """Write trace.json, gantt.png and stages.txt; return the summary text."""
-    from parallel.schedule import schedule
-    from parallel.schedule_sim import simulate
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_chrome_trace(out / "trace.json", spans_per_rank, meta, {"title": title})
@@ -383,8 +440,10 @@ def write_profile(out_dir: str | os.PathLike, spans_per_rank: Sequence[Sequence[
     text = (f"{title}\n{format_table(rows)}\n"
             f"slowest stage: rank {slowest['rank']} (stages {slowest['stages']}), "
             f"compute {slowest['compute_s'] * 1e3:.0f} ms\n"
-            f"bubble: measured {measured_bubble_fraction(spans_per_rank):.3f}, "
-            f"simulated {simulated:.3f} (pp={pp} vpp={vpp} m={microbatches}, F=1 B=2)\n"
+            f"bubble: measured {measured_bubble_fraction(spans_per_rank):.3f}, replayed "
+            f"{replayed_bubble_fraction(spans_per_rank, meta, pp, vpp, microbatches):.3f} "
+            f"(measured F/B durations, no communication), simulated {simulated:.3f} "
+            f"(pp={pp} vpp={vpp} m={microbatches}, F=1 B=2)\n"
             f"files: {out / 'trace.json'} (chrome://tracing, ui.perfetto.dev), "
             f"{out / 'gantt.png'}\n")
     (out / "stages.txt").write_text(text)

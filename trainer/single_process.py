@@ -17,8 +17,9 @@ import torch
 
 from dataloader.batch import Batch
 from model.config import ModelConfig
-from model.loss import cross_entropy_sum
+from model.param_names import expert_entry_names, global_named_tensors
 from model.vision_language import VisionLanguageModel
+from parallel.flat_chunks import split_grouped
 from parallel.zero1 import ParamGroup, Zero1Optimizer
 from trainer.batch_inputs import model_inputs
 from trainer.config import OptimSection
@@ -54,8 +55,9 @@ def clip_grad_norm_fp64(params: list[torch.nn.Parameter], max_norm: float) -> fl
 
 class SingleProcessEngine:
     def __init__(self, model_cfg: ModelConfig, optim: OptimSection, micro_batch: int, seed: int,
-                 dtype: torch.dtype = torch.float32):
-        self.model = VisionLanguageModel(model_cfg, seed=seed)
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.model = VisionLanguageModel(model_cfg, seed=seed, device=self.device)
         self.micro_batch = micro_batch
         self.grad_clip = optim.grad_clip
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -74,14 +76,13 @@ class SingleProcessEngine:
     def step(self, batch: Batch, lr: float) -> tuple[float, float]:
         """One optimizer step on the global batch; returns (loss, grad norm before clipping)."""
         count = max(batch.num_loss_tokens(), 1)
-        loss_total = 0.0
+        loss_total = torch.zeros((), dtype=torch.float64, device=self.device)
         for start in range(0, batch.num_rows, self.micro_batch):
-            x = model_inputs(batch.rows(start, start + self.micro_batch))
-            logits = self.model(x.tokens, x.position_ids, x.doc_ids, x.patches, x.grid_thw,
-                                x.media_index)
-            loss = cross_entropy_sum(logits, x.labels) / count
+            x = model_inputs(batch.rows(start, start + self.micro_batch), device=self.device)
+            loss = self.model(x.tokens, x.position_ids, x.doc_ids, x.patches, x.grid_thw,
+                              x.media_index, x.labels) / count
             loss.backward()
-            loss_total += loss.item()
+            loss_total += loss.detach()
         if self.zero1 is not None:
             grad_norm = float(self.zero1.step(lr))
             self.zero1.zero_grad()
@@ -94,7 +95,7 @@ class SingleProcessEngine:
             moe.update_bias(load)
         self.stats = {"expert_load_max_over_mean": max(balance) if balance else 1.0,
                       "loss_tokens": float(batch.num_loss_tokens())}
-        return loss_total, grad_norm
+        return float(loss_total), grad_norm
 
     def _adamw_step(self, lr: float) -> float:
         for p in self.params:  # an unused parameter (an expert without tokens) has a zero
@@ -108,41 +109,47 @@ class SingleProcessEngine:
         return grad_norm
 
     def named_parameters(self) -> dict[str, torch.Tensor]:
-        return {name: p.detach() for name, p in self.model.named_parameters()}
+        """By global name (grouped experts as one view per expert: model/param_names.py)."""
+        return {name: p.detach() for name, p in global_named_tensors(self.model).items()}
 
     # ------------------------------------------------------------------ checkpoints
     # The layout of trainer/checkpoint.py: optimizer state as 1-D entries per parameter.
 
     def named_tensors(self) -> dict[str, torch.Tensor]:
-        """Parameters and router balancing biases by their global names."""
+        """Parameters and router balancing biases by their global names (checkpoints)."""
         out = self.named_parameters()
         out.update({n: b for n, b in self.model.named_buffers() if n.endswith("router.bias")})
         return out
 
     def checkpoint_state(self) -> tuple[dict, dict]:
+        experts = expert_entry_names(self.model)
         if self.zero1 is not None:
-            return self.named_tensors(), self.zero1.state_pieces()
+            return self.named_tensors(), split_grouped(self.zero1.state_pieces(), experts)
         optim = {}
         for name, p in self.model.named_parameters():
             st = self.optimizer.state.get(p)  # empty only before the first step
             optim[name] = {kind: (st[kind] if st else torch.zeros_like(p)).reshape(-1)
                            for kind in ("exp_avg", "exp_avg_sq")}
-        return self.named_tensors(), optim
+        return self.named_tensors(), split_grouped(optim, experts)
 
     def checkpoint_targets(self, saved: set[str]) -> tuple[dict, dict]:
         """Where a load writes. fp32 weights come from a bf16 run's masters when it has them."""
+        experts = expert_entry_names(self.model)
         if self.zero1 is not None:
             buffers = {n: t for n, t in self.named_tensors().items() if n.endswith("router.bias")}
-            weights, state = self.zero1.load_targets(lambda n: f"optim.{n}.master" in saved)
-            return {**buffers, **weights}, state
+            weights, state = self.zero1.load_targets(
+                lambda n: f"optim.{experts.get(n, [n])[0]}.master" in saved)
+            return ({**buffers, **split_grouped(weights, experts)},
+                    split_grouped(state, experts))
         model = self.named_tensors()
-        self._loaded = {}
-        for name, p in self.model.named_parameters():
-            self._loaded[name] = {kind: torch.zeros(p.numel(), device=p.device)
-                                  for kind in ("exp_avg", "exp_avg_sq")}
+        self._loaded = {name: {kind: torch.zeros(p.numel(), device=p.device)
+                               for kind in ("exp_avg", "exp_avg_sq")}
+                        for name, p in self.model.named_parameters()}
+        targets = split_grouped(self._loaded, experts)
+        for name, kinds in targets.items():
             if f"optim.{name}.master" in saved:
-                self._loaded[name]["master"] = model.pop(name).view(-1)  # the param, flat
-        return model, self._loaded
+                kinds["master"] = model.pop(name).reshape(-1)  # the parameter (a view), flat
+        return model, targets
 
     def finish_load(self, step: int) -> None:
         if self.zero1 is not None:

@@ -4,7 +4,7 @@ small fault-injecting proxy to put between boto3 and it.
 
     boto3 ──► FaultProxy (127.0.0.1:p) ──► weed mini S3 (127.0.0.1:s3_port)
               503 SlowDown with probability p503 (seeded), connection resets, latency;
-              every request's arrival time recorded (to check the request budget)
+              every request recorded: its arrival time, and what it asked for and got
 """
 from __future__ import annotations
 
@@ -119,6 +119,16 @@ def start_seaweedfs(folder: str, timeout_s: float = 60.0) -> S3Server:
     raise TimeoutError(f"SeaweedFS S3 did not come up in {timeout_s} s: {last}")
 
 
+@dataclass
+class Request:
+    """One request the proxy saw; `outcome` is the upstream status or the injected fault."""
+
+    method: str
+    path: str  # without the query string
+    byte_range: str  # the Range header, "" for whole objects
+    outcome: str = "pending"
+
+
 class FaultProxy:
     """HTTP proxy that injects S3 faults. Decisions come from a seeded RNG (reproducible)."""
 
@@ -129,6 +139,7 @@ class FaultProxy:
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.arrivals: list[float] = []
+        self.requests: list[Request] = []  # in arrival order
         self.injected_503 = self.injected_resets = 0
         proxy = self
 
@@ -144,9 +155,13 @@ class FaultProxy:
                 with proxy.lock:
                     proxy.arrivals.append(time.monotonic())
                     roll = proxy.rng.random()
+                    request = Request(self.command, self.path.split("?")[0],
+                                      self.headers.get("Range", ""))
+                    proxy.requests.append(request)
                 if proxy.latency_s:
                     time.sleep(proxy.latency_s)
                 if roll < proxy.p503:
+                    request.outcome = "503 injected"
                     with proxy.lock:
                         proxy.injected_503 += 1
                     msg = (b"<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>SlowDown</Code>"
@@ -158,6 +173,7 @@ class FaultProxy:
                     self.wfile.write(msg)
                     return
                 if roll < proxy.p503 + proxy.p_reset:
+                    request.outcome = "reset injected"
                     with proxy.lock:
                         proxy.injected_resets += 1
                     self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
@@ -169,6 +185,7 @@ class FaultProxy:
                 conn.request(self.command, self.path, body=body, headers=headers)
                 resp = conn.getresponse()
                 data = resp.read()
+                request.outcome = str(resp.status)
                 self.send_response(resp.status)
                 for k, v in resp.getheaders():
                     if k.lower() not in ("transfer-encoding", "connection", "content-length"):
@@ -186,14 +203,10 @@ class FaultProxy:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
-    def max_in_window(self, window_s: float = 1.0) -> int:
-        times = sorted(self.arrivals)
-        best, j = 0, 0
-        for i, t in enumerate(times):
-            while times[j] < t - window_s + 1e-9:
-                j += 1
-            best = max(best, i - j + 1)
-        return best
+    @property
+    def statuses(self) -> list[int]:
+        """Upstream answers passed through, in arrival order."""
+        return [int(r.outcome) for r in self.requests if r.outcome.isdigit()]
 
     def stop(self) -> None:
         self.server.shutdown()

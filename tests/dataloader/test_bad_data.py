@@ -100,11 +100,11 @@ def test_skip_policy_is_deterministic_counted_and_logged(case, demo_dir, tmp_pat
         assert "src/shard-00001" in logged
     else:
         assert f"src/shard-00001.tar:{key}" in logged, logged
-    counted = loader.stream.skipped + len(loader.skipped_keys) + len(loader.dataset.skipped_shards)
+    counted = loader.samples_skipped + len(loader.skipped_keys) + len(loader.dataset.skipped_shards)
     assert counted >= 1
     again, rows_again = run(root, 6, workers=1)
     assert rows_again == rows, "skipping must give the same stream on every run and worker count"
-    assert again.state_dict()["stream"]["skipped"] == loader.state_dict()["stream"]["skipped"]
+    assert again.state_dict() == loader.state_dict()
     again.close()
     # resume in the middle continues the same stream, skips included
     first, _ = run(root, 3)
@@ -126,3 +126,39 @@ def test_fail_policy_names_the_key(case, demo_dir, tmp_path):
     assert "src/shard-00001" in message
     if case not in ("missing_object", "missing_index"):
         assert f":{key}" in message
+
+
+@pytest.mark.parametrize("case", ["malformed_json_after_index", "corrupt_image_after_index"])
+def test_skip_keeps_the_planned_layout(case, demo_dir, tmp_path):
+    """Other ranks planned the row from the index (DEP), so a sample found bad while reading
+    keeps its place: its document span, positions and media placeholders stay; none of its
+    tokens has a loss (unreadable text) or its image becomes uniform grey (undecodable)."""
+    from dataloader.batch import IGNORE_INDEX
+    from dataloader.materialize import BLANK_PIXEL
+
+    root = str(tmp_path / case)
+    key = build_case(root, os.path.join(demo_dir, "tokenizer.json"), case)
+    cfg = tiny_config(root, seq_len=128, pack_buffer=4, shuffle_window=4)
+    loader = build_loader(cfg, seed=3, dp_rank=0, dp_size=1, rows_per_step=2)
+    media_id = loader.tokenizer_info[1]
+    found = False
+    for _ in range(6):
+        batch = next(loader)
+        batch.validate(media_id)
+        for row, samples in enumerate(loader.last_step_samples):
+            for doc, (_, sample_key) in enumerate(samples):
+                if sample_key != key:
+                    continue
+                found = True
+                span = (batch.doc_ids[row] == doc).nonzero().flatten()
+                assert len(span) > 0, "the bad sample keeps its document span"
+                a, b = int(span[0]), int(span[-1]) + 1
+                assert batch.position_ids[row, a:b].tolist() == list(range(b - a))
+                items = [m for m in batch.media if m.row == row and a <= m.offset < b]
+                assert items, "its media items stay (their placeholders too: validate passed)"
+                if case == "malformed_json_after_index":
+                    assert bool((batch.labels[row, a:b] == IGNORE_INDEX).all()), "no loss on it"
+                else:
+                    assert all(bool((m.patches == BLANK_PIXEL).all()) for m in items)
+                    assert bool((batch.labels[row, a:b] != IGNORE_INDEX).any()), "its text still trains"
+    assert found, "the bad sample should be in the first steps"

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 
-from dataloader.loader import LoaderStateError, build_loader
+from dataloader.loader import LoaderStateError, build_loader, merge_states
 from tests.dataloader.helpers import assert_same_rows, batch_rows, take_rows, tiny_config
 
 ROWS = 2
@@ -20,7 +20,8 @@ def reference(demo_dir: str, extra_steps: int = 3):
     while epoch_end is None or len(states) < epoch_end + 1 + extra_steps:
         rows.append(batch_rows(next(loader)))
         states.append(loader.state_dict())
-        if epoch_end is None and states[-1]["stream"]["next_g"] >= total:
+        drawn = sum(lane["stream"]["drawn"] for lane in states[-1]["lanes"].values())
+        if epoch_end is None and drawn >= total:
             epoch_end = len(states) - 1
     return rows, states, epoch_end
 
@@ -78,9 +79,12 @@ def test_resume_with_other_dp_size(demo_dir, ref):
         for loader in ranks:
             got.extend(batch_rows(next(loader)))
     states = [loader.state_dict() for loader in ranks]
-    assert states[0] == states[1], "every DP rank must hold the same loader state"
+    assert [sorted(s["lanes"]) for s in states] == [["0"], ["1"]], "each rank holds its own lane"
+    with pytest.raises(LoaderStateError, match="lacks lanes"):
+        build_loader(tiny_config(demo_dir), seed=7, dp_rank=0, dp_size=1, rows_per_step=2).load_state_dict(
+            states[0])
     single = build_loader(tiny_config(demo_dir), seed=7, dp_rank=0, dp_size=1, rows_per_step=2)
-    single.load_state_dict(states[0])
+    single.load_state_dict(merge_states(states))
     got.extend(take_rows(single, 3))
     again = [build_loader(tiny_config(demo_dir), seed=7, dp_rank=r, dp_size=2, rows_per_step=1) for r in range(2)]
     for loader in again:
@@ -104,6 +108,9 @@ def test_state_refused_after_start_and_from_other_config(demo_dir, tmp_path):
     other_seed = build_loader(tiny_config(demo_dir), seed=8, dp_rank=0, dp_size=1, rows_per_step=ROWS)
     with pytest.raises(LoaderStateError, match="seed"):
         other_seed.load_state_dict(state)
+    other_batch = build_loader(tiny_config(demo_dir), seed=7, dp_rank=0, dp_size=1, rows_per_step=ROWS + 1)
+    with pytest.raises(LoaderStateError, match="keep the global batch"):
+        other_batch.load_state_dict(state)
     from launch.make_dataset import build
 
     other_data = str(tmp_path / "other")
@@ -119,8 +126,25 @@ def test_state_refused_after_start_and_from_other_config(demo_dir, tmp_path):
 
 
 def test_state_is_small_and_resume_is_not_a_replay(demo_dir, ref):
-    """O(1) resume: the state holds positions and the packing buffer, not the history."""
+    """O(1) resume: the state holds positions and the packing buffers, not the history."""
     _, states, epoch_end = ref
     early, late = states[1], states[epoch_end]
-    assert len(late["buffer"]) == len(early["buffer"]) == tiny_config(demo_dir).pack_buffer
+    for lane in ("0", "1"):
+        assert len(late["lanes"][lane]["buffer"]) == len(early["lanes"][lane]["buffer"]) == \
+            tiny_config(demo_dir).pack_buffer
     assert len(repr(late)) < 2 * len(repr(early)) + 64
+
+
+def test_merge_refuses_states_of_diverged_ranks(demo_dir):
+    """Two ranks that planned the same lane must agree on it: otherwise their data diverged."""
+    a = build_loader(tiny_config(demo_dir), seed=7, dp_rank=0, dp_size=2, rows_per_step=1, plan_replicas=[1])
+    b = build_loader(tiny_config(demo_dir, shuffle_window=5), seed=7, dp_rank=1, dp_size=2, rows_per_step=1,
+                     plan_replicas=[0])
+    next(a), next(b)
+    with pytest.raises(LoaderStateError, match="stream_checksum"):
+        merge_states([a.state_dict(), b.state_dict()])
+    state = b.state_dict()
+    state["stream_checksum"] = a.state_dict()["stream_checksum"]
+    with pytest.raises(LoaderStateError, match="different states of lane"):
+        merge_states([a.state_dict(), state])
+    assert merge_states([a.state_dict(), a.state_dict()]) == a.state_dict()

@@ -16,6 +16,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def worker_pids(agent: subprocess.Popen) -> list[int]:
+    """The worker processes a torchrun agent started, in start order."""
+    children = Path(f"/proc/{agent.pid}/task/{agent.pid}/children").read_text().split()
+    return [int(pid) for pid in children]
+
+
 def torchrun(module: str, nproc: int, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT),
                PYTHONWARNINGS="ignore::UserWarning")

@@ -1,4 +1,5 @@
-"""Parallel layouts equal the single-process run: losses per step and every parameter.
+"""Parallel layouts equal the single-process run: losses and grad norms per step, every
+parameter, and (DEP) each rank encoded exactly what the plan assigned it.
 
 Each torchrun launch trains several layouts of the same world size in turn, with
 the vision encoder colocated on pipeline stage 0 or decoupled (DEP). The data
@@ -7,8 +8,14 @@ is skewed on purpose: one image with more patches than the rest of the batch,
 is the plain single-process engine on the same config, data and seed. Mutants
 (a dropped expert-gradient reduction, a schedule that leaves out microbatches,
 DEP without the encoder backward, gradient shards read before their overlapped
-reduce-scatter landed) must fail the same comparison, so the test is proven to
-check. The overlapped ZeRO-1 reduce-scatter equals the synchronous one bit for bit.
+reduce-scatter landed, a data-parallel reduction that averages instead of sums, DEP
+that encodes everything on the owners) must fail the same comparison, so the test is
+proven to check. The overlapped ZeRO-1 reduce-scatter equals the synchronous one bit
+for bit. The averaging mutant is why grad norms are compared:
+the loss is normalised by the global token count, so a mean over DP replicas scales
+every gradient by 1/dp; with dp=2 and ep=1 every group is averaged alike, and gradient
+clipping plus Adam's invariance to a uniform scale leave losses and parameters within
+tolerance (checked: they pass); only the grad norm shows it.
 
 Tolerance: 1e-5 relative on losses, 1e-5 on parameters. The AdamW eps is 1e-6
 rather than 1e-8: Adam divides by sqrt(v) + eps, so an element whose gradient
@@ -16,12 +23,15 @@ cancels to ~0 turns float rounding of a different summation order (DP replicas
 add their microbatches in another order than one process does) into an O(lr)
 parameter difference. A real error changes gradients by O(1) and still fails.
 """
+
 import pytest
 import torch
 
 from tests.distributed.launcher import torchrun
 from trainer.config import load_config
 from trainer.train import SingleProcessEngine, train
+
+pytestmark = pytest.mark.slow  # several gloo ranks under torchrun
 
 STEPS = 3
 BASE = ["--config", "configs/tiny.toml", "--data.uri", "synthetic", "--train.steps", str(STEPS),
@@ -46,12 +56,13 @@ def reference(tmp_path_factory):
 
 
 def mismatches(run: dict, ref: dict) -> list[str]:
-    problems = []
-    for step, (got, want) in enumerate(zip(run["loss"], ref["loss"])):
-        if abs(got - want) > RTOL * abs(want):
-            problems.append(f"step {step} loss {got!r} != {want!r}")
-    if len(run["loss"]) != len(ref["loss"]):
-        problems.append("different number of steps")
+    problems = list(run.get("dep_problems", []))
+    for key in ("loss", "grad_norm"):
+        for step, (got, want) in enumerate(zip(run[key], ref[key])):
+            if abs(got - want) > RTOL * abs(want):
+                problems.append(f"step {step} {key} {got!r} != {want!r}")
+        if len(run[key]) != len(ref[key]):
+            problems.append(f"different number of steps in {key}")
     if set(run["tensors"]) != set(ref["tensors"]):
         problems.append(f"names differ: {sorted(set(run['tensors']) ^ set(ref['tensors']))[:5]}")
     for name, want in ref["tensors"].items():
@@ -72,14 +83,23 @@ def check(results, reference, good, mutants=()):
     for layout in good:
         problems = mismatches(results[layout], reference)
         assert not problems, f"{layout}: " + "; ".join(problems[:8])
+        if "encoder=dep" in layout:  # the balance check above was not vacuous
+            encoded = results[layout]["dep_patches_encoded"]
+            assert sum(n > 0 for n in encoded) > 1, f"{layout}: patches encoded per rank {encoded}"
     for layout in mutants:
         assert mismatches(results[layout], reference), f"{layout}: the mutant went unnoticed"
 
 
 def test_two_ranks(tmp_path, reference):
     good = ["pp=2,vpp=2,encoder=colocated", "ep=2,dp=2,encoder=colocated", "pp=2,encoder=dep"]
-    mutants = ["ep=2,dp=2,encoder=colocated,mutant=drop_microbatch"]
-    check(launch(tmp_path, 2, good + mutants), reference, good, mutants)
+    mutants = ["ep=2,dp=2,encoder=colocated,mutant=drop_microbatch",
+               "dp=2,encoder=colocated,mutant=average_dp_grads",
+               "pp=2,encoder=dep,mutant=encode_on_owners"]
+    results = launch(tmp_path, 2, good + mutants)
+    check(results, reference, good, mutants)
+    # each of these two is caught by the new checks alone: grad norms, DEP balance
+    assert any("grad_norm" in p for p in mismatches(results[mutants[1]], reference))
+    assert any("the plan assigns" in p for p in mismatches(results[mutants[2]], reference))
 
 
 def test_four_ranks_dep_and_colocated(tmp_path, reference):
@@ -88,7 +108,8 @@ def test_four_ranks_dep_and_colocated(tmp_path, reference):
     dep = "pp=2,vpp=2,ep=2,dp=2,encoder=dep,bucket=20000"
     colocated = "pp=2,vpp=2,ep=2,dp=2,encoder=colocated"
     synchronous = dep + ",overlap=0"
-    good = ["pp=2,dp=2,encoder=dep", dep, colocated]
+    # dep_group=1: one DEP plan per replica (other encoder batches: equal within tolerance)
+    good = ["pp=2,dp=2,encoder=dep", dep, colocated, "pp=2,dp=2,encoder=dep,dep_group=1"]
     mutants = ["pp=2,vpp=2,dp=2,encoder=dep,mutant=drop_microbatch",
                "pp=2,dp=2,encoder=dep,mutant=skip_encoder_backward",
                dep + ",mutant=read_before_reduce_scatter"]

@@ -1,5 +1,9 @@
 """The all-to-all dispatcher on 4 gloo ranks equals the local MoE (see dispatch_worker.py)."""
+import pytest
+
 from tests.distributed.launcher import torchrun
+
+pytestmark = pytest.mark.slow  # four gloo ranks under torchrun
 
 
 def test_all_to_all_dispatcher_equals_local_moe(tmp_path):

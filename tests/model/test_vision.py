@@ -50,8 +50,8 @@ def test_packed_call_equals_items_alone_and_only_because_attention_is_confined(m
     # The same check must fail when attention leaks across items.
     real = vision.segment_attention
 
-    def unconfined(q, k, v, cu_seqlens):
-        return real(q, k, v, torch.tensor([0, q.shape[0]]))
+    def unconfined(q, k, v, lengths, te=False):
+        return real(q, k, v, [sum(lengths)], te)
 
     monkeypatch.setattr(vision, "segment_attention", unconfined)
     leaked = encoder(torch.cat(items), GRIDS)

@@ -295,6 +295,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # several gloo ranks
 @pytest.mark.timeout(180)
 def test_forged_mismatch_raises_on_every_rank_naming_the_digests():
     with tempfile.TemporaryDirectory() as tmp:

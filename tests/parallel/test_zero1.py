@@ -285,7 +285,7 @@ def _worker(rank: int, init_file: str, directory: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # four gloo ranks
 def test_zero1_matches_unsharded_adamw_on_4_gloo_ranks():
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_worker, args=(os.path.join(tmp, "store"), os.path.join(tmp, "run")),

@@ -24,6 +24,7 @@ def reference(tmp_path_factory):
     return run_dir, run(run_dir)
 
 
+@pytest.mark.slow  # three training runs
 def test_resume_is_bitwise_identical(tmp_path, reference):
     ref_dir, ref = reference
     assert [p.name for p in checkpoints(ref_dir / "checkpoints")] == ["step_00000004",
@@ -40,12 +41,26 @@ def test_resume_is_bitwise_identical(tmp_path, reference):
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
 
 
-def test_truncated_checkpoint_is_skipped(tmp_path):
+def truncate(data: bytes) -> bytes:
+    return data[:1000]
+
+
+def flip_bytes(data: bytes) -> bytes:
+    """Same size, 16 bytes inverted in the middle of the tensor data: only the crc sees it."""
+    middle = len(data) // 2
+    return data[:middle] + bytes(b ^ 0xFF for b in data[middle:middle + 16]) + data[middle + 16:]
+
+
+@pytest.mark.slow  # two training runs each
+@pytest.mark.parametrize("damage,problem", [(truncate, "bytes"), (flip_bytes, "checksum")])
+def test_damaged_checkpoint_is_skipped(tmp_path, damage, problem):
     run(tmp_path)
     newest = checkpoints(tmp_path / "checkpoints")[0]
     data = next(newest.glob("*.distcp"))
-    data.write_bytes(data.read_bytes()[:1000])
-    assert "bytes" in verify(newest)
+    size = data.stat().st_size
+    data.write_bytes(damage(data.read_bytes()))
+    assert (data.stat().st_size == size) == (damage is flip_bytes)
+    assert problem in (verify(newest) or "intact"), verify(newest)
     with pytest.warns(UserWarning, match="skipping checkpoint .*step_00000004"):
         resumed = run(tmp_path, "--resume", "auto")
     assert resumed[0]["step"] == 0 and resumed[-1]["step"] == 3  # steps 2, 3 redone from step 2
@@ -61,6 +76,7 @@ def test_empty_run_dir_starts_fresh_and_tmp_dirs_are_ignored(tmp_path):
     assert [r["step"] for r in records] == [0]
 
 
+@pytest.mark.slow  # needs the reference run
 def test_other_model_config_is_refused(tmp_path, reference, capsys):
     ref_dir, _ = reference
     code = train_main(ARGS + ["--job.run_dir", str(tmp_path), "--model.lm.expert_hidden", "64",

@@ -18,13 +18,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 from model.config import preset
 from model.ffn import SwiGLU
 from model.init import initialize
 from model.lm import LanguageModelChunk
-from model.mla import MLA, packed_causal_mask
+from model.attention import DocumentMask, packed_causal_mask
+from model.mla import MLA
+from model.rope import RotaryEmbedding
 from model.param_count import count
 from model.vision_language import VisionEncoder
 from model import flops
@@ -33,6 +35,16 @@ from trainer import flops as mfu_flops
 torch.set_num_threads(1)
 
 ROOT = "LanguageModelChunk"
+
+
+@register_flop_formula(torch.ops.aten._grouped_mm)
+def grouped_mm_flops(a_shape, b_shape, *args, **kwargs) -> int:
+    """FlopCounterMode does not know the grouped GEMM of the experts: 2 x multiply-adds.
+    [M, K] x [G, K, N] (forward, input grad): every row meets one K x N matrix.
+    [K, M] x [M, N] -> [G, K, N] (weight grad): the M rows split over the G groups."""
+    if len(b_shape) == 3:
+        return 2 * a_shape[0] * a_shape[1] * b_shape[2]
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
 
 
 def counted(fn):
@@ -206,9 +218,9 @@ def test_k25_attention_and_expert_formulas_match_flop_counter_on_meta_modules():
     with torch.device("meta"):
         mla, expert = MLA(cfg), SwiGLU(cfg.hidden, cfg.expert_hidden)
         x_BSD = torch.empty(1, S, cfg.hidden)
-        positions_BS = torch.arange(S).unsqueeze(0)
-        mask = torch.ones(1, 1, S, S, dtype=torch.bool)
-    _, mla_total = counted(lambda: mla(x_BSD, positions_BS, mask))
+        mask = DocumentMask(torch.zeros(1, S, dtype=torch.long))  # one document: every pair
+    rope = tuple(t.to("meta") for t in RotaryEmbedding(cfg)(torch.arange(S).unsqueeze(0)))
+    _, mla_total = counted(lambda: mla(x_BSD, rope, mask))
     per_token = flops.lm_flops_per_token(cfg, attended_length=S)
     assert mla_total * cfg.layers == (per_token.mla_projections + per_token.attention) * S
     _, expert_total = counted(lambda: expert(x_BSD))

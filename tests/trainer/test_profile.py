@@ -2,8 +2,8 @@
 independent reference for the bubble, trace/Gantt output, and one real 2-rank run."""
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -13,9 +13,9 @@ from parallel.pipeline_runtime import ActionRecord
 from parallel.schedule import Action, Op, schedule
 from parallel.schedule_sim import simulate
 from trainer.profile import (RankInfo, Span, chrome_trace, format_table, gantt_png,
-                             measured_bubble_fraction, peak_memory_bytes, slowest_stage,
-                             spans_from_timeline, stage_table, torch_profiler_trace,
-                             write_chrome_trace)
+                             measured_bubble_fraction, peak_memory_bytes,
+                             replayed_bubble_fraction, slowest_stage, spans_from_timeline,
+                             stage_table, torch_profiler_trace, write_chrome_trace)
 
 torch.set_num_threads(1)
 T0 = 100.0  # a per-rank step origin far from zero, so a missing subtraction shows
@@ -64,10 +64,12 @@ def test_stage_table_and_bubble_of_a_hand_made_timeline():
     spans = hand_made_spans()
     rows = stage_table(spans, [1000, 2000])
     expected = [  # derived in hand_made_spans' docstring
-        dict(rank=0, stages=(0,), forward_s=1.0, backward_s=2.0, compute_s=3.0, idle_s=3.5,
-             idle_frac=3.5 / 6.5, comm_wait_s=3.25, slowest_chunk_s=3.0, peak_memory_bytes=1000),
-        dict(rank=1, stages=(1,), forward_s=1.5, backward_s=2.0, compute_s=3.5, idle_s=3.0,
-             idle_frac=3.0 / 6.5, comm_wait_s=1.0, slowest_chunk_s=3.5, peak_memory_bytes=2000)]
+        dict(rank=0, stages=(0,), forward_s=1.0, backward_s=2.0, paired_s=0.0, compute_s=3.0,
+             idle_s=3.5, idle_frac=3.5 / 6.5, comm_wait_s=3.25, slowest_chunk_s=3.0,
+             peak_memory_bytes=1000),
+        dict(rank=1, stages=(1,), forward_s=1.5, backward_s=2.0, paired_s=0.0, compute_s=3.5,
+             idle_s=3.0, idle_frac=3.0 / 6.5, comm_wait_s=1.0, slowest_chunk_s=3.5,
+             peak_memory_bytes=2000)]
     for row, want in zip(rows, expected, strict=True):
         assert row.keys() == want.keys()
         for key, value in want.items():
@@ -96,6 +98,32 @@ def test_unequal_costs_are_measured_with_the_mean_compute():
     """Forward 1, backward 3 in the simulator: the formula still matches its bubble."""
     result, spans = spans_of_simulation(2, 2, 6, forward=1.0, backward=3.0)
     assert measured_bubble_fraction(spans) == pytest.approx(result.bubble_fraction, abs=1e-12)
+
+
+@pytest.mark.parametrize("pp,vpp,m", [(2, 1, 4), (2, 2, 4), (4, 2, 8)])
+def test_replay_of_a_simulated_timeline_is_that_simulation(pp, vpp, m):
+    """Replaying the simulator's own spans (unequal F and B) gives its bubble back, exactly."""
+    result, spans = spans_of_simulation(pp, vpp, m, forward=1.0, backward=3.0)
+    meta = [RankInfo(rank, pp_rank=rank, dp_rank=0) for rank in range(pp)]
+    assert replayed_bubble_fraction(spans, meta, pp, vpp, m) == \
+        pytest.approx(result.bubble_fraction, abs=1e-12)
+
+
+def test_replay_of_the_hand_made_timeline():
+    """hand_made_spans: F0 1, F1 1.5, B1 2, B0 2 in a chain: makespan 6.5 as measured, mean
+    compute 3.25, so replay = measured = 1.0; delaying rank 0's backward by 1 s (a late
+    message) raises the measured bubble only."""
+    meta = [RankInfo(0, 0, 0), RankInfo(1, 1, 0)]
+    spans = hand_made_spans()
+    assert replayed_bubble_fraction(spans, meta, 2, 1, 1) == pytest.approx(1.0)
+    assert measured_bubble_fraction(spans) == pytest.approx(1.0)
+    late = [[dataclasses.replace(s, start=s.start + 1, end=s.end + 1) if s.name == "B0.m0"
+             else dataclasses.replace(s, end=s.end + 1) if s.name == "RECV_B0.m0" else s
+             for s in spans[0]], spans[1]]
+    assert replayed_bubble_fraction(late, meta, 2, 1, 1) == pytest.approx(1.0)
+    assert measured_bubble_fraction(late) == pytest.approx((7.5 - 3.25) / 3.25)
+    with pytest.raises(ValueError, match="one per rank"):
+        replayed_bubble_fraction(spans, meta[:1], 2, 1, 1)
 
 
 def test_chrome_trace_has_one_track_per_rank_and_every_action():
@@ -157,17 +185,17 @@ def test_torch_profiler_trace_exports_per_rank(tmp_path: Path):
     assert any("mm" in str(e.get("name", "")) for e in events)
 
 
+@pytest.mark.slow  # two gloo ranks
 def test_two_rank_pipeline_run_is_profiled(tmp_path: Path):
     """pp=2 vpp=2 m=4, tiny preset, seq_len 64: one warm-up and two timed steps.
 
     Structure is exact: every scheduled action appears once per rank, in order, and the
-    trace has one track per rank. Timing is checked only loosely (CPU timing noise on a
-    shared 2-core machine): a receive never ends before its matching send started (up to
-    50 ms of barrier skew), and the least disturbed step's measured bubble lies within
-    [0, simulated + 1.5] — it sits above the simulated 0.125 because stage 0 also runs the
-    vision encoder, the last stage the loss, and the runtime adds Python overhead.
+    trace has one track per rank. Timing is checked only where causality makes it exact
+    (the spans of all ranks share one clock): a receive never ends before its matching send
+    started, and each step's measured bubble is at least the replay of its own measured
+    forward/backward durations.
     """
-    from benchmarks.pipeline import run_layout, simulated_bubble
+    from benchmarks.pipeline import run_layout
 
     pp, vpp, m = 2, 2, 4
     result = run_layout(tmp_path / "result.json", pp, [
@@ -185,7 +213,8 @@ def test_two_rank_pipeline_run_is_profiled(tmp_path: Path):
         for rank, rank_spans in enumerate(spans):
             pipeline = [s for s in rank_spans if s.category not in ("optimizer", "dep")]
             assert [s.name for s in pipeline] == [str(a) for a in actions[rank]]
-            assert all(a.end <= b.start for a, b in zip(rank_spans, rank_spans[1:]))
+            # in order; the sends and receives of one batched exchange share its interval
+            assert all(a.start <= b.start for a, b in zip(rank_spans, rank_spans[1:]))
             sends.update({s.name: s for s in pipeline if s.category == "send"})
         for rank_spans in spans:
             for recv in (s for s in rank_spans if s.category == "recv"):
@@ -193,13 +222,20 @@ def test_two_rank_pipeline_run_is_profiled(tmp_path: Path):
                 send_op = Op.SEND_F if action.op is Op.RECV_F else Op.SEND_B
                 peer = action.stage - 1 if send_op is Op.SEND_F else action.stage + 1
                 send = sends[str(Action(send_op, peer, action.microbatch))]
-                assert recv.end >= send.start - 0.05, (recv, send)
+                # one clock (the worker's origin is the earliest rank's t0, perf_counter is
+                # CLOCK_MONOTONIC): a message is received after it was sent, exactly
+                assert recv.end >= send.start - 1e-9, (recv, send)
         events = chrome_trace(spans, result.infos)["traceEvents"]
         assert {e["pid"] for e in events} == {0, 1}
         for rank in range(pp):
             assert sum(e["ph"] == "X" and e["pid"] == rank for e in events) == \
                 len(actions[rank]) + 3  # + DEP encode, DEP backward, optimizer (engine phases)
-    bubble = min(result.bubbles())
-    simulated = simulated_bubble(pp, vpp, m)
-    assert simulated == pytest.approx((pp - 1) / (vpp * m))
-    assert 0 <= bubble <= simulated + 1.5 and math.isfinite(bubble), (bubble, simulated)
+        # The measured bubble is never below the replay of this step's own forward/backward
+        # durations with free communication: a lower bound by causality (every measured
+        # action starts no earlier than in the as-soon-as-possible replay), so the only slack
+        # is float rounding (1e-9 of the compute time ~ nanoseconds). No upper bound: what
+        # the run adds (message latency, Python overhead, a 2-core machine shared by other
+        # jobs) has none a test could rely on; benchmarks/pipeline.py reports it.
+        measured = measured_bubble_fraction(spans)
+        replayed = replayed_bubble_fraction(spans, result.infos, pp, vpp, m)
+        assert 0 <= replayed <= measured + 1e-9, (replayed, measured)

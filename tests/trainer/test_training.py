@@ -1,6 +1,8 @@
 """Single-process training: the entry point writes metrics, runs are reproducible, tiny overfits."""
 import json
 
+import pytest
+
 import torch
 
 from dataloader.synthetic import SyntheticBatches, SyntheticConfig
@@ -32,6 +34,7 @@ def test_entry_point_writes_metrics_and_is_bitwise_reproducible(tmp_path):
     assert json.loads((tmp_path / "a" / "config.json").read_text())["train"]["steps"] == 3
 
 
+@pytest.mark.slow  # 120 optimizer steps
 def test_tiny_overfits_a_fixed_batch():
     cfg = preset("tiny")
     data = SyntheticBatches(SyntheticConfig(seq_len=48, vocab_size=cfg.lm.vocab_size,

@@ -1,0 +1,98 @@
+"""Measure what a running job holds, to hold the planner (trainer/planner.py) to it.
+
+    weights      bytes of every parameter the rank's engine holds
+    grads        bytes of every .grad when the optimizer step starts
+    state        the optimizer's own report (ZeRO-1 `state_bytes()`; torch AdamW: its moments)
+    held         per forward (stage, microbatch): bytes autograd saved for backward
+                 (parallel/activation_memory.py) plus the chunk output the pipeline keeps
+    media        the (t, h, w) items of each microbatch stage 0 ran (colocated encoder)
+    peak         the largest sum of `held` over forwards whose backward has not run, walking
+                 the rank's actions in the order the runtime ran them
+"""
+from __future__ import annotations
+
+import torch
+
+from parallel.activation_memory import SavedTensorBytes
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def peak_held(order: list[tuple[str, int, int]], held: dict[tuple[int, int], int]) -> int:
+    """`order`: ("F" | "B", stage, microbatch) as they ran."""
+    live = peak = 0
+    for op, stage, mb in order:
+        live += held[(stage, mb)] if op == "F" else -held[(stage, mb)]
+        peak = max(peak, live)
+    return peak
+
+
+def probe_distributed(dist_engine) -> dict:
+    """Patch a trainer.train.DistributedEngine so one step records what the rank holds."""
+    engine = dist_engine.engine
+    last = engine.runtime.num_stages - 1
+    out: dict = {"held": {}, "grads": None, "recompute": [], "media": []}
+
+    run = engine.runtime.run
+
+    def measured_run(forward, loss_fn):
+        def measured_forward(stage, x, mb):
+            with SavedTensorBytes() as saved:
+                y = forward(stage, x, mb)
+            kept = 0 if stage == last else y.numel() * y.element_size()
+            out["held"][(stage, mb)] = saved.bytes + kept
+            return y
+
+        def measured_loss(logits, mb):
+            with SavedTensorBytes() as saved:
+                loss = loss_fn(logits, mb)
+            out["held"][(last, mb)] += saved.bytes
+            return loss
+        return run(measured_forward, measured_loss)
+
+    engine.runtime.run = measured_run
+    if 0 in engine.stages:  # stage 0 runs its microbatches in order
+        module = engine.stages[0]
+        stage_forward = module.forward
+
+        def recording_forward(x, inputs, media_embeds=None):
+            out["media"].append([tuple(g) for g in inputs.grid_thw])
+            return stage_forward(x, inputs, media_embeds)
+
+        module.forward = recording_forward
+    step = engine.optimizer.step
+
+    def measured_step(lr):
+        out["grads"] = tensor_bytes(p.grad for g in engine.optimizer.groups for p in g.params
+                                    if p.grad is not None)
+        return step(lr)
+
+    engine.optimizer.step = measured_step
+    if engine.dep is not None:
+        dep, encode = engine.dep, engine.dep._encode
+
+        def measured_encode():
+            if not torch.is_grad_enabled():
+                return encode()
+            with SavedTensorBytes() as saved:
+                rows = encode()
+            out["recompute"].append((saved.bytes, [dep._grids[m.item_id] for m in dep._mine]))
+            return rows
+
+        dep._encode = measured_encode
+    return out
+
+
+def finish_distributed(dist_engine, out: dict) -> dict:
+    """After the step: the figures to compare, for this rank."""
+    engine = dist_engine.engine
+    order = [(a.op.value, a.stage, a.microbatch) for a in engine.runtime.actions
+             if a.op.value in ("F", "B")]
+    params = [p for g in engine.optimizer.groups for p in g.params]
+    return {"pp_rank": dist_engine.topology.pp_rank, "dp_rank": dist_engine.topology.dp_rank,
+            "weights": tensor_bytes(params), "grads": out["grads"],
+            "state": engine.optimizer.state_bytes(),
+            "peak": peak_held(order, out["held"]), "recompute": out["recompute"],
+            "media": out["media"]}
