@@ -313,7 +313,8 @@ def _load_failure(path: Path, error: BaseException) -> ConfigError:
     corrupt = next((f for f in failures if isinstance(f, CorruptCheckpoint)), None)
     if corrupt is not None:
         return CorruptCheckpoint(str(corrupt))
-    return ConfigError(f"cannot load checkpoint {path} into this layout: {failures[0]}")
+    return ConfigError(f"cannot load checkpoint {path} into this layout: "
+                       f"{type(failures[0]).__name__}: {failures[0]}")
 
 
 def _first_failure(e: BaseException) -> BaseException:

@@ -17,7 +17,7 @@ import torch
 from launch.train import main as train_main
 from model.config import ConfigError
 from tests.distributed.launcher import ROOT
-from trainer.checkpoint import CheckpointManager, _manifest, checkpoints
+from trainer.checkpoint import CheckpointManager, _file_entry, checkpoints
 from trainer.run_dir_lock import run_dir_lock
 
 ARGS = ["--config", "configs/tiny.toml", "--data.uri", "synthetic", "--train.global_batch", "2",
@@ -46,7 +46,9 @@ def rewrite_metadata(checkpoint, payload: bytes) -> None:
     """What an attacker with write access to the run directory does: new .metadata, and a
     MANIFEST recomputed to match (it holds only sizes and crc32s)."""
     (checkpoint / ".metadata").write_bytes(payload)
-    (checkpoint / "MANIFEST.json").write_text(json.dumps(_manifest(checkpoint)))
+    manifest = json.loads((checkpoint / "MANIFEST.json").read_text())
+    manifest["files"][".metadata"] = _file_entry(checkpoint / ".metadata")
+    (checkpoint / "MANIFEST.json").write_text(json.dumps(manifest))
 
 
 class _RunsCode:
