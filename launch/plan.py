@@ -18,7 +18,7 @@ import sys
 
 from model.config import ConfigError, PRESETS, preset
 from model.param_count import count
-from parallel.schedule import format_schedule, schedule
+from parallel.schedule import Op, format_schedule, schedule
 from parallel.schedule_sim import check_schedule, format_timeline, simulate
 from trainer.config import load_config
 from trainer.hardware import GPUS
@@ -48,6 +48,10 @@ def parser() -> argparse.ArgumentParser:
                         "--microbatches) instead")
     p.add_argument("--microbatches", type=int, default=8,
                    help="--schedule only: microbatches per replica (default 8)")
+    p.add_argument("--ep-overlap", type=float, metavar="A2A", default=None,
+                   help="--schedule only: pair steady-state forwards and backwards (FB) as "
+                        "--parallel.ep_overlap does, with A2A the all-to-all time of each F "
+                        "and each B (F=1, B=2; e.g. 0.3), and compare with the plain schedule")
     plan_flags = p.add_argument_group("planning a run (any of these asks for a plan)")
     plan_flags.add_argument("--pp", type=int, help="pipeline stages (default 1; --schedule: 4)")
     plan_flags.add_argument("--vpp", type=int,
@@ -90,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.schedule:
         return print_schedule(args.pp or 4, 2 if args.vpp is None else args.vpp,
-                              args.microbatches)
+                              args.microbatches, args.ep_overlap)
     try:
         if any(getattr(args, f) is not None for f in PLAN_FLAGS) or args.all or args.json:
             return print_plan(args)
@@ -243,20 +247,35 @@ def format_plan(result: Plan, shown: list[RankPlan]) -> str:
     return "\n".join(lines)
 
 
-def print_schedule(pp: int, vpp: int, microbatches: int) -> int:
+def print_schedule(pp: int, vpp: int, microbatches: int, a2a: float | None = None) -> int:
+    """Print, check and simulate a schedule; with `a2a`, the EP-overlap one (FB pairs)
+    against the plain one, both with that all-to-all time inside every F and B."""
     try:
-        actions = schedule(pp, vpp, microbatches)
+        actions = schedule(pp, vpp, microbatches, ep_overlap=a2a is not None)
+        if a2a is not None and not 0 <= a2a <= 1:
+            raise ValueError(f"--ep-overlap {a2a}: the all-to-all time lies in [0, F=1]")
     except ValueError as e:
         print(f"schedule error: {e}", file=sys.stderr)
         return 2
     check_schedule(actions, pp, vpp, microbatches)
-    result = simulate(actions, pp, vpp, forward_cost=1.0, backward_cost=2.0)
+    result = simulate(actions, pp, vpp, forward_cost=1.0, backward_cost=2.0,
+                      a2a_cost=a2a or 0.0, rendezvous=True)
     ideal = (pp - 1) / (vpp * microbatches)
-    print(f"interleaved 1F1B pp={pp} vpp={vpp} microbatches={microbatches}: deadlock-free")
+    kind = "interleaved 1F1B" + (" with EP overlap (FB pairs)" if a2a is not None else "")
+    print(f"{kind} pp={pp} vpp={vpp} microbatches={microbatches}: deadlock-free "
+          "(buffered and rendezvous point-to-point)")
     print(format_schedule(actions))
     print(format_timeline(result))
-    print(f"simulated bubble (F=1, B=2): {result.bubble_fraction:.4f}   "
-          f"theory (pp-1)/(vpp*m): {ideal:.4f}")
+    if a2a is None:
+        print(f"simulated bubble (F=1, B=2): {result.bubble_fraction:.4f}   "
+              f"theory (pp-1)/(vpp*m): {ideal:.4f}")
+    else:  # an FB takes less than F + B, so "ideal" busy time is not the plain one
+        plain = simulate(schedule(pp, vpp, microbatches), pp, vpp, forward_cost=1.0,
+                         backward_cost=2.0, rendezvous=True)
+        pairs = sum(a.op is Op.FB for rank in actions for a in rank)
+        print(f"step time (F=1, B=2, all-to-all {a2a} of each): plain {plain.makespan:.2f}, "
+              f"overlapped {result.makespan:.2f} ({pairs} FB pairs; "
+              f"{result.makespan / plain.makespan:.3f}x)")
     return 0
 
 

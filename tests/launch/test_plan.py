@@ -1,4 +1,5 @@
 """Parameter counts: formulas equal the built modules; k25 matches the published sizes."""
+import re
 import pytest
 import torch
 
@@ -35,3 +36,21 @@ def test_k25_matches_published_totals(capsys):
 
 def test_tiny_is_about_ten_million():
     assert 5e6 < count(preset("tiny")).total < 15e6
+
+
+def test_schedule_with_ep_overlap_pairs_and_is_faster_than_plain(capsys):
+    from launch.plan import main
+    assert main(["--schedule", "--pp", "4", "--vpp", "2", "--microbatches", "8",
+                 "--ep-overlap", "0.3"]) == 0
+    out = capsys.readouterr().out
+    assert "deadlock-free" in out and "F2.4+" in out  # an FB action of rank 2
+    plain, overlapped, ratio = re.search(
+        r"plain ([\d.]+), overlapped ([\d.]+) \(\d+ FB pairs; ([\d.]+)x\)", out).groups()
+    assert float(overlapped) < float(plain)
+    # no all-to-all time: pairing changes nothing (an FB is then exactly F + B)
+    assert main(["--schedule", "--pp", "4", "--vpp", "2", "--microbatches", "8",
+                 "--ep-overlap", "0"]) == 0
+    out = capsys.readouterr().out
+    plain, overlapped = re.search(r"plain ([\d.]+), overlapped ([\d.]+)", out).groups()
+    assert plain == overlapped
+    assert main(["--schedule", "--ep-overlap", "2"]) == 2
