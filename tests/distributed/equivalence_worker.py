@@ -164,7 +164,10 @@ def main() -> None:
             apply_mutant(engine, layout.get("mutant", ""), cfg.microbatches_per_replica, patches)
             records = train(cfg, rank=dist.get_rank(), engine=engine)
         gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, engine.engine.named_tensors())
+        # clones: the parameters are views into ZeRO-1's flat buffers, and pickling a view
+        # pickles its whole storage (every tensor would carry its whole bucket)
+        dist.all_gather_object(gathered, {n: t.clone() for n, t in
+                                          engine.engine.named_tensors().items()})
         tensors: dict[str, torch.Tensor] = {}
         for rank_tensors in gathered:
             for name, value in rank_tensors.items():
