@@ -1,0 +1,244 @@
+"""Our model config from a Hugging Face `config.json` (Kimi K2 / DeepSeek-V3 / Kimi K2.5) and back.
+
+    HF config.json                              ModelConfig
+    ─────────────────────────────────────────   ──────────────────────────────────
+    DeepseekV3ForCausalLM (kimi_k2, deepseek_v3) lm  (vision: a preset's, trained fresh)
+    KimiK25ForConditionalGeneration (kimi_k25)   lm from text_config, vision from vision_config
+
+Every field that changes the computation is either mapped or checked; a value our
+modules do not implement is refused with what it is and what we support, so a
+checkpoint never loads into a network that computes something else. Fields that
+change nothing here (token ids of bos/eos, `use_cache`, dtypes) are ignored; the
+exporter keeps the source config.json (stored in the checkpoint's meta.json) and only
+rewrites what we know, so they survive a round trip.
+
+Known limits (refused): group-limited routing with topk_group < n_group (DeepSeek-V3
+itself: n_group 8, topk_group 4; Kimi K2 uses n_group 1), a full-rank query
+(q_lora_rank null, DeepSeek-V2-Lite), tied embeddings, attention biases, an MTP head
+is skipped (not refused): its weights are not imported.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from model.config import ConfigError, LMConfig, ModelConfig, VisionConfig, preset
+
+LM_ARCHITECTURES = ("DeepseekV3ForCausalLM",)
+VLM_ARCHITECTURES = ("KimiK25ForConditionalGeneration", "Kimi_K25ForConditionalGeneration")
+# HF's MLA latent norms (q_a_layernorm, kv_a_layernorm) are built with the RMSNorm default
+# eps, not rms_norm_eps; ours use lm.norm_eps for every RMSNorm, so the two must agree
+HF_LATENT_NORM_EPS = 1e-6
+# MoonViT (transformers' Kimi_K25VisionModel) LayerNorm epsilon
+MOONVIT_NORM_EPS = 1e-5
+
+
+def _refuse(what: str, value, supported: str) -> None:
+    raise ConfigError(f"Hugging Face config: {what}={value!r} is not supported ({supported})")
+
+
+def _require(hf: dict, key: str, expected, default=None) -> None:
+    value = hf.get(key, default)
+    if value != expected:
+        _refuse(key, value, f"only {expected!r} is implemented")
+
+
+def rope_fields(text: dict) -> dict:
+    """LMConfig rope/YaRN fields from `rope_parameters` (transformers 5) or `rope_scaling` +
+    `rope_theta` (the published configs, transformers 4)."""
+    params = dict(text.get("rope_parameters") or text.get("rope_scaling") or {})
+    theta = params.get("rope_theta", text.get("rope_theta"))
+    if theta is None:
+        _refuse("rope_theta", None, "the config must name the RoPE base")
+    kind = params.get("rope_type", params.get("type", "default"))
+    out = {"rope_theta": float(theta)}
+    if kind == "default":
+        return dict(out, yarn_factor=0.0)
+    if kind != "yarn":
+        _refuse("rope type", kind, "'default' and 'yarn' are implemented")
+    if params.get("attention_factor") is not None:
+        _refuse("rope attention_factor", params["attention_factor"],
+                "YaRN's cos/sin scale must come from factor, mscale and mscale_all_dim")
+    if not params.get("truncate", True):
+        _refuse("rope truncate", False, "the correction range is always truncated")
+    factor = params.get("factor")
+    original = params.get("original_max_position_embeddings")
+    if factor is None or original is None:
+        _refuse("yarn factor/original_max_position_embeddings", (factor, original),
+                "both must be given")
+    mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+    if not (mscale and mscale_all_dim):
+        # transformers: cos/sin scaled by mscale(factor, 1), softmax unscaled; ours the same
+        # with mscale 1 and mscale_all_dim 0 (mscale(factor, 0) = 1)
+        mscale, mscale_all_dim = 1.0, 0.0
+    return dict(out, yarn_factor=float(factor), yarn_original_max_position=int(original),
+                yarn_beta_fast=float(params.get("beta_fast") or 32),
+                yarn_beta_slow=float(params.get("beta_slow") or 1),
+                yarn_mscale=float(mscale), yarn_mscale_all_dim=float(mscale_all_dim))
+
+
+def lm_config_from_hf(text: dict) -> LMConfig:
+    """LMConfig of a DeepseekV3-architecture `config.json` (or a K2.5 `text_config`)."""
+    _require(text, "hidden_act", "silu", "silu")
+    _require(text, "attention_bias", False, False)
+    _require(text, "tie_word_embeddings", False, False)
+    _require(text, "norm_topk_prob", True, True)
+    _require(text, "scoring_func", "sigmoid", "sigmoid")
+    _require(text, "topk_method", "noaux_tc", "noaux_tc")
+    _require(text, "moe_layer_freq", 1, 1)
+    if text.get("q_lora_rank") is None:
+        _refuse("q_lora_rank", None, "MLA with a low-rank query (q_lora_rank > 0) only")
+    heads = text["num_attention_heads"]
+    if text.get("num_key_value_heads", heads) != heads:
+        _refuse("num_key_value_heads", text["num_key_value_heads"],
+                f"MLA has one key/value head per query head ({heads})")
+    n_group, topk_group = text.get("n_group") or 1, text.get("topk_group") or 1
+    if topk_group < n_group:
+        _refuse("n_group/topk_group", (n_group, topk_group),
+                "group-limited routing is not implemented: only topk_group == n_group "
+                "(every group eligible; Kimi K2 has 1/1)")
+    eps = float(text.get("rms_norm_eps", 1e-6))
+    if eps != HF_LATENT_NORM_EPS:
+        _refuse("rms_norm_eps", eps, f"transformers' MLA latent norms use {HF_LATENT_NORM_EPS} "
+                "whatever rms_norm_eps says, ours use rms_norm_eps: only that value agrees")
+    if text.get("pretraining_tp", 1) != 1:
+        _refuse("pretraining_tp", text["pretraining_tp"], "only 1")
+    return LMConfig(
+        vocab_size=text["vocab_size"], hidden=text["hidden_size"],
+        layers=text["num_hidden_layers"], heads=heads, q_lora_rank=text["q_lora_rank"],
+        kv_lora_rank=text["kv_lora_rank"], qk_nope_head_dim=text["qk_nope_head_dim"],
+        qk_rope_head_dim=text["qk_rope_head_dim"], v_head_dim=text["v_head_dim"],
+        first_k_dense=text.get("first_k_dense_replace", 0),
+        dense_hidden=text["intermediate_size"], num_experts=text["n_routed_experts"],
+        top_k=text["num_experts_per_tok"], num_shared_experts=text.get("n_shared_experts") or 0,
+        expert_hidden=text["moe_intermediate_size"],
+        routed_scaling_factor=float(text.get("routed_scaling_factor", 1.0)), norm_eps=eps,
+        init_std=float(text.get("initializer_range", 0.02)), **rope_fields(text))
+
+
+def vision_config_from_hf(vision: dict) -> VisionConfig:
+    """VisionConfig of a K2.5 `vision_config` (MoonViT)."""
+    _require(vision, "hidden_act", "gelu_pytorch_tanh", "gelu_pytorch_tanh")
+    merge = list(vision.get("merge_kernel_size", [2, 2]))
+    if merge != [2, 2]:
+        _refuse("merge_kernel_size", merge, "the 2x2 patch merger only")
+    return VisionConfig(
+        patch_size=vision.get("patch_size", 14), hidden=vision["hidden_size"],
+        layers=vision["num_hidden_layers"], heads=vision["num_attention_heads"],
+        mlp_hidden=vision["intermediate_size"], pos_emb_height=vision["pos_emb_height"],
+        pos_emb_width=vision["pos_emb_width"], max_frames=vision.get("pos_emb_time", 4),
+        norm_eps=MOONVIT_NORM_EPS)
+
+
+def is_vlm(hf: dict) -> bool:
+    return "text_config" in hf and "vision_config" in hf
+
+
+def model_config_from_hf(hf: dict, vision_preset: str = "k25",
+                         media_token_id: int | None = None) -> ModelConfig:
+    """The ModelConfig of an HF `config.json`. An LM-only checkpoint gets the vision encoder
+    (and projector) of `vision_preset`, initialised fresh by the trainer; a K2.5 checkpoint
+    brings its own. `media_token_id`: the LM's media placeholder (K2.5: its image_token_id)."""
+    archs = hf.get("architectures") or []
+    if is_vlm(hf):
+        if hf.get("tie_word_embeddings") and hf["text_config"].get("tie_word_embeddings"):
+            _refuse("tie_word_embeddings", True, "the LM's head is its own matrix")
+        text = dict(hf["text_config"], tie_word_embeddings=False)
+        lm, vision = lm_config_from_hf(text), vision_config_from_hf(hf["vision_config"])
+        if hf.get("projection_layer_norm_eps", 1e-5) != 1e-5:
+            _refuse("projection_layer_norm_eps", hf["projection_layer_norm_eps"], "only 1e-5")
+        if hf.get("projection_hidden_size", vision.hidden) != vision.hidden:
+            _refuse("projection_hidden_size", hf["projection_hidden_size"],
+                    f"the projector's input is the ViT width ({vision.hidden})")
+        token = hf.get("image_token_id", hf.get("media_placeholder_token_id"))
+        media = media_token_id if media_token_id is not None else token
+    else:
+        if archs and not set(archs) & set(LM_ARCHITECTURES + VLM_ARCHITECTURES):
+            _refuse("architectures", archs, f"one of {LM_ARCHITECTURES + VLM_ARCHITECTURES}")
+        lm, vision = lm_config_from_hf(hf), preset(vision_preset).vision
+        media = media_token_id
+    cfg = ModelConfig(preset="hf", lm=lm, vision=vision)
+    if media is not None:
+        cfg.media_token_id = int(media)
+    cfg.validate()
+    return cfg
+
+
+def lm_config_to_hf(lm: LMConfig, base: dict | None = None) -> dict:
+    """A DeepseekV3 `config.json` for `lm`: `base` (the imported source config) with every
+    field we model rewritten, or a fresh one."""
+    out = {k: v for k, v in (base or {}).items()
+           if k not in ("quantization_config", "rope_scaling", "rope_parameters")}
+    out.setdefault("architectures", list(LM_ARCHITECTURES))
+    out.setdefault("model_type", "deepseek_v3")
+    rope: dict = {"rope_theta": lm.rope_theta, "rope_type": "default"}
+    if lm.yarn_factor > 1:
+        rope.update(rope_type="yarn", factor=lm.yarn_factor,
+                    original_max_position_embeddings=lm.yarn_original_max_position,
+                    beta_fast=lm.yarn_beta_fast, beta_slow=lm.yarn_beta_slow)
+        if lm.yarn_mscale_all_dim:
+            rope.update(mscale=lm.yarn_mscale, mscale_all_dim=lm.yarn_mscale_all_dim)
+        elif lm.yarn_mscale != 1.0:
+            _refuse("yarn_mscale without yarn_mscale_all_dim", lm.yarn_mscale,
+                    "transformers ignores mscale unless mscale_all_dim is set")
+        out.setdefault("max_position_embeddings",
+                       int(lm.yarn_original_max_position * lm.yarn_factor))
+    out.update(
+        vocab_size=lm.vocab_size, hidden_size=lm.hidden, num_hidden_layers=lm.layers,
+        num_attention_heads=lm.heads, num_key_value_heads=lm.heads, q_lora_rank=lm.q_lora_rank,
+        kv_lora_rank=lm.kv_lora_rank, qk_nope_head_dim=lm.qk_nope_head_dim,
+        qk_rope_head_dim=lm.qk_rope_head_dim, v_head_dim=lm.v_head_dim,
+        first_k_dense_replace=lm.first_k_dense, intermediate_size=lm.dense_hidden,
+        n_routed_experts=lm.num_experts, num_experts_per_tok=lm.top_k,
+        n_shared_experts=lm.num_shared_experts, moe_intermediate_size=lm.expert_hidden,
+        routed_scaling_factor=lm.routed_scaling_factor, rms_norm_eps=lm.norm_eps,
+        initializer_range=lm.init_std, hidden_act="silu", attention_bias=False,
+        tie_word_embeddings=False, norm_topk_prob=True, rope_interleave=True,
+        n_group=1, topk_group=1, num_nextn_predict_layers=0, rope_parameters=rope)
+    # transformers 4 and the published configs read these two
+    out["rope_theta"] = lm.rope_theta
+    out["rope_scaling"] = ({k if k != "rope_type" else "type": v for k, v in rope.items()
+                            if k != "rope_theta"} if lm.yarn_factor > 1 else None)
+    return out
+
+
+def vision_config_to_hf(v: VisionConfig, base: dict | None = None) -> dict:
+    out = dict(base or {})
+    out.update(model_type="kimi_k25_vision", patch_size=v.patch_size, hidden_size=v.hidden,
+               num_hidden_layers=v.layers, num_attention_heads=v.heads,
+               intermediate_size=v.mlp_hidden, pos_emb_height=v.pos_emb_height,
+               pos_emb_width=v.pos_emb_width, pos_emb_time=v.max_frames,
+               merge_kernel_size=[2, 2], hidden_act="gelu_pytorch_tanh")
+    return out
+
+
+def model_config_to_hf(cfg: ModelConfig, base: dict | None = None, with_vision: bool = False
+                       ) -> dict:
+    """config.json for `cfg`: DeepseekV3 (LM only) or, `with_vision`, Kimi K2.5."""
+    if not with_vision:
+        return lm_config_to_hf(cfg.lm, None if base is None or is_vlm(base) else base)
+    if not math.isclose(cfg.vision.norm_eps, MOONVIT_NORM_EPS):
+        _refuse("model.vision.norm_eps", cfg.vision.norm_eps,
+                f"the published MoonViT uses {MOONVIT_NORM_EPS}")
+    base = base if base is not None and is_vlm(base) else {}
+    out = {k: v for k, v in base.items() if k not in ("text_config", "vision_config")}
+    out.update(architectures=list(VLM_ARCHITECTURES[:1]), model_type="kimi_k25",
+               projection_hidden_size=cfg.vision.hidden, projection_layer_norm_eps=1e-5,
+               image_token_id=cfg.media_token_id, tie_word_embeddings=False)
+    out["text_config"] = lm_config_to_hf(cfg.lm, base.get("text_config"))
+    out["vision_config"] = vision_config_to_hf(cfg.vision, base.get("vision_config"))
+    return out
+
+
+def config_dict(cfg: ModelConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(d: dict) -> ModelConfig:
+    """The inverse of `config_dict` (a checkpoint's meta.json "model")."""
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = set(d) - fields
+    if unknown:
+        raise ConfigError(f"model config has unknown keys {sorted(unknown)}")
+    return ModelConfig(**{k: v for k, v in d.items() if k not in ("lm", "vision")},
+                       lm=LMConfig(**d["lm"]), vision=VisionConfig(**d["vision"]))
