@@ -19,7 +19,6 @@ is skipped (not refused): its weights are not imported.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 
 from model.config import ConfigError, LMConfig, ModelConfig, VisionConfig, preset
@@ -228,17 +227,3 @@ def model_config_to_hf(cfg: ModelConfig, base: dict | None = None, with_vision: 
     out["text_config"] = lm_config_to_hf(cfg.lm, base.get("text_config"))
     out["vision_config"] = vision_config_to_hf(cfg.vision, base.get("vision_config"))
     return out
-
-
-def config_dict(cfg: ModelConfig) -> dict:
-    return dataclasses.asdict(cfg)
-
-
-def config_from_dict(d: dict) -> ModelConfig:
-    """The inverse of `config_dict` (a checkpoint's meta.json "model")."""
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = set(d) - fields
-    if unknown:
-        raise ConfigError(f"model config has unknown keys {sorted(unknown)}")
-    return ModelConfig(**{k: v for k, v in d.items() if k not in ("lm", "vision")},
-                       lm=LMConfig(**d["lm"]), vision=VisionConfig(**d["vision"]))

@@ -25,6 +25,7 @@ dequantised in fp32 and stored as bf16 (or `dtype`).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -38,9 +39,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
-from model.config import ConfigError, ModelConfig
-from model.hf_config import config_dict, config_from_dict, is_vlm, model_config_from_hf, \
-    model_config_to_hf
+from model.config import ConfigError, ModelConfig, model_config_from_dict
+from model.hf_config import is_vlm, model_config_from_hf, model_config_to_hf
 from model.hf_names import UnknownTensor, lm_name_to_hf, lm_name_to_ours, lm_tensor_to_hf, \
     lm_tensor_to_ours
 from model.lm import LanguageModelChunk
@@ -269,7 +269,7 @@ def import_hf(src: Path, dst: Path, vision_preset: str = "k25", media_token_id: 
                      storage_writer=dcp.FileSystemWriter(str(tmp), single_file_per_rank=False),
                      planner=_ImportPlanner(produce), no_dist=True)
         reader.close()
-        meta = {"step": 0, "model": config_dict(cfg), "weights_only": True,
+        meta = {"step": 0, "model": dataclasses.asdict(cfg), "weights_only": True,
                 "layout": {"world": 1}, "data": None,
                 "source": {"format": "hf", "path": str(src), "config": hf,
                            "rope_interleave": interleaved},
@@ -340,7 +340,7 @@ def export_hf(src: Path, dst: Path, dtype: str | None = None, with_vision: bool 
     if problem is not None:
         raise ConfigError(f"--from {src}: cannot use this checkpoint: {problem}")
     meta = json.loads((src / META).read_text())
-    cfg = config_from_dict(meta["model"])
+    cfg = model_config_from_dict(meta["model"])
     out_dtype = DTYPES[dtype] if dtype else None
     base = (meta.get("source") or {}).get("config")
 

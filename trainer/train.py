@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from dataloader.batch import Batch, MediaItem, normalize_patches
+from model.config import ConfigError
 from trainer.batch_inputs import model_inputs
 from trainer.checkpoint import CheckpointManager
 from trainer.config import JobConfig, to_dict
@@ -24,6 +25,7 @@ from trainer.device import backend_for, resolve_device
 from trainer.lr_schedule import learning_rate
 from model.flops import model_flops
 from trainer.flops import device_peak_tflops, throughput_metrics
+from trainer.init_from import is_weights_only, load_weights
 from trainer.metrics import MetricsWriter
 from trainer.tensorboard import TensorBoardWriter
 from trainer.profile import (RankInfo, peak_memory_bytes, step_spans, torch_profiler_trace,
@@ -145,7 +147,17 @@ def resume_step(cfg: JobConfig, engine, data, checkpoints: CheckpointManager) ->
     """Load the checkpoint `--resume` names into the engine and the data source; return the
     step to continue at (0 for a fresh start)."""
     path = checkpoints.resolve(cfg.resume)
+    if path is not None and is_weights_only(path):
+        raise ConfigError(f"--resume {cfg.resume}: {path} holds model weights only (written by "
+                          f"launch.convert import): start from it with --init_from {path}")
     if path is None:
+        if cfg.init_from:
+            fresh = load_weights(cfg.init_from, engine.named_tensors(), to_dict(cfg)["model"])
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                print(f"starting from the weights of {cfg.init_from} (step 0, fresh optimizer and "
+                      f"data order); {len(fresh)} tensors it lacks keep their seeded "
+                      f"initialisation{': ' + ', '.join(fresh[:3]) + ' ...' if fresh else ''}",
+                      flush=True)
         return 0
     meta = checkpoints.read_meta(path, to_dict(cfg)["model"])
     optimizer = engine.empty_optimizer_state()

@@ -25,8 +25,8 @@ def _import(hf_dir, ckpt, *extra):
     assert verify(ckpt) is None
     meta = json.loads((ckpt / "meta.json").read_text())
     assert meta["weights_only"] and meta["step"] == 0
-    from model.hf_config import config_from_dict
-    return config_from_dict(meta["model"])
+    from model.config import model_config_from_dict
+    return model_config_from_dict(meta["model"])
 
 
 def _hf_tensors(hf_dir) -> dict[str, torch.Tensor]:
