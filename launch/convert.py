@@ -1,8 +1,8 @@
-"""Import Hugging Face checkpoints (Kimi K2, DeepSeek-V3 architecture, Kimi K2.5) into our
-checkpoint format and export ours back (trainer/hf_checkpoint.py does the work).
+"""Import Hugging Face checkpoints of the DeepseekV3 architecture (Kimi K2, DeepSeek-V3 sizes)
+into our checkpoint format and export our LM back (trainer/hf_checkpoint.py does the work).
 
     python -m launch.convert import --from hf HF_DIR --to CKPT_DIR [--vision-preset k25]
-    python -m launch.convert export --from CKPT_DIR --to hf HF_DIR [--dtype bf16] [--with-vision]
+    python -m launch.convert export --from CKPT_DIR --to hf HF_DIR [--dtype bf16]
 
 A run then starts from the imported weights with `--init_from CKPT_DIR` (its model
 config is the checkpoint's). Both directions stream one tensor at a time.
@@ -38,9 +38,6 @@ def _parser() -> argparse.ArgumentParser:
                      help="'hf' and the new Hugging Face checkpoint directory")
     exp.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                      help="write floating weights in this dtype (default: as stored)")
-    exp.add_argument("--with-vision", action="store_true",
-                     help="write Kimi K2.5 (LM + vision tower + projector); default: the LM as "
-                          "DeepseekV3ForCausalLM")
     exp.add_argument("--shard-gib", type=float, default=5.0, help="largest safetensors file")
     return p
 
@@ -54,8 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "import":
             import_hf(args.src[1], args.dst, args.vision_preset, args.media_token_id, args.dtype)
         else:
-            export_hf(args.src, args.dst[1], args.dtype, args.with_vision,
-                      int(args.shard_gib * (1 << 30)))
+            export_hf(args.src, args.dst[1], args.dtype, int(args.shard_gib * (1 << 30)))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,9 +1,8 @@
-"""Our model config from a Hugging Face `config.json` (Kimi K2 / DeepSeek-V3 / Kimi K2.5) and back.
+"""Our model config from a Hugging Face `config.json` (Kimi K2 / DeepSeek-V3 architecture) and back.
 
-    HF config.json                              ModelConfig
-    ─────────────────────────────────────────   ──────────────────────────────────
-    DeepseekV3ForCausalLM (kimi_k2, deepseek_v3) lm  (vision: a preset's, trained fresh)
-    KimiK25ForConditionalGeneration (kimi_k25)   lm from text_config, vision from vision_config
+    HF config.json                               ModelConfig
+    ──────────────────────────────────────────   ──────────────────────────────────────────
+    DeepseekV3ForCausalLM (kimi_k2, deepseek_v3)  lm; vision: a preset's, initialised fresh
 
 Every field that changes the computation is either mapped or checked; a value our
 modules do not implement is refused with what it is and what we support, so a
@@ -12,24 +11,21 @@ change nothing here (token ids of bos/eos, `use_cache`, dtypes) are ignored; the
 exporter keeps the source config.json (stored in the checkpoint's meta.json) and only
 rewrites what we know, so they survive a round trip.
 
-Known limits (refused): group-limited routing with topk_group < n_group (DeepSeek-V3
-itself: n_group 8, topk_group 4; Kimi K2 uses n_group 1), a full-rank query
-(q_lora_rank null, DeepSeek-V2-Lite), tied embeddings, attention biases, an MTP head
-is skipped (not refused): its weights are not imported.
+Known limits, refused: group-limited routing with topk_group < n_group (DeepSeek-V3
+itself: n_group 8, topk_group 4; Kimi K2 uses 1/1), a full-rank query (q_lora_rank null,
+DeepSeek-V2-Lite), tied embeddings, attention biases, and Kimi K2.5 checkpoints (vision
+tower + projector under `text_config` / `vision_config`: the MoonViT mapping, with its
+LayerNorm eps 1e-5, 2D RoPE pair order and own tensor names, is not written yet).
+Skipped: multi-token-prediction layers (their weights are not imported).
 """
 from __future__ import annotations
 
-import math
-
-from model.config import ConfigError, LMConfig, ModelConfig, VisionConfig, preset
+from model.config import ConfigError, LMConfig, ModelConfig, preset
 
 LM_ARCHITECTURES = ("DeepseekV3ForCausalLM",)
-VLM_ARCHITECTURES = ("KimiK25ForConditionalGeneration", "Kimi_K25ForConditionalGeneration")
 # HF's MLA latent norms (q_a_layernorm, kv_a_layernorm) are built with the RMSNorm default
 # eps, not rms_norm_eps; ours use lm.norm_eps for every RMSNorm, so the two must agree
 HF_LATENT_NORM_EPS = 1e-6
-# MoonViT (transformers' Kimi_K25VisionModel) LayerNorm epsilon
-MOONVIT_NORM_EPS = 1e-5
 
 
 def _refuse(what: str, value, supported: str) -> None:
@@ -115,50 +111,26 @@ def lm_config_from_hf(text: dict) -> LMConfig:
         init_std=float(text.get("initializer_range", 0.02)), **rope_fields(text))
 
 
-def vision_config_from_hf(vision: dict) -> VisionConfig:
-    """VisionConfig of a K2.5 `vision_config` (MoonViT)."""
-    _require(vision, "hidden_act", "gelu_pytorch_tanh", "gelu_pytorch_tanh")
-    merge = list(vision.get("merge_kernel_size", [2, 2]))
-    if merge != [2, 2]:
-        _refuse("merge_kernel_size", merge, "the 2x2 patch merger only")
-    return VisionConfig(
-        patch_size=vision.get("patch_size", 14), hidden=vision["hidden_size"],
-        layers=vision["num_hidden_layers"], heads=vision["num_attention_heads"],
-        mlp_hidden=vision["intermediate_size"], pos_emb_height=vision["pos_emb_height"],
-        pos_emb_width=vision["pos_emb_width"], max_frames=vision.get("pos_emb_time", 4),
-        norm_eps=MOONVIT_NORM_EPS)
-
-
 def is_vlm(hf: dict) -> bool:
     return "text_config" in hf and "vision_config" in hf
 
 
 def model_config_from_hf(hf: dict, vision_preset: str = "k25",
                          media_token_id: int | None = None) -> ModelConfig:
-    """The ModelConfig of an HF `config.json`. An LM-only checkpoint gets the vision encoder
-    (and projector) of `vision_preset`, initialised fresh by the trainer; a K2.5 checkpoint
-    brings its own. `media_token_id`: the LM's media placeholder (K2.5: its image_token_id)."""
-    archs = hf.get("architectures") or []
+    """The ModelConfig of an HF `config.json`: its LM, and the vision encoder (and projector)
+    of `vision_preset`, initialised fresh by the trainer. `media_token_id`: the LM's media
+    placeholder (Kimi K2's tokenizer reserves 163605 for it)."""
     if is_vlm(hf):
-        if hf.get("tie_word_embeddings") and hf["text_config"].get("tie_word_embeddings"):
-            _refuse("tie_word_embeddings", True, "the LM's head is its own matrix")
-        text = dict(hf["text_config"], tie_word_embeddings=False)
-        lm, vision = lm_config_from_hf(text), vision_config_from_hf(hf["vision_config"])
-        if hf.get("projection_layer_norm_eps", 1e-5) != 1e-5:
-            _refuse("projection_layer_norm_eps", hf["projection_layer_norm_eps"], "only 1e-5")
-        if hf.get("projection_hidden_size", vision.hidden) != vision.hidden:
-            _refuse("projection_hidden_size", hf["projection_hidden_size"],
-                    f"the projector's input is the ViT width ({vision.hidden})")
-        token = hf.get("image_token_id", hf.get("media_placeholder_token_id"))
-        media = media_token_id if media_token_id is not None else token
-    else:
-        if archs and not set(archs) & set(LM_ARCHITECTURES + VLM_ARCHITECTURES):
-            _refuse("architectures", archs, f"one of {LM_ARCHITECTURES + VLM_ARCHITECTURES}")
-        lm, vision = lm_config_from_hf(hf), preset(vision_preset).vision
-        media = media_token_id
-    cfg = ModelConfig(preset="hf", lm=lm, vision=vision)
-    if media is not None:
-        cfg.media_token_id = int(media)
+        raise ConfigError("Hugging Face config: a Kimi K2.5 checkpoint (text_config + "
+                          "vision_config): importing its vision tower and projector is not "
+                          "implemented yet; convert the language model from a DeepseekV3 "
+                          "(Kimi K2) checkpoint")
+    archs = hf.get("architectures") or []
+    if archs and not set(archs) & set(LM_ARCHITECTURES):
+        _refuse("architectures", archs, f"one of {LM_ARCHITECTURES}")
+    cfg = ModelConfig(preset="hf", lm=lm_config_from_hf(hf), vision=preset(vision_preset).vision)
+    if media_token_id is not None:
+        cfg.media_token_id = media_token_id
     cfg.validate()
     return cfg
 
@@ -198,32 +170,4 @@ def lm_config_to_hf(lm: LMConfig, base: dict | None = None) -> dict:
     out["rope_theta"] = lm.rope_theta
     out["rope_scaling"] = ({k if k != "rope_type" else "type": v for k, v in rope.items()
                             if k != "rope_theta"} if lm.yarn_factor > 1 else None)
-    return out
-
-
-def vision_config_to_hf(v: VisionConfig, base: dict | None = None) -> dict:
-    out = dict(base or {})
-    out.update(model_type="kimi_k25_vision", patch_size=v.patch_size, hidden_size=v.hidden,
-               num_hidden_layers=v.layers, num_attention_heads=v.heads,
-               intermediate_size=v.mlp_hidden, pos_emb_height=v.pos_emb_height,
-               pos_emb_width=v.pos_emb_width, pos_emb_time=v.max_frames,
-               merge_kernel_size=[2, 2], hidden_act="gelu_pytorch_tanh")
-    return out
-
-
-def model_config_to_hf(cfg: ModelConfig, base: dict | None = None, with_vision: bool = False
-                       ) -> dict:
-    """config.json for `cfg`: DeepseekV3 (LM only) or, `with_vision`, Kimi K2.5."""
-    if not with_vision:
-        return lm_config_to_hf(cfg.lm, None if base is None or is_vlm(base) else base)
-    if not math.isclose(cfg.vision.norm_eps, MOONVIT_NORM_EPS):
-        _refuse("model.vision.norm_eps", cfg.vision.norm_eps,
-                f"the published MoonViT uses {MOONVIT_NORM_EPS}")
-    base = base if base is not None and is_vlm(base) else {}
-    out = {k: v for k, v in base.items() if k not in ("text_config", "vision_config")}
-    out.update(architectures=list(VLM_ARCHITECTURES[:1]), model_type="kimi_k25",
-               projection_hidden_size=cfg.vision.hidden, projection_layer_norm_eps=1e-5,
-               image_token_id=cfg.media_token_id, tie_word_embeddings=False)
-    out["text_config"] = lm_config_to_hf(cfg.lm, base.get("text_config"))
-    out["vision_config"] = vision_config_to_hf(cfg.vision, base.get("vision_config"))
     return out

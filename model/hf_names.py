@@ -26,9 +26,8 @@ after a fixed permutation of the rope dims, and q.k is invariant when q and k ar
 permuted alike, so importing permutes the rope OUTPUT rows of q_up (per head) and of
 kv_down (its last R rows) by [0, 2, 4, ..., 1, 3, 5, ...]; exporting undoes it.
 
-A K2.5 checkpoint holds the same LM under `language_model.` (`language_model.model.layers...`,
-`language_model.lm_head.weight`); the vision tower and projector names live in
-model/hf_vision_names.py.
+Known limit: the K2.5 layout (this LM under `language_model.`, plus the vision tower and
+projector) is not mapped yet (model/hf_config.py refuses K2.5 configs).
 """
 from __future__ import annotations
 

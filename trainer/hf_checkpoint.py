@@ -1,7 +1,7 @@
 """Hugging Face safetensors checkpoints <-> our DCP checkpoints, streamed one tensor at a time.
 
     import:  config.json ──> ModelConfig (model/hf_config.py, refuses what we do not implement)
-             *.safetensors ─ safe_open, one tensor ─> FP8 block dequant ─> rename + rope rows
+             *.safetensors ─ one tensor (plain read) ─> FP8 block dequant ─> rename + rope rows
                  (model/hf_names.py) ─> DCP writer (one data file per tensor) ─> meta.json,
                  MANIFEST.json, rename into place
     export:  our checkpoint ─ one DCP entry at a time ─> rename + rope rows back ─> safetensors
@@ -40,7 +40,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
 from model.config import ConfigError, ModelConfig, model_config_from_dict
-from model.hf_config import is_vlm, model_config_from_hf, model_config_to_hf
+from model.hf_config import lm_config_to_hf, model_config_from_hf
 from model.hf_names import UnknownTensor, lm_name_to_hf, lm_name_to_ours, lm_tensor_to_hf, \
     lm_tensor_to_ours
 from model.lm import LanguageModelChunk
@@ -51,17 +51,9 @@ from trainer.checkpoint_metadata import SafeReader
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
               torch.float8_e4m3fn: "F8_E4M3", torch.int64: "I64", torch.int32: "I32"}
+_TORCH_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
 SCALE_SUFFIX = "_scale_inv"
 MODEL_PREFIX = "model."  # DCP key prefix of model entries (trainer/checkpoint.py saves {"model": ...})
-
-
-def _safe_open():
-    try:
-        from safetensors import safe_open
-    except ImportError:
-        raise ConfigError("reading Hugging Face checkpoints needs safetensors: "
-                          "pip install safetensors (or -e '.[test]')") from None
-    return safe_open
 
 
 def expected_lm_tensors(cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -84,24 +76,48 @@ class _Source:
     scale: tuple[Path, str] | None  # FP8: where its block scales are
 
 
+def read_safetensors_header(path: Path) -> tuple[dict, int]:
+    """({name: {dtype, shape, data_offsets}}, where the data starts) of a safetensors file."""
+    with path.open("rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        if length > 100 << 20:
+            raise ConfigError(f"{path}: a {length}-byte header is not a safetensors file")
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    return header, 8 + length
+
+
 class _HFTensors:
-    """Reads single tensors out of safetensors files, keeping one file open at a time."""
+    """Reads single tensors out of safetensors files with plain reads, one file open at a time.
+
+    Not `safetensors.safe_open`: it memory-maps the file, and the pages of every tensor read
+    stay resident (counted in the process's RSS) until the file is closed, so converting a
+    5 GiB shard would look like 5 GiB of memory. A read into a fresh buffer is freed with
+    the tensor."""
 
     def __init__(self):
-        self._path, self._handle = None, None
+        self._path, self._file, self._header, self._start = None, None, None, 0
 
     def get(self, path: Path, name: str) -> torch.Tensor:
         if self._path != path:
             self.close()
-            self._handle = _safe_open()(str(path), framework="pt", device="cpu")
-            self._handle.__enter__()
-            self._path = path
-        return self._handle.get_tensor(name)
+            self._header, self._start = read_safetensors_header(path)
+            self._file, self._path = path.open("rb"), path
+        entry = self._header[name]
+        begin, end = entry["data_offsets"]
+        buffer = bytearray(end - begin)
+        self._file.seek(self._start + begin)
+        if self._file.readinto(buffer) != len(buffer):
+            raise ConfigError(f"{path}: {name} is truncated")
+        dtype = _TORCH_DTYPES[entry["dtype"]]
+        if not buffer:
+            return torch.empty(entry["shape"], dtype=dtype)
+        return torch.frombuffer(buffer, dtype=dtype).reshape(entry["shape"])
 
     def close(self) -> None:
-        if self._handle is not None:
-            self._handle.__exit__(None, None, None)
-        self._path, self._handle = None, None
+        if self._file is not None:
+            self._file.close()
+        self._path, self._file = None, None
 
 
 def dequantize_blocks(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]
@@ -125,11 +141,7 @@ def _weight_map(src: Path) -> dict[str, Path]:
     files = sorted(src.glob("*.safetensors"))
     if not files:
         raise ConfigError(f"{src} holds no *.safetensors files")
-    out = {}
-    for file in files:
-        with _safe_open()(str(file), framework="pt") as f:
-            out.update({name: file for name in f.keys()})
-    return out
+    return {name: file for file in files for name in read_safetensors_header(file)[0]}
 
 
 class _ImportPlanner(DefaultSavePlanner):
@@ -144,17 +156,6 @@ class _ImportPlanner(DefaultSavePlanner):
         if not fqn.startswith(MODEL_PREFIX):
             return super().resolve_data(write_item)
         return self._produce(fqn[len(MODEL_PREFIX):])
-
-
-def _split_vlm_name(hf_name: str) -> tuple[str, str]:
-    """('lm' | 'vision', the name inside that part) of a K2.5 tensor name."""
-    for prefix in ("language_model.", "model.language_model."):
-        if hf_name.startswith(prefix):
-            rest = hf_name[len(prefix):]
-            return "lm", rest if rest.startswith(("model.", "lm_head.")) else "model." + rest
-    if hf_name == "lm_head.weight":
-        return "lm", hf_name
-    return "vision", hf_name
 
 
 def _write_atomically(dst: Path, write) -> None:
@@ -184,31 +185,22 @@ def import_hf(src: Path, dst: Path, vision_preset: str = "k25", media_token_id: 
                           "directory")
     hf = json.loads(config_path.read_text())
     cfg = model_config_from_hf(hf, vision_preset, media_token_id)
-    text = hf["text_config"] if is_vlm(hf) else hf
-    interleaved = bool(text.get("rope_interleave", True))
-    quant = (text.get("quantization_config") or hf.get("quantization_config") or {})
+    interleaved = bool(hf.get("rope_interleave", True))
+    quant = hf.get("quantization_config") or {}
     block = tuple(quant.get("weight_block_size") or (128, 128))
     if quant and quant.get("quant_method") != "fp8":
         raise ConfigError(f"quantization_config {quant}: only fp8 block quantisation is read")
     out_dtype = DTYPES[dtype] if dtype else None
 
     expected = expected_lm_tensors(cfg)
-    if is_vlm(hf):
-        from model.hf_vision_names import expected_vision_tensors
-        expected.update(expected_vision_tensors(cfg))
     weight_map = _weight_map(src)
     sources: dict[str, _Source] = {}
     skipped = []
     for hf_name, file in weight_map.items():
         if hf_name.endswith(SCALE_SUFFIX):
             continue
-        part, inner = _split_vlm_name(hf_name) if is_vlm(hf) else ("lm", hf_name)
         try:
-            if part == "lm":
-                ours = lm_name_to_ours(inner, cfg.lm)
-            else:
-                from model.hf_vision_names import vision_name_to_ours
-                ours = vision_name_to_ours(inner)
+            ours = lm_name_to_ours(hf_name, cfg.lm)
         except UnknownTensor:
             raise ConfigError(f"{src}: tensor {hf_name!r} has no counterpart in our model "
                               "(model/hf_names.py); is this a DeepseekV3 / Kimi checkpoint?") from None
@@ -244,11 +236,7 @@ def import_hf(src: Path, dst: Path, vision_preset: str = "k25", media_token_id: 
             scale = _HFTensors().get(*s.scale) if s.scale[0] != s.file else reader.get(*s.scale)
             w = dequantize_blocks(w, scale, block)
         w = w.to(stored_dtype(name, w.dtype))
-        if name.startswith("lm."):
-            w = lm_tensor_to_ours(name, w, cfg.lm, interleaved)
-        else:
-            from model.hf_vision_names import vision_tensor_to_ours
-            w = vision_tensor_to_ours(name, w, cfg)
+        w = lm_tensor_to_ours(name, w, cfg.lm, interleaved)
         if tuple(w.shape) != tuple(expected[name].shape):
             raise ConfigError(f"{s.hf_name}: shape {tuple(w.shape)}, our {name} needs "
                               f"{tuple(expected[name].shape)}")
@@ -265,10 +253,14 @@ def import_hf(src: Path, dst: Path, vision_preset: str = "k25", media_token_id: 
     def write(tmp: Path) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "no process group: assuming a single process"
+            # no fsync per file (1000s of serial fsyncs were a quarter of the time): one
+            # os.sync below, and the MANIFEST's crc32s catch whatever a crash leaves behind
             dcp.save({"model": state},
-                     storage_writer=dcp.FileSystemWriter(str(tmp), single_file_per_rank=False),
+                     storage_writer=dcp.FileSystemWriter(str(tmp), single_file_per_rank=False,
+                                                         sync_files=False),
                      planner=_ImportPlanner(produce), no_dist=True)
         reader.close()
+        os.sync()
         meta = {"step": 0, "model": dataclasses.asdict(cfg), "weights_only": True,
                 "layout": {"world": 1}, "data": None,
                 "source": {"format": "hf", "path": str(src), "config": hf,
@@ -282,21 +274,13 @@ def import_hf(src: Path, dst: Path, vision_preset: str = "k25", media_token_id: 
     log(f"imported {len(state)} tensors from {src} into {dst} in "
         f"{time.perf_counter() - started:.1f} s"
         + (f"; skipped {len(skipped)} multi-token-prediction tensors" if skipped else "")
-        + ("" if is_vlm(hf) else "; the vision encoder is not in the checkpoint (a run "
-           "initialises it from its seed)"))
+        + "; the vision encoder is not in the checkpoint (a run initialises it from its seed)")
     return cfg
 
 
 def _header_dtypes(weight_map: dict[str, Path]) -> dict[str, torch.dtype]:
-    out = {}
-    for file in sorted(set(weight_map.values())):
-        with _safe_open()(str(file), framework="pt") as f:
-            for name in f.keys():
-                out[name] = _TORCH_DTYPES[f.get_slice(name).get_dtype()]
-    return out
-
-
-_TORCH_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
+    return {name: _TORCH_DTYPES[entry["dtype"]] for file in sorted(set(weight_map.values()))
+            for name, entry in read_safetensors_header(file)[0].items()}
 
 
 # ---------------------------------------------------------------- export
@@ -321,20 +305,11 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
-def _our_name_to_hf(name: str, vlm: bool) -> str:
-    if name.startswith("lm."):
-        hf = lm_name_to_hf(name)
-        return "language_model." + hf if vlm else hf
-    from model.hf_vision_names import vision_name_to_hf
-    return vision_name_to_hf(name)
-
-
-def export_hf(src: Path, dst: Path, dtype: str | None = None, with_vision: bool = False,
-              shard_bytes: int = 5 << 30, log=print) -> None:
-    """Write our checkpoint `src` as an HF checkpoint directory `dst` (safetensors shards of at
-    most `shard_bytes` each, model.safetensors.index.json, config.json). `with_vision`: the
-    Kimi K2.5 layout (LM under language_model., vision tower, projector); otherwise the LM
-    alone as DeepseekV3ForCausalLM."""
+def export_hf(src: Path, dst: Path, dtype: str | None = None, shard_bytes: int = 5 << 30,
+              log=print) -> None:
+    """Write the LM of our checkpoint `src` as a DeepseekV3ForCausalLM checkpoint directory
+    `dst` (safetensors shards of at most `shard_bytes` each, model.safetensors.index.json,
+    config.json). The vision encoder is not exported (the K2.5 layout is not written yet)."""
     src, dst = Path(src), Path(dst)
     problem = verify(src) if src.is_dir() else "no such directory"
     if problem is not None:
@@ -349,10 +324,7 @@ def export_hf(src: Path, dst: Path, dtype: str | None = None, with_vision: bool 
     entries = reader.read_metadata().state_dict_metadata
     names = sorted((k[len(MODEL_PREFIX):] for k in entries if k.startswith(MODEL_PREFIX)),
                    key=_export_order)
-    if not with_vision:
-        names = [n for n in names if n.startswith("lm.")]
-    elif not any(n.startswith("vision.") for n in names):
-        raise ConfigError(f"{src} has no vision tensors: export without --with-vision")
+    names = [n for n in names if n.startswith("lm.")]
 
     def out_type(name: str) -> torch.dtype:
         stored = entries[MODEL_PREFIX + name].properties.dtype
@@ -361,7 +333,7 @@ def export_hf(src: Path, dst: Path, dtype: str | None = None, with_vision: bool 
             return out_dtype
         return stored
 
-    plan = [(name, _our_name_to_hf(name, with_vision), out_type(name),
+    plan = [(name, lm_name_to_hf(name), out_type(name),
              tuple(entries[MODEL_PREFIX + name].size)) for name in names]
     shards, current, size = [], [], 0
     for item in plan:
@@ -392,24 +364,18 @@ def export_hf(src: Path, dst: Path, dtype: str | None = None, with_vision: bool 
                 _write_safetensors_header(f, [(hf, dt, shape) for _, hf, dt, shape in shard])
                 for name, hf, dt, _ in shard:
                     t = read(name)
-                    t = (lm_tensor_to_hf(name, t, cfg.lm) if name.startswith("lm.")
-                         else _vision_to_hf(name, t, cfg))
+                    t = lm_tensor_to_hf(name, t, cfg.lm)
                     f.write(_tensor_bytes(t.to(dt)))
                     weight_map[hf] = file
                     total += t.numel() * t.element_size()
         (tmp / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
         (tmp / "config.json").write_text(json.dumps(
-            model_config_to_hf(cfg, base, with_vision), indent=1))
+            lm_config_to_hf(cfg.lm, base), indent=1))
 
     _write_atomically(dst, write)
     log(f"exported {len(plan)} tensors from {src} to {dst} ({len(shards)} shards) in "
         f"{time.perf_counter() - started:.1f} s")
-
-
-def _vision_to_hf(name: str, t: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
-    from model.hf_vision_names import vision_tensor_to_hf
-    return vision_tensor_to_hf(name, t, cfg)
 
 
 def _export_order(name: str):

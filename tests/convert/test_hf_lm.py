@@ -164,6 +164,7 @@ def test_bf16_import_keeps_dtype_and_fp32_option(tmp_path):
     ({"tie_word_embeddings": True}, "tie_word_embeddings"),
     ({"rms_norm_eps": 1e-5}, "rms_norm_eps"),
     ({"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}}, "rope type"),
+    ({"text_config": {}, "vision_config": {}}, "Kimi K2.5"),
 ])
 def test_unsupported_configs_are_refused(tmp_path, change, message):
     hf_dir = save_tiny_deepseek(tmp_path / "hf")
