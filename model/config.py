@@ -182,5 +182,14 @@ def preset(name: str) -> ModelConfig:
     return PRESETS[name]()
 
 
+def model_config_from_dict(d: dict) -> ModelConfig:
+    """The inverse of `dataclasses.asdict(cfg)` (a checkpoint's meta.json "model")."""
+    unknown = set(d) - {f.name for f in dataclasses.fields(ModelConfig)}
+    if unknown:
+        raise ConfigError(f"model config has unknown keys {sorted(unknown)}")
+    return ModelConfig(**{k: v for k, v in d.items() if k not in ("lm", "vision")},
+                       lm=LMConfig(**d["lm"]), vision=VisionConfig(**d["vision"]))
+
+
 def replace(cfg: ModelConfig, **changes) -> ModelConfig:
     return dataclasses.replace(cfg, **changes)

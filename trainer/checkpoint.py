@@ -119,6 +119,12 @@ def _file_entry(path: Path) -> dict:
     return {"bytes": path.stat().st_size, "crc32": _crc32(path)}
 
 
+def _manifest(directory: Path) -> dict:
+    """MANIFEST.json of a directory one process wrote whole (e.g. launch.convert import)."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    return {"world": 1, "files": {str(p.relative_to(directory)): _file_entry(p) for p in files}}
+
+
 def _check_file(directory: Path, name: str, info: dict | None, checksum: bool) -> str | None:
     """None if `name` matches its manifest entry, else what is wrong with it."""
     path = directory / name

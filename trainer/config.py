@@ -146,6 +146,10 @@ class JobConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     profile: ProfileSection = field(default_factory=ProfileSection)
     resume: str = "none"  # "none", "auto" or a checkpoint path
+    # a checkpoint whose model weights start the run when --resume finds none (e.g. one written
+    # by `launch.convert import`): step 0, fresh optimizer and data order; its model config is
+    # the job's (trainer/init_from.py)
+    init_from: str = ""
 
     @property
     def parallel_sizes(self) -> ParallelSizes:
@@ -349,12 +353,22 @@ def load_config(argv: list[str]) -> JobConfig:
             except tomllib.TOMLDecodeError as e:
                 raise ConfigError(f"--config {config_path}: not valid TOML: {e}") from None
     items = _flatten(table) + overrides
-    # the preset decides the defaults of every other model field, so it goes first
-    preset_name = "tiny"
+    # the preset (or --init_from's checkpoint, whatever preset the file names) decides the
+    # defaults of every other model field, so it goes first
+    preset_name, init_from = None, None
     for key, value in items:
         if key == "model.preset":
             preset_name = _coerce(key, value, str)
-    cfg = JobConfig(model=preset(preset_name))
+        if key == "init_from":
+            init_from = _coerce(key, value, str)
+    if init_from and any(key == "model.preset" for key, _ in overrides):
+        raise ConfigError(f"--init_from {init_from} takes the model config from that checkpoint; "
+                          "drop --model.preset")
+    if init_from:
+        from trainer.init_from import model_config_of
+        cfg = JobConfig(model=model_config_of(init_from))
+    else:
+        cfg = JobConfig(model=preset(preset_name or "tiny"))
     for key, value in items:
         if key != "model.preset":
             _set(cfg, key, value)

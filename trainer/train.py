@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from dataloader.batch import Batch, MediaItem, normalize_patches
+from model.config import ConfigError
 from trainer.batch_inputs import model_inputs
 from trainer.checkpoint import CheckpointManager, CorruptCheckpoint
 from trainer.config import JobConfig, to_dict
@@ -25,6 +26,7 @@ from trainer.device import backend_for, resolve_device
 from trainer.lr_schedule import learning_rate
 from model.flops import model_flops
 from trainer.flops import device_peak_tflops, throughput_metrics
+from trainer.init_from import is_weights_only, load_weights
 from trainer.metrics import MetricsWriter
 from trainer.tensorboard import TensorBoardWriter
 from trainer.profile import (RankInfo, peak_memory_bytes, step_spans, torch_profiler_trace,
@@ -143,10 +145,14 @@ def _layout(cfg: JobConfig) -> dict:
 
 def resume_step(cfg: JobConfig, engine, data, checkpoints: CheckpointManager) -> int:
     """Load the checkpoint `--resume` names into the engine and the data source; return the
-    step to continue at (0 for a fresh start). With `--resume auto`, a checkpoint whose
-    files turn out damaged while loading is skipped for the next older one."""
+    step to continue at (0 for a fresh start, or `--init_from`'s weights). With
+    `--resume auto`, a checkpoint whose files turn out damaged while loading is skipped for
+    the next older one."""
     skip: set[Path] = set()
     while (path := checkpoints.resolve(cfg.resume, skip)) is not None:
+        if is_weights_only(path):
+            raise ConfigError(f"--resume {cfg.resume}: {path} holds model weights only (written "
+                              f"by launch.convert import): start from it with --init_from {path}")
         try:
             meta = checkpoints.read_meta(path, to_dict(cfg)["model"])
             model, optimizer = engine.checkpoint_targets(checkpoints.saved_keys(path))
@@ -165,6 +171,21 @@ def resume_step(cfg: JobConfig, engine, data, checkpoints: CheckpointManager) ->
         print(f"rank {rank}: resumed from {path} at step {meta['step']}; checked the "
               f"{len(checked)} checkpoint files this rank read: {shown}", flush=True)
         return int(meta["step"])
+    if cfg.init_from:
+        # the weights a load writes (with bf16: fp32 copies that become the masters), seeded
+        # first so that names the import lacks keep their initialisation
+        targets, _ = engine.checkpoint_targets(set())
+        current = engine.named_tensors()
+        for name, target in targets.items():
+            if target.data_ptr() != current[name].data_ptr():
+                target.copy_(current[name])
+        fresh = load_weights(cfg.init_from, targets, to_dict(cfg)["model"])
+        engine.finish_load(0)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"starting from the weights of {cfg.init_from} (step 0, fresh optimizer and "
+                  f"data order); {len(fresh)} tensors it lacks keep their seeded "
+                  f"initialisation{': ' + ', '.join(fresh[:3]) + ' ...' if fresh else ''}",
+                  flush=True)
     return 0
 
 

@@ -1,0 +1,173 @@
+"""Our model config from a Hugging Face `config.json` (Kimi K2 / DeepSeek-V3 architecture) and back.
+
+    HF config.json                               ModelConfig
+    ──────────────────────────────────────────   ──────────────────────────────────────────
+    DeepseekV3ForCausalLM (kimi_k2, deepseek_v3)  lm; vision: a preset's, initialised fresh
+
+Every field that changes the computation is either mapped or checked; a value our
+modules do not implement is refused with what it is and what we support, so a
+checkpoint never loads into a network that computes something else. Fields that
+change nothing here (token ids of bos/eos, `use_cache`, dtypes) are ignored; the
+exporter keeps the source config.json (stored in the checkpoint's meta.json) and only
+rewrites what we know, so they survive a round trip.
+
+Known limits, refused: group-limited routing with topk_group < n_group (DeepSeek-V3
+itself: n_group 8, topk_group 4; Kimi K2 uses 1/1), a full-rank query (q_lora_rank null,
+DeepSeek-V2-Lite), tied embeddings, attention biases, and Kimi K2.5 checkpoints (vision
+tower + projector under `text_config` / `vision_config`: the MoonViT mapping, with its
+LayerNorm eps 1e-5, 2D RoPE pair order and own tensor names, is not written yet).
+Skipped: multi-token-prediction layers (their weights are not imported).
+"""
+from __future__ import annotations
+
+from model.config import ConfigError, LMConfig, ModelConfig, preset
+
+LM_ARCHITECTURES = ("DeepseekV3ForCausalLM",)
+# HF's MLA latent norms (q_a_layernorm, kv_a_layernorm) are built with the RMSNorm default
+# eps, not rms_norm_eps; ours use lm.norm_eps for every RMSNorm, so the two must agree
+HF_LATENT_NORM_EPS = 1e-6
+
+
+def _refuse(what: str, value, supported: str) -> None:
+    raise ConfigError(f"Hugging Face config: {what}={value!r} is not supported ({supported})")
+
+
+def _require(hf: dict, key: str, expected, default=None) -> None:
+    value = hf.get(key, default)
+    if value != expected:
+        _refuse(key, value, f"only {expected!r} is implemented")
+
+
+def rope_fields(text: dict) -> dict:
+    """LMConfig rope/YaRN fields from `rope_parameters` (transformers 5) or `rope_scaling` +
+    `rope_theta` (the published configs, transformers 4)."""
+    params = dict(text.get("rope_parameters") or text.get("rope_scaling") or {})
+    theta = params.get("rope_theta", text.get("rope_theta"))
+    if theta is None:
+        _refuse("rope_theta", None, "the config must name the RoPE base")
+    kind = params.get("rope_type", params.get("type", "default"))
+    out = {"rope_theta": float(theta)}
+    if kind == "default":
+        return dict(out, yarn_factor=0.0)
+    if kind != "yarn":
+        _refuse("rope type", kind, "'default' and 'yarn' are implemented")
+    if params.get("attention_factor") is not None:
+        _refuse("rope attention_factor", params["attention_factor"],
+                "YaRN's cos/sin scale must come from factor, mscale and mscale_all_dim")
+    if not params.get("truncate", True):
+        _refuse("rope truncate", False, "the correction range is always truncated")
+    factor = params.get("factor")
+    original = params.get("original_max_position_embeddings")
+    if factor is None or original is None:
+        _refuse("yarn factor/original_max_position_embeddings", (factor, original),
+                "both must be given")
+    mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+    if not (mscale and mscale_all_dim):
+        # transformers: cos/sin scaled by mscale(factor, 1), softmax unscaled; ours the same
+        # with mscale 1 and mscale_all_dim 0 (mscale(factor, 0) = 1)
+        mscale, mscale_all_dim = 1.0, 0.0
+    return dict(out, yarn_factor=float(factor), yarn_original_max_position=int(original),
+                yarn_beta_fast=float(params.get("beta_fast") or 32),
+                yarn_beta_slow=float(params.get("beta_slow") or 1),
+                yarn_mscale=float(mscale), yarn_mscale_all_dim=float(mscale_all_dim))
+
+
+def lm_config_from_hf(text: dict) -> LMConfig:
+    """LMConfig of a DeepseekV3-architecture `config.json` (or a K2.5 `text_config`)."""
+    _require(text, "hidden_act", "silu", "silu")
+    _require(text, "attention_bias", False, False)
+    _require(text, "tie_word_embeddings", False, False)
+    _require(text, "norm_topk_prob", True, True)
+    _require(text, "scoring_func", "sigmoid", "sigmoid")
+    _require(text, "topk_method", "noaux_tc", "noaux_tc")
+    _require(text, "moe_layer_freq", 1, 1)
+    if text.get("q_lora_rank") is None:
+        _refuse("q_lora_rank", None, "MLA with a low-rank query (q_lora_rank > 0) only")
+    heads = text["num_attention_heads"]
+    if text.get("num_key_value_heads", heads) != heads:
+        _refuse("num_key_value_heads", text["num_key_value_heads"],
+                f"MLA has one key/value head per query head ({heads})")
+    n_group, topk_group = text.get("n_group") or 1, text.get("topk_group") or 1
+    if topk_group < n_group:
+        _refuse("n_group/topk_group", (n_group, topk_group),
+                "group-limited routing is not implemented: only topk_group == n_group "
+                "(every group eligible; Kimi K2 has 1/1)")
+    eps = float(text.get("rms_norm_eps", 1e-6))
+    if eps != HF_LATENT_NORM_EPS:
+        _refuse("rms_norm_eps", eps, f"transformers' MLA latent norms use {HF_LATENT_NORM_EPS} "
+                "whatever rms_norm_eps says, ours use rms_norm_eps: only that value agrees")
+    if text.get("pretraining_tp", 1) != 1:
+        _refuse("pretraining_tp", text["pretraining_tp"], "only 1")
+    return LMConfig(
+        vocab_size=text["vocab_size"], hidden=text["hidden_size"],
+        layers=text["num_hidden_layers"], heads=heads, q_lora_rank=text["q_lora_rank"],
+        kv_lora_rank=text["kv_lora_rank"], qk_nope_head_dim=text["qk_nope_head_dim"],
+        qk_rope_head_dim=text["qk_rope_head_dim"], v_head_dim=text["v_head_dim"],
+        first_k_dense=text.get("first_k_dense_replace", 0),
+        dense_hidden=text["intermediate_size"], num_experts=text["n_routed_experts"],
+        top_k=text["num_experts_per_tok"], num_shared_experts=text.get("n_shared_experts") or 0,
+        expert_hidden=text["moe_intermediate_size"],
+        routed_scaling_factor=float(text.get("routed_scaling_factor", 1.0)), norm_eps=eps,
+        init_std=float(text.get("initializer_range", 0.02)), **rope_fields(text))
+
+
+def is_vlm(hf: dict) -> bool:
+    return "text_config" in hf and "vision_config" in hf
+
+
+def model_config_from_hf(hf: dict, vision_preset: str = "k25",
+                         media_token_id: int | None = None) -> ModelConfig:
+    """The ModelConfig of an HF `config.json`: its LM, and the vision encoder (and projector)
+    of `vision_preset`, initialised fresh by the trainer. `media_token_id`: the LM's media
+    placeholder (Kimi K2's tokenizer reserves 163605 for it)."""
+    if is_vlm(hf):
+        raise ConfigError("Hugging Face config: a Kimi K2.5 checkpoint (text_config + "
+                          "vision_config): importing its vision tower and projector is not "
+                          "implemented yet; convert the language model from a DeepseekV3 "
+                          "(Kimi K2) checkpoint")
+    archs = hf.get("architectures") or []
+    if archs and not set(archs) & set(LM_ARCHITECTURES):
+        _refuse("architectures", archs, f"one of {LM_ARCHITECTURES}")
+    cfg = ModelConfig(preset="hf", lm=lm_config_from_hf(hf), vision=preset(vision_preset).vision)
+    if media_token_id is not None:
+        cfg.media_token_id = media_token_id
+    cfg.validate()
+    return cfg
+
+
+def lm_config_to_hf(lm: LMConfig, base: dict | None = None) -> dict:
+    """A DeepseekV3 `config.json` for `lm`: `base` (the imported source config) with every
+    field we model rewritten, or a fresh one."""
+    out = {k: v for k, v in (base or {}).items()
+           if k not in ("quantization_config", "rope_scaling", "rope_parameters")}
+    out.setdefault("architectures", list(LM_ARCHITECTURES))
+    out.setdefault("model_type", "deepseek_v3")
+    rope: dict = {"rope_theta": lm.rope_theta, "rope_type": "default"}
+    if lm.yarn_factor > 1:
+        rope.update(rope_type="yarn", factor=lm.yarn_factor,
+                    original_max_position_embeddings=lm.yarn_original_max_position,
+                    beta_fast=lm.yarn_beta_fast, beta_slow=lm.yarn_beta_slow)
+        if lm.yarn_mscale_all_dim:
+            rope.update(mscale=lm.yarn_mscale, mscale_all_dim=lm.yarn_mscale_all_dim)
+        elif lm.yarn_mscale != 1.0:
+            _refuse("yarn_mscale without yarn_mscale_all_dim", lm.yarn_mscale,
+                    "transformers ignores mscale unless mscale_all_dim is set")
+        out.setdefault("max_position_embeddings",
+                       int(lm.yarn_original_max_position * lm.yarn_factor))
+    out.update(
+        vocab_size=lm.vocab_size, hidden_size=lm.hidden, num_hidden_layers=lm.layers,
+        num_attention_heads=lm.heads, num_key_value_heads=lm.heads, q_lora_rank=lm.q_lora_rank,
+        kv_lora_rank=lm.kv_lora_rank, qk_nope_head_dim=lm.qk_nope_head_dim,
+        qk_rope_head_dim=lm.qk_rope_head_dim, v_head_dim=lm.v_head_dim,
+        first_k_dense_replace=lm.first_k_dense, intermediate_size=lm.dense_hidden,
+        n_routed_experts=lm.num_experts, num_experts_per_tok=lm.top_k,
+        n_shared_experts=lm.num_shared_experts, moe_intermediate_size=lm.expert_hidden,
+        routed_scaling_factor=lm.routed_scaling_factor, rms_norm_eps=lm.norm_eps,
+        initializer_range=lm.init_std, hidden_act="silu", attention_bias=False,
+        tie_word_embeddings=False, norm_topk_prob=True, rope_interleave=True,
+        n_group=1, topk_group=1, num_nextn_predict_layers=0, rope_parameters=rope)
+    # transformers 4 and the published configs read these two
+    out["rope_theta"] = lm.rope_theta
+    out["rope_scaling"] = ({k if k != "rope_type" else "type": v for k, v in rope.items()
+                            if k != "rope_theta"} if lm.yarn_factor > 1 else None)
+    return out
