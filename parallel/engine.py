@@ -34,11 +34,13 @@ from model.vision_language import VisionEncoder
 from parallel.dep import DecoupledEncoder, ReplicaMedia
 from parallel.expert_dispatch import AllToAllDispatcher
 from parallel.layout import PipelineLayout
+from parallel.muon import Muon, muon_param_groups
 from parallel.pipeline_runtime import PipelineRuntime
+from parallel.qk_clip import reduced_max_logits, track_max_logits
 from parallel.schedule import COMPUTE_OPS, schedule
 from parallel.topology import Topology
 from parallel.update_rule import UpdateRule
-from parallel.zero1 import DEFAULT_BUCKET_NUMEL, ParamGroup, Zero1Optimizer
+from parallel.zero1 import DEFAULT_BUCKET_NUMEL, Zero1Optimizer
 
 
 class StageModule(nn.Module):
@@ -70,7 +72,7 @@ class ParallelEngine:
                  micro_batch: int, seq_len: int, microbatches: int, seed: int,
                  rule: UpdateRule, grad_clip: float, encoder: str = "colocated",
                  dtype: torch.dtype = torch.float32, bucket_numel: int = DEFAULT_BUCKET_NUMEL,
-                 overlap_grad_reduce: bool = True):
+                 overlap_grad_reduce: bool = True, matrix_rule: Muon | None = None):
         if encoder not in ("colocated", "dep"):
             raise ValueError(f"encoder={encoder!r}: choose 'dep' or 'colocated'")
         self.cfg, self.topo = model_cfg, topology
@@ -100,11 +102,14 @@ class ParallelEngine:
             self.dep = DecoupledEncoder(vision, topology.world_group,
                                         topology.stage0_rank_of_replica)
             encoder_params = [(f"vision.{n}", p) for n, p in vision.named_parameters()]
-        # every rank of a group holds the same stages, so all members skip an empty group
-        groups = [ParamGroup([p for _, p in params], group, [n for n, _ in params])
-                  for params, group in ((dense, topology.dp_group), (expert, topology.edp_group),
-                                        (encoder_params, topology.world_group))
-                  if params]
+        # every rank of a group holds the same stages, so all members skip an empty group;
+        # with a matrix rule (MuonClip) each process group has a Muon and an AdamW group
+        groups = [g for params, group in ((dense, topology.dp_group),
+                                          (expert, topology.edp_group),
+                                          (encoder_params, topology.world_group))
+                  for g in muon_param_groups(params, group, matrix_rule)]
+        self.clip = matrix_rule.clip if matrix_rule is not None else None
+        self.attention = track_max_logits(self.stages.values()) if self.clip else {}
         self.optimizer = Zero1Optimizer(groups, norm_group=topology.world_group, rule=rule,
                                         max_grad_norm=grad_clip, bucket_numel=bucket_numel,
                                         param_dtype=dtype,
@@ -160,6 +165,8 @@ class ParallelEngine:
             self.phases.append(("DEP grads back + recompute + backward", "dep", start, clock()))
         start = clock()
         dist.all_reduce(loss, group=self.topo.world_group)  # only last stages contribute
+        if self.clip is not None:  # a stage's DP replicas hold the same attention layers
+            self.clip.set_max_logits(reduced_max_logits(self.attention, self.topo.dp_group))
         grad_norm = self.optimizer.step(lr)
         self.optimizer.zero_grad()
         self._update_router_biases()

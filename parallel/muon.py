@@ -54,6 +54,7 @@ from typing import Any
 import torch
 
 from parallel.update_rule import BucketShard
+from parallel.zero1 import ParamGroup
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
@@ -210,3 +211,28 @@ class Muon:
                 alpha=-lr * w.lr_scale)
         if self.clip is not None:
             self.clip.apply_(shard, plan.clip)
+
+
+def uses_muon(name: str, param: torch.Tensor) -> bool:
+    """Muon for the hidden matrices: 2-D weights and grouped 3-D expert weights; AdamW for
+    the embedding table, the output head, norms, biases and other tensors (e.g. the
+    vision position-embedding grid)."""
+    if name.split(".")[-2:-1] in (["embed"], ["head"]):
+        return False
+    return param.dim() == 2 or (param.dim() == 3 and ".experts." in name)
+
+
+def muon_param_groups(named: list[tuple[str, torch.nn.Parameter]], process_group,
+                      muon: Muon | None) -> list[ParamGroup]:
+    """ZeRO-1 param groups of one process group: all in one (the optimizer's rule) without
+    Muon; else the Muon matrices and the rest (the optimizer's rule) as two groups, so
+    each element holds only its own rule's state."""
+    def group(items, rule=None):
+        return ParamGroup([p for _, p in items], process_group, [n for n, _ in items], rule)
+
+    if muon is None:
+        return [group(named)] if named else []
+    matrices = [(n, p) for n, p in named if uses_muon(n, p)]
+    rest = [(n, p) for n, p in named if not uses_muon(n, p)]
+    return [g for g in (group(matrices, muon) if matrices else None,
+                        group(rest) if rest else None) if g is not None]

@@ -22,9 +22,13 @@ step). The statistic comes from model/mla.py (`MLA.track_max_logit`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
+import torch.distributed as dist
+from torch import nn
 
+from model.mla import MLA
 from parallel.update_rule import BucketShard
 
 Q_UP, KV_UP = ".q_up.weight", ".kv_up.weight"
@@ -107,3 +111,28 @@ class QKClip:
             scale = scale_R[first:last + 1].repeat_interleave(piece.cols)
             shard.master[piece.shard_start:piece.shard_start + piece.numel].mul_(
                 scale[offset:offset + piece.numel])
+
+
+def track_max_logits(modules: Iterable[nn.Module]) -> dict[str, MLA]:
+    """Turn on the statistic in every MLA inside ``modules`` (roots whose parameter names
+    are the global ones); returns them by name (e.g. ``lm.layers.3.attn``)."""
+    found = {}
+    for module in modules:
+        for name, sub in module.named_modules():
+            if isinstance(sub, MLA):
+                sub.track_max_logit = True
+                found[name] = sub
+    return found
+
+
+def reduced_max_logits(attention: dict[str, MLA],
+                       group: dist.ProcessGroup | None) -> dict[str, torch.Tensor]:
+    """The step's per-head maxima of these layers, MAX-reduced over ``group`` (the
+    data-parallel replicas that hold the same layers) in ONE collective, stacked
+    [layers, H]; resets the modules' running maxima."""
+    if not attention:
+        return {}
+    stacked_LH = torch.stack([m.take_max_logit() for m in attention.values()])
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(stacked_LH, op=dist.ReduceOp.MAX, group=group)
+    return dict(zip(attention, stacked_LH))

@@ -64,7 +64,8 @@ class DistributedEngine:
             microbatches=cfg.microbatches_per_replica, seed=cfg.train.seed,
             rule=cfg.optim.update_rule(), grad_clip=cfg.optim.grad_clip, encoder=p.encoder,
             dtype=cfg.dtype, bucket_numel=p.bucket_numel,
-            overlap_grad_reduce=p.overlap_grad_reduce)
+            overlap_grad_reduce=p.overlap_grad_reduce,
+            matrix_rule=cfg.optim.matrix_rule(cfg.model.lm))
         self.cfg = cfg
 
     @property
