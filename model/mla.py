@@ -10,6 +10,12 @@ cache; the rope part is decoupled because RoPE does not commute with the
 up-projection. Packed documents attend causally within themselves (model/attention.py
 picks the kernel; the mask and the rotary tables are computed once per forward by the
 caller and shared by every layer).
+
+QK-Clip (MuonClip) needs each head's largest pre-softmax logit: with `track_max_logit`
+on, the forward also computes scale * q.k per head under no_grad and keeps the running
+max in `max_logit_H` until `take_max_logit`. Known limit: that is one extra dense
+[B, H, S, S] score pass (the cost of the attention scores, no softmax or values), also
+on GPU where attention itself is a varlen kernel; off by default (AdamW runs pay nothing).
 """
 from __future__ import annotations
 
@@ -37,6 +43,24 @@ class MLA(nn.Module):
                                bias=False)
         self.o_proj = nn.Linear(H * cfg.v_head_dim, cfg.hidden, bias=False)
         self.softmax_scale = cfg.qk_head_dim ** -0.5 * yarn_attention_mscale(cfg) ** 2
+        self.track_max_logit = False
+        self.max_logit_H: torch.Tensor | None = None  # running max since take_max_logit
+
+    def take_max_logit(self) -> torch.Tensor:
+        """[H] fp32 largest logit per head since the last call (-inf if no forward ran)."""
+        out = self.max_logit_H
+        self.max_logit_H = None
+        if out is None:
+            return torch.full((self.cfg.heads,), float("-inf"), device=self.o_proj.weight.device)
+        return out
+
+    @torch.no_grad()
+    def _track_max_logit(self, q_BHSQ: torch.Tensor, k_BHSQ: torch.Tensor,
+                         mask_B1SS: torch.Tensor) -> None:
+        logits = (q_BHSQ.float() @ k_BHSQ.float().transpose(-1, -2)) * self.softmax_scale
+        max_H = logits.masked_fill(~mask_B1SS, float("-inf")).amax(dim=(0, 2, 3))
+        self.max_logit_H = max_H if self.max_logit_H is None else torch.maximum(
+            self.max_logit_H, max_H)
 
     def forward(self, x_BSD: torch.Tensor, rope_cos_sin: tuple[torch.Tensor, torch.Tensor],
                 mask: DocumentMask) -> torch.Tensor:
@@ -57,6 +81,8 @@ class MLA(nn.Module):
         q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)
         k = torch.cat([k_nope, k_rope_BS1R.expand(B, S, H, rope)], dim=-1).transpose(1, 2)
         v = v_BSHV.transpose(1, 2)
+        if self.track_max_logit:
+            self._track_max_logit(q, k, mask.dense_B1SS)
         out_BHSV = document_attention(q, k, v, mask, self.softmax_scale, self.te)
         return self.o_proj(out_BHSV.transpose(1, 2).reshape(B, S, H * vdim))
 

@@ -35,12 +35,14 @@ from parallel.dep import DecoupledEncoder, StepMedia
 from parallel.expert_dispatch import AllToAllDispatcher
 from parallel.flat_chunks import split_grouped
 from parallel.layout import PipelineLayout
+from parallel.muon import Muon, muon_param_groups
 from parallel.pipeline_runtime import PipelineRuntime
+from parallel.qk_clip import reduced_max_logits, track_max_logits
 from parallel.schedule import COMPUTE_OPS, schedule
 from parallel.step_clock import StepClock
 from parallel.topology import Topology
 from parallel.update_rule import UpdateRule
-from parallel.zero1 import DEFAULT_BUCKET_NUMEL, ParamGroup, Zero1Optimizer
+from parallel.zero1 import DEFAULT_BUCKET_NUMEL, Zero1Optimizer
 
 
 class StageModule(nn.Module):
@@ -106,9 +108,11 @@ class ParallelEngine:
                  rule: UpdateRule, grad_clip: float, encoder: str = "colocated",
                  dtype: torch.dtype = torch.float32, bucket_numel: int = DEFAULT_BUCKET_NUMEL,
                  overlap_grad_reduce: bool = True, device: torch.device | str = "cpu",
-                 ep_overlap: bool = False):
+                 ep_overlap: bool = False, matrix_rule: Muon | None = None):
         """`ep_overlap` (applies with ep > 1): chunks run node by node and the steady state's
-        forward/backward pairs interleave, hiding expert all-to-alls (parallel/chunk_pass.py)."""
+        forward/backward pairs interleave, hiding expert all-to-alls (parallel/chunk_pass.py).
+        `matrix_rule` (MuonClip): Muon for the hidden matrices, the optimizer's rule for the
+        rest, QK-Clip after each update."""
         if encoder not in ("colocated", "dep"):
             raise ValueError(f"encoder={encoder!r}: choose 'dep' or 'colocated'")
         self.cfg, self.topo = model_cfg, topology
@@ -136,9 +140,12 @@ class ParallelEngine:
             self.dep = DecoupledEncoder(vision, topology.dep_group, topology.dep_stage0_ranks)
         process_groups = {"dense": topology.dp_group, "expert": topology.edp_group,
                           "encoder": topology.world_group}
-        groups = [ParamGroup([p for _, p in params], process_groups[kind], [n for n, _ in params])
-                  for kind, params in zero1_param_groups(
-                      self.stages, self.dep.encoder if self.dep else None).items()]
+        # with a matrix rule (MuonClip) each process group has a Muon and an AdamW group
+        groups = [g for kind, params in zero1_param_groups(
+                      self.stages, self.dep.encoder if self.dep else None).items()
+                  for g in muon_param_groups(params, process_groups[kind], matrix_rule)]
+        self.clip = matrix_rule.clip if matrix_rule is not None else None
+        self.attention = track_max_logits(self.stages.values()) if self.clip else {}
         self.optimizer = Zero1Optimizer(groups, norm_group=topology.world_group, rule=rule,
                                         max_grad_norm=grad_clip, bucket_numel=bucket_numel,
                                         param_dtype=dtype,
@@ -216,6 +223,8 @@ class ParallelEngine:
             phases.append(("DEP grads back + recompute + backward", "dep", start, clock.mark()))
         start = clock.mark()
         dist.all_reduce(loss, group=self.topo.world_group)  # only last stages contribute
+        if self.clip is not None:  # a stage's DP replicas hold the same attention layers
+            self.clip.set_max_logits(reduced_max_logits(self.attention, self.topo.dp_group))
         grad_norm = self.optimizer.step(lr)
         self.optimizer.zero_grad()
         self._update_router_biases()

@@ -92,11 +92,15 @@ class ParamGroup:
 
     Every rank of ``process_group`` must pass the same parameters (shapes, order).
     ``names`` name the parameters in checkpoints and error messages; default ``"p<i>"``.
+    ``rule`` steps this group (default: the optimizer's rule); MuonClip puts the hidden
+    matrices (Muon, state "momentum") and the rest (AdamW) of one process group into two
+    groups, so each element carries only its own rule's state.
     """
 
     params: list[nn.Parameter]
     process_group: dist.ProcessGroup | None
     names: list[str] | None = None
+    rule: UpdateRule | None = None
 
 
 @dataclass
@@ -106,6 +110,7 @@ class ShardedGroup:
     params: list[nn.Parameter]
     names: list[str]
     process_group: dist.ProcessGroup | None
+    rule: UpdateRule
     rank: int  # this rank's index inside process_group (0 for a world of one)
     size: int
     buckets: list[BucketLayout]
@@ -220,6 +225,7 @@ class Zero1Optimizer:
     def _build_group(self, group_index: int, group: ParamGroup, bucket_numel: int,
                      decay_rule: DecayRule) -> ShardedGroup:
         names = group.names or [f"p{i}" for i in range(len(group.params))]
+        rule = group.rule if group.rule is not None else self.rule
         decays = [bool(decay_rule(n, p)) for n, p in zip(names, group.params)]
         shapes = [tuple(p.shape) for p in group.params]
         pg = group.process_group
@@ -244,7 +250,7 @@ class Zero1Optimizer:
         grads_flat = torch.zeros(total, dtype=torch.float32, device=device)
         master_flat = torch.zeros(shard_total, device=device) if self.mixed else None
         state_flat = {name: torch.zeros(shard_total, device=device)
-                      for name in self.rule.state_names}
+                      for name in rule.state_names}
         shards, bucket_of = [], [0] * len(group.params)
         pieces_of: list[list[tuple[ShardPiece, BucketShard]]] = [[] for _ in group.params]
         for b, bucket in enumerate(buckets):
@@ -254,14 +260,14 @@ class Zero1Optimizer:
                       else params_flat[bases[b] + start:bases[b] + end])
             shard = BucketShard(bucket, rank, size, pg, tuple(bucket.pieces(rank)), master,
                                 {name: t[s0:s1] for name, t in state_flat.items()})
-            shard.plan = self.rule.prepare(shard)
+            shard.plan = rule.prepare(shard)
             shards.append(shard)
             for piece in shard.pieces:
                 pieces_of[piece.slot.index].append((piece, shard))
                 param = group.params[piece.slot.index].detach().reshape(-1)
                 master[piece.shard_start:piece.shard_end].copy_(
                     param[piece.param_start:piece.param_start + piece.numel])
-        sharded = ShardedGroup(list(group.params), names, pg, rank, size, buckets, bases,
+        sharded = ShardedGroup(list(group.params), names, pg, rule, rank, size, buckets, bases,
                                params_flat, grads_flat, shards, bucket_of, pieces_of,
                                master_flat, state_flat)
         for bucket in buckets:
@@ -420,7 +426,7 @@ class Zero1Optimizer:
         gathers = []
         for group, shards in zip(self.groups, grad_shards):
             for b, grad_S in enumerate(shards):
-                self.rule.update(group.shards[b], grad_S, lr=lr, step=self.step_count)
+                group.rule.update(group.shards[b], grad_S, lr=lr, step=self.step_count)
                 gathers.append(self._gather_params(group, b))
         for handle in gathers:
             if handle is not None:
@@ -485,9 +491,9 @@ class Zero1Optimizer:
         1-D entries of the parameter's numel (see parallel/flat_chunks.py); with a
         compute dtype below fp32 also ``"master"``, the fp32 weights. Views: saving and
         loading read and write the shards themselves."""
-        kinds = list(self.rule.state_names) + (["master"] if self.mixed else [])
         out: dict[str, dict[str, FlatChunks]] = {}
         for group in self.groups:
+            kinds = list(group.rule.state_names) + (["master"] if self.mixed else [])
             for index, pieces in enumerate(group.pieces_of):
                 if not pieces:
                     continue

@@ -64,8 +64,15 @@ class TrainSection:
     dtype: str = "fp32"
 
 
+OPTIMIZERS = ("adamw", "muonclip")
+
+
 @dataclass
 class OptimSection:
+    # "adamw", or "muonclip": Muon for the hidden matrices (each expert its own matrix,
+    # update RMS matched to AdamW's, so lr and weight_decay carry over) with QK-Clip per
+    # MLA head, AdamW (beta1, beta2, eps) for embeddings, head, norms and biases
+    name: str = "adamw"
     lr: float = 3e-3  # peak learning rate, after warm-up
     min_lr: float = 3e-4  # learning rate at the end of the cosine decay
     warmup_steps: int = 5  # linear warm-up from 0 to lr
@@ -75,12 +82,28 @@ class OptimSection:
     beta2: float = 0.95  # AdamW second-moment decay
     eps: float = 1e-8  # AdamW denominator epsilon
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    muon_momentum: float = 0.95  # muonclip: Nesterov momentum
+    muon_ns_steps: int = 5  # muonclip: Newton-Schulz iterations
+    qk_clip_tau: float = 100.0  # muonclip: largest pre-softmax logit allowed per MLA head
 
     def update_rule(self):
-        """The ZeRO-1 update rule these settings describe."""
+        """The ZeRO-1 update rule these settings describe (for every parameter with
+        AdamW; for those `matrix_rule` does not take with MuonClip)."""
         from parallel.adamw import AdamW, AdamWConfig
         return AdamW(AdamWConfig(beta1=self.beta1, beta2=self.beta2, eps=self.eps,
                                  weight_decay=self.weight_decay))
+
+    def matrix_rule(self, lm):
+        """The rule of the hidden matrices: Muon with QK-Clip for ``muonclip`` (``lm``: the
+        LM config, for the heads' geometry), None for ``adamw``."""
+        if self.name != "muonclip":
+            return None
+        from parallel.muon import Muon, MuonConfig
+        from parallel.qk_clip import MLAHeads, QKClip
+        heads = MLAHeads(lm.heads, lm.qk_nope_head_dim, lm.qk_rope_head_dim, lm.v_head_dim)
+        return Muon(MuonConfig(momentum=self.muon_momentum, ns_steps=self.muon_ns_steps,
+                               weight_decay=self.weight_decay),
+                    clip=QKClip(heads, tau=self.qk_clip_tau))
 
 
 @dataclass
@@ -201,6 +224,14 @@ class JobConfig:
         if o.warmup_steps < 0 or o.decay_steps < 0 or o.grad_clip < 0 or o.weight_decay < 0:
             raise ConfigError("optim.warmup_steps, optim.decay_steps, optim.grad_clip and "
                               "optim.weight_decay must be >= 0")
+        if o.name not in OPTIMIZERS:
+            raise ConfigError(f"optim.name={o.name!r}: choose one of {', '.join(OPTIMIZERS)}")
+        if o.name == "muonclip" and not (0 <= o.muon_momentum < 1 and 1 <= o.muon_ns_steps < 100
+                                         and o.qk_clip_tau > 0):
+            raise ConfigError(f"muonclip needs 0 <= optim.muon_momentum < 1 (got "
+                              f"{o.muon_momentum}), 1 <= optim.muon_ns_steps < 100 (got "
+                              f"{o.muon_ns_steps}) and optim.qk_clip_tau > 0 (got "
+                              f"{o.qk_clip_tau})")
         if t.global_batch % (p.dp * t.micro_batch):
             raise ConfigError(
                 f"train.global_batch={t.global_batch} must be divisible by parallel.dp x "

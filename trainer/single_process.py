@@ -9,7 +9,8 @@ expert load.
 With `dtype=torch.bfloat16` the optimizer is instead ZeRO-1 over a world of one
 (parallel/zero1.py): bf16 weights for compute, fp32 gradient accumulation, fp32
 master weights and state. That is the reference bf16 layouts are compared to, and
-`torch.optim.AdamW` stays the fp32 reference (and keeps its numbers).
+`torch.optim.AdamW` stays the fp32 reference (and keeps its numbers). MuonClip
+(`optim.name = "muonclip"`) always runs through that ZeRO-1 of one, where its rules live.
 """
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ from model.config import ModelConfig
 from model.param_names import expert_entry_names, global_named_tensors
 from model.vision_language import VisionLanguageModel
 from parallel.flat_chunks import split_grouped
-from parallel.zero1 import ParamGroup, Zero1Optimizer
+from parallel.muon import muon_param_groups
+from parallel.qk_clip import reduced_max_logits, track_max_logits
+from parallel.zero1 import Zero1Optimizer
 from trainer.batch_inputs import model_inputs
 from trainer.config import OptimSection
 
@@ -62,12 +65,15 @@ class SingleProcessEngine:
         self.grad_clip = optim.grad_clip
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.zero1: Zero1Optimizer | None = None
-        if dtype == torch.float32:
+        matrix_rule = optim.matrix_rule(model_cfg.lm)
+        self.clip = matrix_rule.clip if matrix_rule is not None else None
+        self.attention = track_max_logits([self.model]) if self.clip else {}
+        if dtype == torch.float32 and matrix_rule is None:
             self.optimizer = adamw(self.params, optim)
         else:  # masters from the fp32 init, then the parameters become bf16
             named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
             self.zero1 = Zero1Optimizer(
-                [ParamGroup([p for _, p in named], None, [n for n, _ in named])],
+                muon_param_groups(named, None, matrix_rule),
                 norm_group=None, rule=optim.update_rule(), max_grad_norm=optim.grad_clip,
                 param_dtype=dtype)
         self._loaded: dict[str, dict[str, torch.Tensor]] = {}
@@ -83,6 +89,8 @@ class SingleProcessEngine:
                               x.media_index, x.labels) / count
             loss.backward()
             loss_total += loss.detach()
+        if self.clip is not None:
+            self.clip.set_max_logits(reduced_max_logits(self.attention, None))
         if self.zero1 is not None:
             grad_norm = float(self.zero1.step(lr))
             self.zero1.zero_grad()

@@ -58,7 +58,8 @@ class DistributedEngine:
             seed=cfg.train.seed, device=device,
             rule=cfg.optim.update_rule(), grad_clip=cfg.optim.grad_clip, encoder=p.encoder,
             dtype=cfg.dtype, bucket_numel=p.bucket_numel,
-            overlap_grad_reduce=p.overlap_grad_reduce, ep_overlap=p.ep_overlap)
+            overlap_grad_reduce=p.overlap_grad_reduce, ep_overlap=p.ep_overlap,
+            matrix_rule=cfg.optim.matrix_rule(cfg.model.lm))
         self.cfg = cfg
 
     @property

@@ -25,6 +25,8 @@ A layout may name a mutant, a deliberate bug the test must catch:
                               replica's media (numerically the same run)
   mutant=early_a2a_read       the overlapped schedule reads an all-to-all's receive buffer
                               before its handle completed
+  mutant=local_newton_schulz  Muon orthogonalises only the local part of a matrix cut by shards
+  mutant=local_max_logit      QK-Clip uses this replica's max logits, not the DP maximum
 """
 from __future__ import annotations
 
@@ -114,6 +116,25 @@ def apply_mutant(dist_engine: DistributedEngine, mutant: str, microbatches: int,
             plan = plan_media(refs, world, stage0_rank_of_replica)
             return dataclasses.replace(plan, encoder_rank=plan.owner_rank)
         patches.enter_context(mock.patch("parallel.dep.plan_media", owners_encode))
+    elif mutant == "local_newton_schulz":  # the bucket gather sees only this rank's shard
+        for group in engine.optimizer.groups:
+            for shard in group.shards:
+                def local(t, shard=shard):
+                    whole = t.new_zeros(shard.layout.padded_numel)
+                    start, end = shard.layout.shard_range(shard.rank)
+                    whole[start:end] = t
+                    return whole
+                shard.all_gather = local
+    elif mutant == "local_max_logit":  # keep each module's own max, drop the DP reduction
+        local = {}
+        for name, mla in engine.attention.items():
+            def take(take=mla.take_max_logit, name=name):
+                local[name] = take()
+                return local[name].clone()
+            mla.take_max_logit = take
+        set_max_logits = engine.clip.set_max_logits
+        engine.clip.set_max_logits = lambda reduced: set_max_logits(
+            {n: local[n] for n in reduced})
     elif mutant:
         raise ValueError(f"unknown mutant {mutant!r}")
 

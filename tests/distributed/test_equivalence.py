@@ -72,10 +72,10 @@ def mismatches(run: dict, ref: dict) -> list[str]:
     return problems
 
 
-def launch(tmp_path, nproc: int, layouts: list[str]) -> dict:
+def launch(tmp_path, nproc: int, layouts: list[str], base: list[str] = BASE) -> dict:
     out = tmp_path / "results.pt"
     torchrun("tests.distributed.equivalence_worker", nproc, "--out", str(out),
-             "--layouts", ";".join(layouts), "--base", " ".join(BASE))
+             "--layouts", ";".join(layouts), "--base", " ".join(base))
     return torch.load(out, weights_only=True)
 
 
