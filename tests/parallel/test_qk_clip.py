@@ -15,7 +15,9 @@ import torch
 from torch import nn
 
 from model.config import preset
-from model.mla import MLA, packed_causal_mask
+from model.attention import DocumentMask
+from model.mla import MLA
+from model.rope import RotaryEmbedding
 from parallel.adamw import AdamW
 from parallel.bucket_layout import plan_buckets
 from parallel.muon import Muon, MuonConfig
@@ -37,9 +39,8 @@ def _setup():
     x = torch.randn(B, S, cfg.hidden)
     positions = torch.arange(S).repeat(B, 1)
     doc_ids = torch.cat([torch.zeros(B, S // 2), torch.ones(B, S - S // 2)], 1).long()
-    mask = packed_causal_mask(doc_ids)
     heads = MLAHeads(cfg.heads, nope, rope, cfg.v_head_dim)
-    return cfg, mla, heads, (x, positions, mask)
+    return cfg, mla, heads, (x, RotaryEmbedding(cfg)(positions), DocumentMask(doc_ids))
 
 
 def _max_logit(mla: MLA, inputs) -> torch.Tensor:
