@@ -115,7 +115,9 @@ def apply_mutant(dist_engine: DistributedEngine, mutant: str, microbatches: int,
         def owners_encode(refs, world, stage0_rank_of_replica):
             plan = plan_media(refs, world, stage0_rank_of_replica)
             return dataclasses.replace(plan, encoder_rank=plan.owner_rank)
+        # the engine's plan and the loaders' selection (trainer/train.py) alike
         patches.enter_context(mock.patch("parallel.dep.plan_media", owners_encode))
+        patches.enter_context(mock.patch("parallel.dep_plan.plan_media", owners_encode))
     elif mutant == "local_newton_schulz":  # the bucket gather sees only this rank's shard
         for group in engine.optimizer.groups:
             for shard in group.shards:
