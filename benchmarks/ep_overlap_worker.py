@@ -64,7 +64,7 @@ def main() -> None:
     cfg = load_config(overrides)
     cfg.validate(world_size=dist.get_world_size())
     engine = DistributedEngine(cfg)
-    data = build_data(cfg, engine.topology.dp_rank, cfg.parallel.dp)
+    data = build_data(cfg, engine.data_role())
     step = 0
 
     def run(overlap: bool) -> dict:
