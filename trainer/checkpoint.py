@@ -367,6 +367,8 @@ class CheckpointManager:
         _barrier()
         state = {"model": model, "optim": optimizer,
                  "rng": {f"rank{rank}": torch.get_rng_state()}}
+        if torch.cuda.is_initialized():  # this rank's GPU generator (dropout-free today)
+            state["rng"][f"cuda{rank}"] = torch.cuda.get_rng_state()
         writer = _ManifestWriter(tmp)
         try:
             with warnings.catch_warnings():
@@ -518,8 +520,13 @@ class CheckpointManager:
         reader = cls._reader(path)
         state: dict = {"model": model, "optim": optimizer}
         rng = torch.empty_like(torch.get_rng_state())
+        cuda_rng = None
         if same_world:
             state["rng"] = {f"rank{_rank()}": rng}
+            if (torch.cuda.is_initialized()
+                    and f"rng.cuda{_rank()}" in reader.read_metadata().state_dict_metadata):
+                cuda_rng = state["rng"][f"cuda{_rank()}"] = torch.empty_like(
+                    torch.cuda.get_rng_state())
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -528,4 +535,6 @@ class CheckpointManager:
             raise _load_failure(path, e) from e
         if same_world:
             torch.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state(cuda_rng)
         return sorted(reader.verified)

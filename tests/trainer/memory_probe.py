@@ -37,7 +37,7 @@ def probe_distributed(dist_engine) -> dict:
 
     run = engine.runtime.run
 
-    def measured_run(forward, loss_fn, make_pass=None):
+    def measured_run(forward, loss_fn, make_pass=None, last_backward=None):
         if make_pass is not None:  # the overlapped schedule runs passes, not `forward`
             raise ValueError("the memory probe measures `forward`: run without ep_overlap")
 
@@ -53,7 +53,7 @@ def probe_distributed(dist_engine) -> dict:
                 loss = loss_fn(logits, mb)
             out["held"][(last, mb)] += saved.bytes
             return loss
-        return run(measured_forward, measured_loss)
+        return run(measured_forward, measured_loss, None, last_backward)
 
     engine.runtime.run = measured_run
     if 0 in engine.stages:  # stage 0 runs its microbatches in order
@@ -68,8 +68,7 @@ def probe_distributed(dist_engine) -> dict:
     step = engine.optimizer.step
 
     def measured_step(lr):
-        out["grads"] = tensor_bytes(p.grad for g in engine.optimizer.groups for p in g.params
-                                    if p.grad is not None)
+        out["grads"] = engine.optimizer.memory_bytes()["grads"]  # the flat fp32 buffers
         return step(lr)
 
     engine.optimizer.step = measured_step
@@ -93,9 +92,8 @@ def finish_distributed(dist_engine, out: dict) -> dict:
     engine = dist_engine.engine
     order = [(a.op.value, a.stage, a.microbatch) for a in engine.runtime.actions
              if a.op.value in ("F", "B")]
-    params = [p for g in engine.optimizer.groups for p in g.params]
     return {"pp_rank": dist_engine.topology.pp_rank, "dp_rank": dist_engine.topology.dp_rank,
-            "weights": tensor_bytes(params), "grads": out["grads"],
+            "weights": engine.optimizer.memory_bytes()["weights"], "grads": out["grads"],
             "state": engine.optimizer.state_bytes(),
             "peak": peak_held(order, out["held"]), "recompute": out["recompute"],
             "media": out["media"]}
