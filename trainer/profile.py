@@ -188,7 +188,10 @@ def replayed_bubble_fraction(spans_per_rank: Sequence[Sequence[Span]],
     """
     if len(meta) != len(spans_per_rank):
         raise ValueError(f"{len(meta)} RankInfo for {len(spans_per_rank)} ranks: one per rank")
-    actions = schedule(pp, vpp, microbatches)
+    # an EP-overlap step ran FB pairs (one span each): replay the same schedule
+    paired = any(Action.parse(s.name).op is Op.FB for spans in spans_per_rank for s in spans
+                 if s.category in COMPUTE_CATEGORIES)
+    actions = schedule(pp, vpp, microbatches, ep_overlap=paired)
     makespan = 0.0
     for dp_rank in sorted({info.dp_rank for info in meta}):
         costs = {Action.parse(s.name): s.duration

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -43,8 +44,11 @@ def hand_made_spans() -> list[list[Span]]:
     return [rank0, rank1]
 
 
-def spans_of_simulation(pp: int, vpp: int, m: int, forward: float, backward: float):
-    result = simulate(schedule(pp, vpp, m), pp, vpp, forward, backward, microbatches=m)
+def spans_of_simulation(pp: int, vpp: int, m: int, forward: float, backward: float,
+                        a2a: float | None = None):
+    """A simulated step as spans; with `a2a`, the EP-overlap schedule (FB pairs)."""
+    result = simulate(schedule(pp, vpp, m, ep_overlap=a2a is not None), pp, vpp, forward,
+                      backward, microbatches=m, a2a_cost=a2a or 0.0)
     spans = [spans_from_timeline(rank, [ActionRecord(t.action, T0 + t.start, T0 + t.end)
                                         for t in timings], T0)
              for rank, timings in enumerate(result.timeline_per_rank)]
@@ -107,6 +111,17 @@ def test_replay_of_a_simulated_timeline_is_that_simulation(pp, vpp, m):
     meta = [RankInfo(rank, pp_rank=rank, dp_rank=0) for rank in range(pp)]
     assert replayed_bubble_fraction(spans, meta, pp, vpp, m) == \
         pytest.approx(result.bubble_fraction, abs=1e-12)
+
+
+def test_replay_of_an_ep_overlap_step_replays_its_fb_pairs():
+    """A profiled EP-overlap step has FB spans: the replay must run the same schedule."""
+    pp, vpp, m = 2, 2, 4
+    result, spans = spans_of_simulation(pp, vpp, m, forward=1.0, backward=2.0, a2a=0.3)
+    assert any(s.category == "forward+backward" for rank in spans for s in rank)
+    meta = [RankInfo(rank, pp_rank=rank, dp_rank=0) for rank in range(pp)]
+    compute = statistics.fmean(result.busy_time_per_rank)
+    assert replayed_bubble_fraction(spans, meta, pp, vpp, m) == \
+        pytest.approx((result.makespan - compute) / compute, abs=1e-12)
 
 
 def test_replay_of_the_hand_made_timeline():
