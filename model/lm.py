@@ -26,6 +26,7 @@ from model.mla import MLA
 from model.moe import MoE
 from model.norm import RMSNorm
 from model.rope import RotaryEmbedding
+from model.saved_tensors import STORE_ALL
 
 
 class DecoderLayer(nn.Module):
@@ -37,14 +38,41 @@ class DecoderLayer(nn.Module):
         self.ffn_norm = RMSNorm(cfg.hidden, eps=cfg.norm_eps)
         self.ffn = (SwiGLU(cfg.hidden, cfg.dense_hidden) if index < cfg.first_k_dense
                     else MoE(cfg, local_experts))
+        self.memory = STORE_ALL  # the memory policy's binding (model/saved_tensors.py)
+
+    @property
+    def is_moe(self) -> bool:
+        return isinstance(self.ffn, MoE)
 
     def forward(self, x_BSD, rope_cos_sin, mask: DocumentMask):
         x_BSD = self.attention_block(x_BSD, rope_cos_sin, mask)
-        return x_BSD + self.ffn(self.ffn_norm(x_BSD))
+        with self.memory.layer():
+            if not self.is_moe:
+                return x_BSD + self.memory.region("ffn", self.ffn, self.ffn_input(x_BSD))
+            xn_TD, scores_TE = self.ffn_input(x_BSD)
+            return x_BSD + self.ffn(xn_TD, scores_TE).view(x_BSD.shape)
 
     def attention_block(self, x_BSD, rope_cos_sin, mask: DocumentMask):
-        """x + MLA(norm(x)): the layer's first half (node-by-node runners call the halves)."""
-        return x_BSD + self.attn(self.attn_norm(x_BSD), rope_cos_sin, mask)
+        """x + MLA(norm(x)): the layer's first half (node-by-node runners call the halves).
+        The norm runs in one region with the projections that read it (memory policy)."""
+        with self.memory.layer():
+            q_c, kv_c = self.memory.region("attn_norm", self._norm_and_down, x_BSD)
+            return x_BSD + self.attn.attend(q_c, kv_c, rope_cos_sin, mask)
+
+    def _norm_and_down(self, x_BSD):
+        h_BSD = self.attn_norm(x_BSD)
+        return self.attn.q_down(h_BSD), self.attn.kv_down(h_BSD)
+
+    def ffn_input(self, x_BSD):
+        """The FFN's normalised input: [B, S, D] for a dense FFN; for MoE ([T, D], the
+        router's scores [T, E]), computed in one region so that recomputing the norm drops
+        the router's saved copy of it too. Call inside `memory.layer()`."""
+        def norm_and_score(x_BSD):
+            if not self.is_moe:
+                return self.ffn_norm(x_BSD)
+            xn_TD = self.ffn_norm(x_BSD).reshape(-1, x_BSD.shape[-1])
+            return xn_TD, self.ffn.router.scores(xn_TD)
+        return self.memory.region("ffn_norm", norm_and_score, x_BSD)
 
 
 @dataclass(frozen=True)
@@ -81,6 +109,7 @@ class LanguageModelChunk(nn.Module):
         self.norm = RMSNorm(cfg.hidden, eps=cfg.norm_eps) if spec.head else None
         self.head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False) if spec.head else None
         self.rotary = RotaryEmbedding(cfg)  # no parameters: tables computed once per forward
+        self.memory = STORE_ALL  # the head's binding of the memory policy
 
     def forward(self, x: torch.Tensor, position_ids_BS: torch.Tensor, doc_ids_BS: torch.Tensor,
                 media_embeds_MD: torch.Tensor | None = None,
@@ -113,10 +142,12 @@ class LanguageModelChunk(nn.Module):
 
     def head_loss(self, x_BSD: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
         """The summed token cross-entropy of the head's logits (model/loss.py, chunked)."""
-        return linear_cross_entropy_sum(self.norm(x_BSD), self.head.weight, labels_BS)
+        return self.memory.region(
+            "loss", lambda x, labels: linear_cross_entropy_sum(self.norm(x), self.head.weight,
+                                                               labels), x_BSD, labels_BS)
 
     def moe_layers(self) -> list[MoE]:
-        return [layer.ffn for layer in self.layers.values() if isinstance(layer.ffn, MoE)]
+        return [layer.ffn for layer in self.layers.values() if layer.is_moe]
 
 
 def merge_media(embeds_BSD: torch.Tensor, media_embeds_MD: torch.Tensor,

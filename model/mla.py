@@ -26,6 +26,7 @@ from model.attention import DocumentMask, document_attention
 from model.config import LMConfig
 from model.norm import RMSNorm
 from model.rope import apply_rotary, yarn_attention_mscale
+from model.saved_tensors import STORE_ALL
 from model.te_kernels import norm_then_linear
 
 
@@ -45,6 +46,7 @@ class MLA(nn.Module):
         self.softmax_scale = cfg.qk_head_dim ** -0.5 * yarn_attention_mscale(cfg) ** 2
         self.track_max_logit = False
         self.max_logit_H: torch.Tensor | None = None  # running max since take_max_logit
+        self.memory = STORE_ALL  # the layer's binding of the memory policy
 
     def take_max_logit(self) -> torch.Tensor:
         """[H] fp32 largest logit per head since the last call (-inf if no forward ran)."""
@@ -65,15 +67,28 @@ class MLA(nn.Module):
     def forward(self, x_BSD: torch.Tensor, rope_cos_sin: tuple[torch.Tensor, torch.Tensor],
                 mask: DocumentMask) -> torch.Tensor:
         """`rope_cos_sin`: `RotaryEmbedding(position_ids)`, [B, S, rope_dim] each."""
+        return self.attend(self.q_down(x_BSD), self.kv_down(x_BSD), rope_cos_sin, mask)
+
+    def attend(self, q_c, kv_c, rope_cos_sin, mask: DocumentMask) -> torch.Tensor:
+        """Attention from the down-projections (the decoder layer computes those in one
+        memory region with its norm): up-projections, attention, o_proj, each a region."""
+        memory = self.memory
+        rope = self.cfg.qk_rope_head_dim
+        q_BSHQ = memory.region("q_up", lambda c: norm_then_linear(self.q_norm, self.q_up, c,
+                                                                  self.te), q_c)
+        c_kv, k_rope_BSR = kv_c.split([self.cfg.kv_lora_rank, rope], dim=-1)
+        kv_BSHK = memory.region("kv_up", lambda c: norm_then_linear(self.kv_norm, self.kv_up, c,
+                                                                    self.te), c_kv)
+        out_BSO = memory.region("attention", self._attention, q_BSHQ, kv_BSHK, k_rope_BSR,
+                                rope_cos_sin, mask)
+        return memory.region("o_proj", self.o_proj, out_BSO)
+
+    def _attention(self, q_BSHQ, kv_BSHK, k_rope_BSR, rope_cos_sin, mask: DocumentMask):
         cfg = self.cfg
-        B, S, _ = x_BSD.shape
+        B, S = q_BSHQ.shape[:2]
         H, nope, rope, vdim = cfg.heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
-        q_BSHQ = norm_then_linear(self.q_norm, self.q_up, self.q_down(x_BSD), self.te)
         q_nope, q_rope = q_BSHQ.view(B, S, H, nope + rope).split([nope, rope], dim=-1)
-        c_kv, k_rope_BSR = self.kv_down(x_BSD).split([cfg.kv_lora_rank, rope], dim=-1)
-        kv_BSHK = norm_then_linear(self.kv_norm, self.kv_up, c_kv, self.te).view(
-            B, S, H, nope + vdim)
-        k_nope, v_BSHV = kv_BSHK.split([nope, vdim], dim=-1)
+        k_nope, v_BSHV = kv_BSHK.view(B, S, H, nope + vdim).split([nope, vdim], dim=-1)
 
         cos, sin = rope_cos_sin
         q_rope = apply_rotary(q_rope, cos, sin)
@@ -84,5 +99,4 @@ class MLA(nn.Module):
         if self.track_max_logit:
             self._track_max_logit(q, k, mask.dense_B1SS)
         out_BHSV = document_attention(q, k, v, mask, self.softmax_scale, self.te)
-        return self.o_proj(out_BHSV.transpose(1, 2).reshape(B, S, H * vdim))
-
+        return out_BHSV.transpose(1, 2).reshape(B, S, H * vdim)

@@ -29,6 +29,7 @@ from model.config import LMConfig
 from model.dispatcher import Dispatcher, LocalDispatcher, Route
 from model.ffn import SwiGLU
 from model.grouped_experts import GroupedExperts
+from model.saved_tensors import STORE_ALL
 
 
 class Router(nn.Module):
@@ -44,7 +45,15 @@ class Router(nn.Module):
         self.bias.zero_()
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scores_TE = torch.sigmoid(x_TD.float() @ self.weight.float().t())
+        return self.choose(self.scores(x_TD))
+
+    def scores(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """sigmoid(x W_r^T) in fp32 [T, E]: what a recomputed FFN norm recomputes with it."""
+        return torch.sigmoid(x_TD.float() @ self.weight.float().t())
+
+    def choose(self, scores_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k experts and their weights: the routing decision, never recomputed (the
+        scores it reads are the forward's, whatever the memory policy)."""
         topk_idx_TK = torch.topk(scores_TE.detach() + self.bias, self.top_k, dim=-1).indices
         weights_TK = scores_TE.gather(1, topk_idx_TK)
         weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True) * self.scaling
@@ -67,12 +76,18 @@ class MoE(nn.Module):
         # layer's device, not persistent (checkpoints hold the bias it produced)
         self.register_buffer("expert_load", torch.zeros(cfg.num_experts, dtype=torch.float64),
                              persistent=False)
+        self.memory = STORE_ALL  # the layer's binding of the memory policy
 
     def reset_buffers(self) -> None:
         self.expert_load.zero_()
 
-    def route(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        topk_idx_TK, weights_TK = self.router(x_TD)
+    def route(self, x_TD: torch.Tensor, scores_TE: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k and weights of every token (`scores_TE`: already computed by the caller,
+        with the norm), counted once in `expert_load`."""
+        if scores_TE is None:
+            scores_TE = self.router.scores(x_TD)
+        topk_idx_TK, weights_TK = self.memory.region("router", self.router.choose, scores_TE)
         self.expert_load += torch.bincount(topk_idx_TK.reshape(-1),
                                            minlength=self.num_experts).to(torch.float64)
         return topk_idx_TK, weights_TK
@@ -80,21 +95,22 @@ class MoE(nn.Module):
     def combine_rows(self, rows_RD: torch.Tensor, route: Route, weights_TK: torch.Tensor,
                      x_TD: torch.Tensor) -> torch.Tensor:
         """sum_k weight * expert output per token, by scatter-add, plus the shared expert."""
-        weights_R = weights_TK.reshape(-1)[route.order].to(rows_RD.dtype)
-        y_TD = torch.zeros_like(x_TD).index_add(0, route.token_of_row,
-                                                rows_RD * weights_R.unsqueeze(-1))
+        y_TD = self.memory.region("combine", _weighted_sum, rows_RD, route, weights_TK, x_TD)
         if self.shared is not None:
-            y_TD = y_TD + self.shared(x_TD)
+            y_TD = y_TD + self.memory.region("shared", self.shared, x_TD)
         return y_TD
 
-    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
-        B, S, D = x_BSD.shape
-        x_TD = x_BSD.reshape(B * S, D)
-        topk_idx_TK, weights_TK = self.route(x_TD)
-        expert_in_ND, rows_per_expert_E, route = self.dispatcher.dispatch(x_TD, topk_idx_TK)
-        expert_out_ND = self.experts(expert_in_ND, rows_per_expert_E)
-        rows_RD = self.dispatcher.combine(expert_out_ND, route)
-        return self.combine_rows(rows_RD, route, weights_TK, x_TD).view(B, S, D)
+    def forward(self, x: torch.Tensor, scores_TE: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, S, D], or the normalised [T, D] with the router's `scores_TE` (the decoder
+        layer computes both in one memory region); returns x's shape."""
+        x_TD = x.reshape(-1, x.shape[-1])
+        topk_idx_TK, weights_TK = self.route(x_TD, scores_TE)
+        memory = self.memory
+        expert_in_ND, rows_per_expert_E, route = memory.region(
+            "dispatch", self.dispatcher.dispatch, x_TD, topk_idx_TK)
+        expert_out_ND = memory.region("experts", self.experts, expert_in_ND, rows_per_expert_E)
+        rows_RD = memory.region("combine", self.dispatcher.combine, expert_out_ND, route)
+        return self.combine_rows(rows_RD, route, weights_TK, x_TD).view(x.shape)
 
     @torch.no_grad()
     def update_bias(self, load_E: torch.Tensor) -> None:
@@ -103,3 +119,10 @@ class MoE(nn.Module):
         self.router.bias += (self.bias_update_rate
                              * torch.sign(load_E.mean() - load_E)).to(self.router.bias.dtype)
         self.expert_load.zero_()
+
+
+def _weighted_sum(rows_RD: torch.Tensor, route: Route, weights_TK: torch.Tensor,
+                  x_TD: torch.Tensor) -> torch.Tensor:
+    weights_R = weights_TK.reshape(-1)[route.order].to(rows_RD.dtype)
+    return torch.zeros_like(x_TD).index_add(0, route.token_of_row,
+                                            rows_RD * weights_R.unsqueeze(-1))

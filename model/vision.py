@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from model.attention import segment_attention
 from model.config import VisionConfig
 from model.norm import LayerNorm
+from model.saved_tensors import STORE_ALL
 from model.te_kernels import norm_then_linear
 
 Grid = tuple[int, int, int]
@@ -229,12 +230,19 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(cfg, te)
         self.mlp_norm = LayerNorm(cfg.hidden, eps=cfg.norm_eps)
         self.mlp = VisionMLP(cfg)
+        self.memory = STORE_ALL  # the block's binding of the memory policy
 
     def forward(self, x_ND: Tensor, rope_angles_NR: Tensor, lengths: list[int]) -> Tensor:
-        qkv = norm_then_linear(self.attn_norm, self.attn.qkv, x_ND, self.te)
-        x_ND = x_ND + self.attn(qkv, rope_angles_NR, lengths)
+        memory = self.memory
+        with memory.layer():
+            qkv = memory.region("attn_norm", lambda x: norm_then_linear(
+                self.attn_norm, self.attn.qkv, x, self.te), x_ND)
+            x_ND = x_ND + memory.region("attention", self.attn, qkv, rope_angles_NR, lengths)
+            return x_ND + memory.region("mlp", self._mlp, x_ND)
+
+    def _mlp(self, x_ND: Tensor) -> Tensor:
         hidden = norm_then_linear(self.mlp_norm, self.mlp.up, x_ND, self.te)
-        return x_ND + self.mlp.down(F.gelu(hidden, approximate="tanh"))
+        return self.mlp.down(F.gelu(hidden, approximate="tanh"))
 
 
 class MoonViT3D(nn.Module):

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -61,7 +62,11 @@ class ChunkPass:
 
     def __init__(self, stage, x_in: torch.Tensor | None, inputs: ModelInputs,
                  media_embeds: torch.Tensor | None, loss_fn: Callable[[torch.Tensor], torch.Tensor],
-                 clock: StepClock | None = None):
+                 clock: StepClock | None = None,
+                 memory_pass: Callable[[], AbstractContextManager] = nullcontext):
+        """`memory_pass()`: entered around every compute node (the memory policy's
+        offload pass of this chunk and microbatch); never held across a yield."""
+        self.memory_pass = memory_pass
         self.stage, self.x_in, self.inputs = stage, x_in, inputs
         self.media_embeds, self.loss_fn = media_embeds, loss_fn
         self.clock = clock or StepClock()
@@ -85,7 +90,7 @@ class ChunkPass:
                 call.append(leaf)
             else:
                 call.append(arg)
-        with torch.enable_grad():
+        with torch.enable_grad(), self.memory_pass():
             outputs = fn(*call)
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
         self.nodes.append(_Node(name, leaves, sources, list(outputs)))
@@ -126,26 +131,34 @@ class ChunkPass:
 
             def attention_and_route(x, layer=layer, moe=moe, routes=routes):
                 x1 = layer.attention_block(x, rope, mask)
-                xn_TD = layer.ffn_norm(x1).reshape(B * S, D)
-                topk_idx_TK, weights_TK = moe.route(xn_TD)
-                x_sorted, route = moe.dispatcher.prepare(xn_TD, topk_idx_TK)
+                with layer.memory.layer():
+                    xn_TD, scores_TE = layer.ffn_input(x1)
+                    topk_idx_TK, weights_TK = moe.route(xn_TD, scores_TE)
+                    x_sorted, route = moe.memory.region("dispatch", moe.dispatcher.prepare,
+                                                        xn_TD, topk_idx_TK)
                 routes.append(route)
                 return x1, xn_TD, weights_TK, x_sorted
+
+            def experts(x_recv, layer=layer, moe=moe, routes=routes):
+                route, region = routes[0], moe.memory.region
+                with layer.memory.layer():
+                    x_in = region("dispatch", moe.dispatcher.regroup, x_recv, route)
+                    out = region("experts", moe.experts, x_in, route.rows_per_expert)
+                    return region("combine", moe.dispatcher.ungroup, out, route)
+
+            def combine(rows, x1, xn, weights, layer=layer, moe=moe, routes=routes):
+                with layer.memory.layer():
+                    return x1 + moe.combine_rows(rows, routes[0], weights, xn).view(B, S, D)
 
             x1, xn, weights, x_sorted = self._compute(f"attn{index}", attention_and_route, x)
             route = routes[0]
             group = getattr(moe.dispatcher, "group", None)
             x_recv = yield from self._exchange(f"dispatch{index}", x_sorted, route.send_splits,
                                                route.recv_splits, group)
-            (out_recv,) = self._compute(
-                f"experts{index}", lambda r, moe=moe, route=route: moe.dispatcher.ungroup(
-                    moe.experts(moe.dispatcher.regroup(r, route), route.rows_per_expert), route),
-                x_recv)
+            (out_recv,) = self._compute(f"experts{index}", experts, x_recv)
             rows = yield from self._exchange(f"combine{index}", out_recv, route.recv_splits,
                                              route.send_splits, group)
-            (x,) = self._compute(
-                f"post{index}", lambda rows, x1, xn, w, moe=moe, route=route:
-                x1 + moe.combine_rows(rows, route, w, xn).view(B, S, D), rows, x1, xn, weights)
+            (x,) = self._compute(f"post{index}", combine, rows, x1, xn, weights)
         if lm.head is not None:
             (x,) = self._compute("head", lambda x: self.loss_fn(lm.head_loss(x, inputs.labels)),
                                  x)

@@ -28,6 +28,19 @@ import torch
 import torch.distributed as dist
 
 from model.dispatcher import Route, sort_by_expert
+from model.saved_tensors import inside_region
+
+
+def refuse_inside_recompute() -> None:
+    """Communication is never recomputed: a memory policy's recomputed region runs twice
+    (forward, then again in the backward), and an all-to-all in it would run twice on this
+    rank but not on its peers' schedule. The policy's region list cannot express that; this
+    catches code that would."""
+    region = inside_region()
+    if region is not None:
+        raise RuntimeError(f"an expert all-to-all runs inside the recomputed region {region!r}: "
+                           "recomputed regions must stay between collectives (drop it from "
+                           "memory.recompute)")
 
 
 class _AllToAll(torch.autograd.Function):
@@ -35,6 +48,7 @@ class _AllToAll(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_ND, send_splits: list[int], recv_splits: list[int], group):
+        refuse_inside_recompute()
         ctx.send_splits, ctx.recv_splits, ctx.group = send_splits, recv_splits, group
         out = x_ND.new_empty((sum(recv_splits),) + tuple(x_ND.shape[1:]))
         dist.all_to_all_single(out, x_ND.contiguous(), output_split_sizes=recv_splits,
@@ -59,6 +73,7 @@ class PendingAllToAll:
     another `all_to_all_start` with the splits swapped."""
 
     def __init__(self, x_ND, send_splits: list[int], recv_splits: list[int], group):
+        refuse_inside_recompute()
         self.out = x_ND.new_empty((sum(recv_splits),) + tuple(x_ND.shape[1:]))
         self._send = x_ND.detach().contiguous()  # alive until the transfer is done
         self.work = dist.all_to_all_single(self.out, self._send, output_split_sizes=recv_splits,
@@ -96,6 +111,7 @@ class AllToAllDispatcher:
         self.local = num_experts // self.ep
 
     def prepare(self, x_TD, topk_idx_TK):
+        refuse_inside_recompute()  # the count exchange below is a collective
         x_sorted, order, counts_E = sort_by_expert(x_TD, topk_idx_TK, self.num_experts)
         if self.ep == 1:
             recv_counts = counts_E
