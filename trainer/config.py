@@ -25,6 +25,7 @@ import torch
 
 from dataloader.config import LoaderConfig
 from model.config import ConfigError, ModelConfig, preset
+from model.memory_policy import MemoryPolicy, MemoryPolicyError
 from parallel.layout import PipelineLayout, resolve_layout
 from parallel.topology import ParallelSizes, check_layout
 from trainer.device import DEVICES
@@ -146,6 +147,31 @@ class ParallelSection:
 
 
 @dataclass
+class MemorySection:
+    # what autograd keeps for backward (model/memory_policy.py lists the regions): "none"
+    # stores everything; "report" is the K2.5 recipe (recompute norms, SwiGLU and MLA's
+    # up-projections, FP8 for the expert inputs, offload attention's tensors); "custom" uses
+    # the three lists below
+    policy: str = "none"
+    # custom: regions recomputed in the backward, e.g. moe.experts,dense.ffn,head.loss
+    recompute: list[str] = field(default_factory=list)
+    fp8: list[str] = field(default_factory=list)  # custom: regions saved in FP8-E4M3
+    offload: list[str] = field(default_factory=list)  # custom: regions parked in host memory
+    # decoder layers (global indices) whose offload regions are offloaded; empty: all
+    offload_layers: list[int] = field(default_factory=list)
+    fp8_scaling: str = "tensor"  # one FP8 scale per "tensor" or per "row"
+
+    def to_policy(self) -> MemoryPolicy:
+        try:
+            return MemoryPolicy.preset(self.policy, recompute=self.recompute, fp8=self.fp8,
+                                       offload=self.offload,
+                                       offload_layers=tuple(self.offload_layers),
+                                       fp8_scaling=self.fp8_scaling)
+        except MemoryPolicyError as e:
+            raise ConfigError(str(e)) from None
+
+
+@dataclass
 class CheckpointSection:
     interval: int = 0  # steps between checkpoints; 0 disables
     keep: int = 2  # checkpoints kept (the oldest are deleted)
@@ -166,6 +192,7 @@ class JobConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     data: DataSection = field(default_factory=DataSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
+    memory: MemorySection = field(default_factory=MemorySection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     profile: ProfileSection = field(default_factory=ProfileSection)
     resume: str = "none"  # "none", "auto" or a checkpoint path
@@ -254,6 +281,10 @@ class JobConfig:
         if d.media_per_seq < 0 or d.max_image_patches_side < 2:
             raise ConfigError("data.media_per_seq must be >= 0 and "
                               "data.max_image_patches_side >= 2")
+        policy = self.memory.to_policy()
+        if any(i >= self.model.lm.layers for i in policy.offload_layers):
+            raise ConfigError(f"memory.offload_layers={list(policy.offload_layers)}: the model "
+                              f"has decoder layers 0..{self.model.lm.layers - 1}")
         if self.checkpoint.interval < 0 or self.checkpoint.keep < 1:
             raise ConfigError("checkpoint.interval must be >= 0 (0 disables) and "
                               "checkpoint.keep >= 1")
@@ -311,6 +342,14 @@ def _coerce(key: str, raw, kind):
     elif kind is str:
         if isinstance(raw, str):
             return raw
+    elif typing.get_origin(kind) is list:  # a TOML list, or "a,b" on the command line
+        (item,) = typing.get_args(kind)
+        if isinstance(raw, str):
+            raw = [part.strip() for part in raw.split(",") if part.strip()]
+        if isinstance(raw, list):
+            return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(raw)]
+        raise ConfigError(f"{key}: expected a list of {item.__name__} (a TOML list, or "
+                          f"comma-separated on the command line), got {raw!r}")
     raise ConfigError(f"{key}: expected {kind.__name__}, got {raw!r}")
 
 
