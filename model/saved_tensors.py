@@ -140,9 +140,29 @@ class ActivationMemory:
     def prefetch(self, key: Hashable) -> None:
         self.prefetched_bytes += self.pool.prefetch(key)
 
-    def reset_peak(self) -> None:
+    def start_step(self) -> None:
+        """Per-step figures start over: peaks, bytes saved, bytes prefetched."""
         self.peak = dict(self.live)
+        self.saved.clear()
         self.prefetched_bytes = 0
+        self.pool.forget()
+        if self.pool.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.pool.device)
+
+    def step_stats(self, forwards: int) -> dict[str, float]:
+        """The step's figures for the metrics, in MiB: saved bytes per forward of a chunk
+        (device + host, as stored), this process's peak of saved-tensor bytes on the
+        device and in the host pool, what was prefetched; on CUDA the allocator's peak."""
+        mib = 1 / 2**20
+        saved = sum(sum(regions.values()) for regions in self.saved.values())
+        stats = {"act_saved_per_microbatch_MiB": saved / max(forwards, 1) * mib,
+                 "act_peak_device_MiB": self.peak["device"] * mib,
+                 "act_peak_host_MiB": self.peak["host"] * mib,
+                 "act_prefetched_MiB": self.prefetched_bytes * mib}
+        if self.pool.device.type == "cuda":
+            stats["cuda_max_allocated_MiB"] = torch.cuda.max_memory_allocated(
+                self.pool.device) * mib
+        return stats
 
     # ------------------------------------------------------------------ accounting
 

@@ -19,6 +19,8 @@ the rest of stage 0.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -27,6 +29,8 @@ from model.config import ModelConfig
 from model.init import materialize
 from model.inputs import ModelInputs
 from model.lm import LanguageModelChunk
+from model.memory_policy import MemoryPolicy
+from model.saved_tensors import ActivationMemory
 from model.param_names import expert_entry_names, global_named_tensors
 from model.loss import IGNORE_INDEX
 from model.vision_language import VisionEncoder
@@ -108,11 +112,13 @@ class ParallelEngine:
                  rule: UpdateRule, grad_clip: float, encoder: str = "colocated",
                  dtype: torch.dtype = torch.float32, bucket_numel: int = DEFAULT_BUCKET_NUMEL,
                  overlap_grad_reduce: bool = True, device: torch.device | str = "cpu",
-                 ep_overlap: bool = False, matrix_rule: Muon | None = None):
+                 ep_overlap: bool = False, matrix_rule: Muon | None = None,
+                 memory_policy: MemoryPolicy | None = None):
         """`ep_overlap` (applies with ep > 1): chunks run node by node and the steady state's
         forward/backward pairs interleave, hiding expert all-to-alls (parallel/chunk_pass.py).
         `matrix_rule` (MuonClip): Muon for the hidden matrices, the optimizer's rule for the
-        rest, QK-Clip after each update."""
+        rest, QK-Clip after each update. `memory_policy`: what the forward keeps for the
+        backward (model/memory_policy.py); None stores everything without accounting."""
         if encoder not in ("colocated", "dep"):
             raise ValueError(f"encoder={encoder!r}: choose 'dep' or 'colocated'")
         self.cfg, self.topo = model_cfg, topology
@@ -151,6 +157,13 @@ class ParallelEngine:
                                         param_dtype=dtype,
                                         overlap_grad_reduce=overlap_grad_reduce)
         self.stage_params = {stage: list(m.parameters()) for stage, m in self.stages.items()}
+        self.memory: ActivationMemory | None = None
+        if memory_policy is not None:
+            self.memory = ActivationMemory(memory_policy, self.device)
+            for module, prefix in self._modules_by_prefix():
+                self.memory.attach(module, prefix)
+            # after ZeRO-1 rebound the parameters to its buffers
+            self.memory.refresh_parameters([m for m, _ in self._modules_by_prefix()])
         self.ep_overlap = ep_overlap and sizes.ep > 1
         actions = schedule(sizes.pp, sizes.vpp, microbatches, self.ep_overlap)[topology.pp_rank]
         self._phase_marks: list[tuple[str, str, object, object]] = []
@@ -187,6 +200,9 @@ class ParallelEngine:
         count = max(float(count), 1.0)
 
         phases = self._phase_marks = []
+        memory = self.memory
+        if memory is not None:
+            memory.start_step()
         clock = self.clock
         clock.start()
         start = clock.mark()
@@ -200,21 +216,27 @@ class ParallelEngine:
                 return torch.cat([leaves[i] for i in media_ids[mb]])
             return None
 
+        def memory_pass(stage: int, mb: int):
+            return memory.pass_of((stage, mb)) if memory is not None else nullcontext()
+
         def forward(stage: int, x: torch.Tensor | None, mb: int) -> torch.Tensor:
             inputs = microbatches[mb]
-            return self.stages[stage](inputs.tokens if x is None else x, inputs,
-                                      media_embeds(stage, mb))
+            with memory_pass(stage, mb):
+                return self.stages[stage](inputs.tokens if x is None else x, inputs,
+                                          media_embeds(stage, mb))
 
         def loss_fn(loss_sum: torch.Tensor, mb: int) -> torch.Tensor:
             return loss_sum / count
 
         def make_pass(stage: int, x: torch.Tensor | None, mb: int) -> ChunkPass:
             return ChunkPass(self.stages[stage], x, microbatches[mb], media_embeds(stage, mb),
-                             lambda loss_sum: loss_fn(loss_sum, mb), self.clock)
+                             lambda loss_sum: loss_fn(loss_sum, mb), self.clock,
+                             lambda: memory_pass(stage, mb))
 
         loss = self.runtime.run(
             forward, loss_fn, make_pass if self.ep_overlap else None,
-            lambda stage: self.optimizer.last_backward(self.stage_params[stage])).double()
+            lambda stage: self.optimizer.last_backward(self.stage_params[stage]),
+            prefetch=memory.prefetch if memory is not None else None).double()
         self.stats["a2a_wait_s"] = sum(wait for _, wait in self.runtime.a2a.values())
         if self.dep is not None:
             start = clock.mark()
@@ -232,6 +254,8 @@ class ParallelEngine:
                        clock.mark()))
         clock.resolve()
         self.stats["pipeline_idle_fraction"] = self._pipeline_idle_fraction()
+        if memory is not None:
+            self.stats.update(memory.step_stats(forwards=self.microbatches * len(self.stages)))
         return float(loss), float(grad_norm)
 
     def set_ep_overlap(self, on: bool) -> None:

@@ -113,13 +113,22 @@ class PipelineRuntime:
 
     def run(self, forward: StageForward, loss_fn: LossFn,
             make_pass: PassFactory | None = None,
-            last_backward: LastBackward | None = None) -> torch.Tensor:
+            last_backward: LastBackward | None = None,
+            prefetch: Callable[[tuple[int, int]], None] | None = None) -> torch.Tensor:
         """Run the schedule; return the summed loss of the microbatches this rank finished.
 
         With `make_pass` every chunk runs node by node (parallel/chunk_pass.py) and FB
         actions interleave a backward with a forward; without it (the schedule then has no
         FB) each F/B is one autograd call of `forward` / `backward`. `last_backward(stage)`
-        is entered around each chunk's last backward of the step (also inside an FB)."""
+        is entered around each chunk's last backward of the step (also inside an FB).
+        `prefetch((stage, microbatch))` is called as each compute action starts, for its
+        own backward and for the backward of the next compute action, so offloaded
+        activations travel back one action ahead, while this one computes (model/offload.py):
+
+            actions    F 0.2   B 0.0   F 0.3   B 0.1   B 0.2
+            prefetch   (0,0)   (0,0)           (0,1)   (0,2)
+                                       (0,1)   (0,2)          (repeats move nothing)
+        """
         last = self.num_stages - 1
         final_backward = {}  # stage -> microbatch of its last backward in the step
         for a in self.actions:
@@ -189,9 +198,20 @@ class PipelineRuntime:
             if s > 0:
                 input_grads[(s, mb)] = inputs.pop((s, mb)).grad
 
+        # the backward each compute action runs (None for F), in order: what to prefetch
+        compute = [a for a in self.actions if a.op in (Op.F, Op.B, Op.FB)]
+        backward_of = [(a.b_stage, a.b_microbatch) if a.op is Op.FB else
+                       (a.stage, a.microbatch) if a.op is Op.B else None for a in compute]
+        compute_index = 0
+
         for step in comm_batches(self.actions):
             start = self.clock.mark()
             action = step[0]
+            if prefetch is not None and action.op in (Op.F, Op.B, Op.FB):
+                for key in backward_of[compute_index:compute_index + 2]:
+                    if key is not None:
+                        prefetch(key)
+                compute_index += 1
             key = (action.stage, action.microbatch)
             s, mb = key
             if action.op is Op.F:

@@ -18,7 +18,9 @@ import torch
 
 from dataloader.batch import Batch
 from model.config import ModelConfig
+from model.memory_policy import MemoryPolicy
 from model.param_names import expert_entry_names, global_named_tensors
+from model.saved_tensors import ActivationMemory
 from model.vision_language import VisionLanguageModel
 from parallel.flat_chunks import split_grouped
 from parallel.muon import muon_param_groups
@@ -58,7 +60,8 @@ def clip_grad_norm_fp64(params: list[torch.nn.Parameter], max_norm: float) -> fl
 
 class SingleProcessEngine:
     def __init__(self, model_cfg: ModelConfig, optim: OptimSection, micro_batch: int, seed: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 memory_policy: MemoryPolicy | None = None):
         self.device = torch.device(device)
         self.model = VisionLanguageModel(model_cfg, seed=seed, device=self.device)
         self.micro_batch = micro_batch
@@ -78,11 +81,17 @@ class SingleProcessEngine:
                 param_dtype=dtype)
         self._loaded: dict[str, dict[str, torch.Tensor]] = {}
         self.stats: dict[str, float] = {}
+        self.memory: ActivationMemory | None = None
+        if memory_policy is not None:  # after ZeRO-1 rebound the parameters (bf16)
+            self.memory = ActivationMemory(memory_policy, self.device)
+            self.memory.attach(self.model)
 
     def step(self, batch: Batch, lr: float) -> tuple[float, float]:
         """One optimizer step on the global batch; returns (loss, grad norm before clipping)."""
         count = max(batch.num_loss_tokens(), 1)
         loss_total = torch.zeros((), dtype=torch.float64, device=self.device)
+        if self.memory is not None:
+            self.memory.start_step()
         for start in range(0, batch.num_rows, self.micro_batch):
             x = model_inputs(batch.rows(start, start + self.micro_batch), device=self.device)
             loss = self.model(x.tokens, x.position_ids, x.doc_ids, x.patches, x.grid_thw,
@@ -103,6 +112,9 @@ class SingleProcessEngine:
             moe.update_bias(load)
         self.stats = {"expert_load_max_over_mean": max(balance) if balance else 1.0,
                       "loss_tokens": float(batch.num_loss_tokens())}
+        if self.memory is not None:
+            self.stats.update(self.memory.step_stats(
+                forwards=-(-batch.num_rows // self.micro_batch)))
         return float(loss_total), grad_norm
 
     def _adamw_step(self, lr: float) -> float:

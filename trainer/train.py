@@ -59,7 +59,8 @@ class DistributedEngine:
             rule=cfg.optim.update_rule(), grad_clip=cfg.optim.grad_clip, encoder=p.encoder,
             dtype=cfg.dtype, bucket_numel=p.bucket_numel,
             overlap_grad_reduce=p.overlap_grad_reduce, ep_overlap=p.ep_overlap,
-            matrix_rule=cfg.optim.matrix_rule(cfg.model.lm))
+            matrix_rule=cfg.optim.matrix_rule(cfg.model.lm),
+            memory_policy=cfg.memory.to_policy())
         self.cfg = cfg
 
     @property
@@ -134,7 +135,8 @@ def build_engine(cfg: JobConfig):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1 and cfg.parallel_sizes.world == 1 and cfg.parallel.vpp == 1:
         return SingleProcessEngine(cfg.model, cfg.optim, cfg.train.micro_batch, cfg.train.seed,
-                                   dtype=cfg.dtype, device=resolve_device(cfg.job.device))
+                                   dtype=cfg.dtype, device=resolve_device(cfg.job.device),
+                                   memory_policy=cfg.memory.to_policy())
     return DistributedEngine(cfg)
 
 

@@ -3,8 +3,10 @@
     weights      bytes of every parameter the rank's engine holds
     grads        bytes of every .grad when the optimizer step starts
     state        the optimizer's own report (ZeRO-1 `state_bytes()`; torch AdamW: its moments)
-    held         per forward (stage, microbatch): bytes autograd saved for backward
-                 (parallel/activation_memory.py) plus the chunk output the pipeline keeps
+    held         per forward (stage, microbatch): bytes autograd saved for backward (the
+                 engine's memory-policy accounting, model/saved_tensors.py, when it has one:
+                 its hooks shadow any outer ones; else parallel/activation_memory.py) plus
+                 the chunk output the pipeline keeps
     media        the (t, h, w) items of each microbatch stage 0 ran (colocated encoder)
     peak         the largest sum of `held` over forwards whose backward has not run, walking
                  the rank's actions in the order the runtime ran them
@@ -37,15 +39,22 @@ def probe_distributed(dist_engine) -> dict:
 
     run = engine.runtime.run
 
-    def measured_run(forward, loss_fn, make_pass=None, last_backward=None):
+    def measured_run(forward, loss_fn, make_pass=None, last_backward=None, prefetch=None):
         if make_pass is not None:  # the overlapped schedule runs passes, not `forward`
             raise ValueError("the memory probe measures `forward`: run without ep_overlap")
 
         def measured_forward(stage, x, mb):
-            with SavedTensorBytes() as saved:
+            memory = engine.memory
+            if memory is not None:
+                before = sum(memory.live.values())
                 y = forward(stage, x, mb)
+                saved_bytes = sum(memory.live.values()) - before
+            else:
+                with SavedTensorBytes() as saved:
+                    y = forward(stage, x, mb)
+                saved_bytes = saved.bytes
             kept = 0 if stage == last else y.numel() * y.element_size()
-            out["held"][(stage, mb)] = saved.bytes + kept
+            out["held"][(stage, mb)] = saved_bytes + kept
             return y
 
         def measured_loss(logits, mb):
@@ -53,7 +62,7 @@ def probe_distributed(dist_engine) -> dict:
                 loss = loss_fn(logits, mb)
             out["held"][(last, mb)] += saved.bytes
             return loss
-        return run(measured_forward, measured_loss, None, last_backward)
+        return run(measured_forward, measured_loss, None, last_backward, prefetch)
 
     engine.runtime.run = measured_run
     if 0 in engine.stages:  # stage 0 runs its microbatches in order
@@ -78,9 +87,16 @@ def probe_distributed(dist_engine) -> dict:
         def measured_encode():
             if not torch.is_grad_enabled():
                 return encode()
-            with SavedTensorBytes() as saved:
+            memory = engine.memory
+            if memory is not None:
+                before = sum(memory.live.values())
                 rows = encode()
-            out["recompute"].append((saved.bytes, [dep._grids[m.item_id] for m in dep._mine]))
+                saved_bytes = sum(memory.live.values()) - before
+            else:
+                with SavedTensorBytes() as saved:
+                    rows = encode()
+                saved_bytes = saved.bytes
+            out["recompute"].append((saved_bytes, [dep._grids[m.item_id] for m in dep._mine]))
             return rows
 
         dep._encode = measured_encode
