@@ -204,8 +204,11 @@ def replayed_bubble_fraction(spans_per_rank: Sequence[Sequence[Span]],
 
 
 def stage_table(spans_per_rank: Sequence[Sequence[Span]],
-                peak_memory_per_rank: Sequence[int] | None = None) -> list[dict]:
-    """One row per rank: its stages and where its time inside the pipeline window went.
+                peak_memory_per_rank: Sequence[int] | None = None,
+                activations_per_rank: Sequence[tuple[int, int]] | None = None) -> list[dict]:
+    """One row per rank: its stages and where its time inside the pipeline window went;
+    `activations_per_rank`: the memory policy's (device, host) peak bytes of saved
+    activations over the step (model/saved_tensors.py).
 
         compute_s    forward_s + backward_s + paired_s (FB actions)
         idle_s       makespan - compute_s (bubble; includes recv waits and loop overhead)
@@ -241,6 +244,8 @@ def stage_table(spans_per_rank: Sequence[Sequence[Span]],
             "slowest_chunk_s": max(per_stage.values(), default=0.0),
             "peak_memory_bytes": (None if peak_memory_per_rank is None
                                   else int(peak_memory_per_rank[index])),
+            "activation_peak_bytes": (None if activations_per_rank is None
+                                      else tuple(activations_per_rank[index])),
         })
     return rows
 
@@ -255,17 +260,20 @@ def slowest_stage(rows: Sequence[dict]) -> dict:
 def format_table(rows: Sequence[dict]) -> str:
     """Fixed-width text of `stage_table` rows (times in ms, memory in MiB)."""
     header = ("rank", "stages", "fwd ms", "bwd ms", "f+b ms", "compute ms", "idle ms", "idle %",
-              "comm wait ms", "peak MiB")
+              "comm wait ms", "peak MiB", "act MiB", "offloaded MiB")
     lines = []
     for row in rows:
         memory = row["peak_memory_bytes"]
+        activations = row.get("activation_peak_bytes")
         lines.append((
             str(row["rank"]), ",".join(map(str, row["stages"])) or "-",
             f"{row['forward_s'] * 1e3:.1f}", f"{row['backward_s'] * 1e3:.1f}",
             f"{row['paired_s'] * 1e3:.1f}", f"{row['compute_s'] * 1e3:.1f}",
             f"{row['idle_s'] * 1e3:.1f}",
             f"{row['idle_frac'] * 100:.1f}", f"{row['comm_wait_s'] * 1e3:.1f}",
-            "-" if memory is None else f"{memory / 2**20:.0f}"))
+            "-" if memory is None else f"{memory / 2**20:.0f}",
+            *(("-", "-") if activations is None else
+              (f"{activations[0] / 2**20:.1f}", f"{activations[1] / 2**20:.1f}"))))
     return format_columns(header, lines)
 
 
@@ -431,13 +439,14 @@ def step_spans(rank: int, timeline: Sequence[ActionRecord],
 
 def write_profile(out_dir: str | os.PathLike, spans_per_rank: Sequence[Sequence[Span]],
                   meta: Sequence[RankInfo], peak_memory: Sequence[int], *, pp: int, vpp: int,
-                  microbatches: int, title: str) -> str:
+                  microbatches: int, title: str,
+                  activations: Sequence[tuple[int, int]] | None = None) -> str:
     """Write trace.json, gantt.png and stages.txt; return the summary text."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_chrome_trace(out / "trace.json", spans_per_rank, meta, {"title": title})
     gantt_png(spans_per_rank, out / "gantt.png", title=title, meta=meta)
-    rows = stage_table(spans_per_rank, peak_memory)
+    rows = stage_table(spans_per_rank, peak_memory, activations)
     slowest = slowest_stage(rows)
     simulated = simulate(schedule(pp, vpp, microbatches), pp, vpp).bubble_fraction
     text = (f"{title}\n{format_table(rows)}\n"

@@ -199,8 +199,10 @@ def write_step_profile(cfg: JobConfig, engine, t0: float, out_dir: Path, rank: i
               "launch with torchrun and parallel.pp > 1", flush=True)
         return
     topo = engine.topology
+    memory = engine.engine.memory
     mine = (step_spans(topo.rank, engine.engine.runtime.timeline, engine.engine.phases, t0),
-            RankInfo(topo.rank, topo.pp_rank, topo.dp_rank), peak_memory_bytes())
+            RankInfo(topo.rank, topo.pp_rank, topo.dp_rank), peak_memory_bytes(),
+            (memory.peak["device"], memory.peak["host"]) if memory is not None else (0, 0))
     gathered = [None] * dist.get_world_size() if rank == 0 else None
     dist.gather_object(mine, gathered, dst=0)
     if rank == 0:
@@ -209,7 +211,8 @@ def write_step_profile(cfg: JobConfig, engine, t0: float, out_dir: Path, rank: i
                  f"encoder={p.encoder}, {cfg.microbatches_per_replica} microbatches")
         print(write_profile(out_dir, [g[0] for g in gathered], [g[1] for g in gathered],
                             [g[2] for g in gathered], pp=p.pp, vpp=p.vpp,
-                            microbatches=cfg.microbatches_per_replica, title=title), flush=True)
+                            microbatches=cfg.microbatches_per_replica, title=title,
+                            activations=[g[3] for g in gathered]), flush=True)
 
 
 class StopRequest:

@@ -2,7 +2,9 @@
 
 For each layout given on the command line (e.g. `pp=2,vpp=2` or `pp=2,ep=2,dp=2`; also
 `bucket=N` ZeRO-1 bucket elements, `overlap=0` reduce-scatters only in the step,
-`dtype=bf16`, `dep_group=N` sets parallel.dep_group_replicas, `ep_overlap=false`),
+`dtype=bf16`, `dep_group=N` sets parallel.dep_group_replicas, `ep_overlap=false`,
+`memory=none|report|lossless`: the memory policy, where `lossless` recomputes the report's
+regions and offloads every region),
 build the topology and the parallel engine, train `--steps` steps on the
 synthetic data and gather every parameter (and router bias) to rank 0, which
 saves {layout: {"loss": [...], "grad_norm": [...], "tensors": {name: tensor},
@@ -39,6 +41,7 @@ from unittest import mock
 import torch
 import torch.distributed as dist
 
+from model.memory_policy import REPORT_RECOMPUTE, all_regions
 from parallel.dep_plan import plan_media
 from parallel.topology import ParallelSizes
 from tests.parallel.zero1_mutants import drop_reduce_scatter, read_before_reduce_scatter
@@ -58,6 +61,12 @@ def job_config(base: list[str], layout: dict) -> JobConfig:
     cfg.parallel.dep_group_replicas = int(layout.get("dep_group", cfg.parallel.dep_group_replicas))
     if "ep_overlap" in layout:
         cfg.parallel.ep_overlap = layout["ep_overlap"] == "true"
+    if layout.get("memory") == "lossless":
+        cfg.memory.policy = "custom"
+        cfg.memory.recompute = sorted(REPORT_RECOMPUTE)
+        cfg.memory.offload = sorted(all_regions())
+    elif "memory" in layout:
+        cfg.memory.policy = layout["memory"]
     cfg.validate(world_size=dist.get_world_size())
     return cfg
 
@@ -200,11 +209,15 @@ def main() -> None:
                     continue
                 tensors[name] = value
         balance = [None] * dist.get_world_size()
-        dist.all_gather_object(balance, (dep_problems, encoded[0]))
+        memory = [r.get(k, 0.0) for r in records
+                  for k in ("act_peak_host_MiB", "act_prefetched_MiB")]
+        dist.all_gather_object(balance, (dep_problems, encoded[0], memory))
         results[text] = {"loss": [r["loss"] for r in records],
                          "grad_norm": [r["grad_norm"] for r in records], "tensors": tensors,
-                         "dep_problems": [p for problems, _ in balance for p in problems],
-                         "dep_patches_encoded": [n for _, n in balance]}
+                         "dep_problems": [p for problems, _, _ in balance for p in problems],
+                         "dep_patches_encoded": [n for _, n, _ in balance],
+                         # per rank: host-pool peak and prefetched MiB of every step
+                         "offload_MiB": [m for _, _, m in balance]}
         engine.topology.destroy()
     if dist.get_rank() == 0:
         torch.save(results, args.out)

@@ -123,6 +123,22 @@ def test_four_ranks_dep_and_colocated(tmp_path, reference):
     assert all(torch.equal(a["tensors"][k], b["tensors"][k]) for k in a["tensors"])
 
 
+def test_memory_policies_are_bitwise_store_all(tmp_path, reference):
+    """Recompute + offload of every region (with prefetch one action ahead) at pp=2 vpp=2
+    ep=2 dp=2, DEP and the EP overlap on: bit for bit the store-all run of the same layout;
+    the report policy (FP8 too) within the layouts' tolerance of the reference."""
+    layout = "pp=2,vpp=2,ep=2,dp=2,encoder=dep,ep_overlap=true"
+    store_all, lossless, report = (f"{layout},memory={m}" for m in ("none", "lossless", "report"))
+    results = launch(tmp_path, 4, [store_all, lossless, report])
+    check(results, reference, [store_all])
+    a, b = results[store_all], results[lossless]
+    assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"]
+    assert all(torch.equal(a["tensors"][k], b["tensors"][k]) for k in a["tensors"])
+    assert all(mib > 0 for per_rank in b["offload_MiB"] for mib in per_rank), b["offload_MiB"]
+    for got, want in zip(results[report]["loss"], reference["loss"]):
+        assert abs(got - want) <= 0.01 * want  # FP8 is lossy: within 1% over these steps
+
+
 def test_eight_ranks_all_dimensions(tmp_path, reference):
     good = ["pp=2,vpp=2,ep=2,dp=4,encoder=dep"]
     mutants = ["pp=2,vpp=2,ep=2,dp=4,encoder=dep,mutant=drop_expert_bucket"]

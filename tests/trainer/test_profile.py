@@ -66,14 +66,14 @@ def test_spans_from_timeline_names_categories_and_origin():
 
 def test_stage_table_and_bubble_of_a_hand_made_timeline():
     spans = hand_made_spans()
-    rows = stage_table(spans, [1000, 2000])
+    rows = stage_table(spans, [1000, 2000], [(3 << 20, 0), (1 << 20, 5 << 20)])
     expected = [  # derived in hand_made_spans' docstring
         dict(rank=0, stages=(0,), forward_s=1.0, backward_s=2.0, paired_s=0.0, compute_s=3.0,
              idle_s=3.5, idle_frac=3.5 / 6.5, comm_wait_s=3.25, slowest_chunk_s=3.0,
-             peak_memory_bytes=1000),
+             peak_memory_bytes=1000, activation_peak_bytes=(3 << 20, 0)),
         dict(rank=1, stages=(1,), forward_s=1.5, backward_s=2.0, paired_s=0.0, compute_s=3.5,
              idle_s=3.0, idle_frac=3.0 / 6.5, comm_wait_s=1.0, slowest_chunk_s=3.5,
-             peak_memory_bytes=2000)]
+             peak_memory_bytes=2000, activation_peak_bytes=(1 << 20, 5 << 20))]
     for row, want in zip(rows, expected, strict=True):
         assert row.keys() == want.keys()
         for key, value in want.items():
@@ -83,6 +83,7 @@ def test_stage_table_and_bubble_of_a_hand_made_timeline():
     assert measured_bubble_fraction(spans) == pytest.approx((6.5 - 3.25) / 3.25)
     text = format_table(rows)
     assert len(text.splitlines()) == 4 and "3250.0" in text and "53.8" in text  # 3.25 s; 3.5 / 6.5
+    assert text.splitlines()[3].split()[-2:] == ["1.0", "5.0"]  # activations, offloaded MiB
     assert stage_table(spans)[0]["peak_memory_bytes"] is None
 
 
