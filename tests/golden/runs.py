@@ -56,13 +56,17 @@ class GoldenRun:
     steps: int
     nproc: int = 1
     overrides: tuple[str, ...] = field(default_factory=tuple)
+    # also run the job with these overrides instead and record its losses as "reference_loss"
+    # (the report memory policy's file records the store-all curve it is held to)
+    reference_overrides: tuple[str, ...] | None = None
 
-    def argv(self, data_dir: str, run_dir: str) -> list[str]:
+    def argv(self, data_dir: str, run_dir: str, overrides: tuple[str, ...] | None = None
+             ) -> list[str]:
         uri = data_dir if self.data == "demo" else "synthetic"
         return ["--config", "configs/tiny.toml", "--data.uri", uri,
                 "--train.steps", str(self.steps), "--checkpoint.interval", str(self.steps),
-                "--job.tensorboard", "false", "--job.cpu_threads", "1", *self.overrides,
-                "--job.run_dir", run_dir]
+                "--job.tensorboard", "false", "--job.cpu_threads", "1",
+                *(self.overrides if overrides is None else overrides), "--job.run_dir", run_dir]
 
 
 RUNS: dict[str, GoldenRun] = {
@@ -78,6 +82,12 @@ RUNS: dict[str, GoldenRun] = {
         data="demo", steps=4, nproc=4,
         overrides=("--parallel.pp", "2", "--parallel.vpp", "2", "--parallel.ep", "2",
                    "--parallel.dp", "2", "--parallel.encoder", "dep")),
+    "tiny_report_memory": GoldenRun(
+        "tiny preset, one process, synthetic data, 100 steps with the report memory policy "
+        "(recompute, FP8-E4M3 expert inputs, offload); reference_loss: the same job storing "
+        "every activation",
+        data="synthetic", steps=100, overrides=("--memory.policy", "report"),
+        reference_overrides=("--memory.policy", "none")),
 }
 
 
@@ -133,25 +143,17 @@ def _generalised_config(config: dict, data_dir: str | None) -> dict:
     return config
 
 
-def execute(name: str, data_dir: str | None, work_dir: str | os.PathLike) -> dict:
-    """Run the reference job `name` now; return the record a golden file holds."""
+def execute(name: str, data_dir: str | None, work_dir: str | os.PathLike,
+            with_reference: bool = True) -> dict:
+    """Run the reference job `name` now; return the record a golden file holds (the test
+    leaves out the reference run: only the update records it)."""
     from trainer.checkpoint import read_tensors
 
     run = RUNS[name]
     if run.data == "demo" and data_dir is None:
         raise ValueError(f"golden run {name} trains on the demo dataset: pass its folder")
     run_dir = Path(work_dir) / name
-    argv = run.argv(str(data_dir), str(run_dir))
-    if run.nproc == 1:
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-        proc = subprocess.run([sys.executable, "-m", "launch.train", *argv], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=900)
-        if proc.returncode != 0:
-            raise AssertionError(f"golden run {name} failed ({proc.returncode}):\n"
-                                 f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    else:
-        torchrun("launch.train", run.nproc, *argv, timeout=900)
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = _train(name, run.nproc, run.argv(str(data_dir), str(run_dir)), run_dir)
     tensors = read_tensors(run_dir / "checkpoints" / f"step_{run.steps:08d}")
     command = " ".join(["python -m launch.train" if run.nproc == 1 else
                         f"torchrun --nproc-per-node {run.nproc} -m launch.train",
@@ -169,7 +171,25 @@ def execute(name: str, data_dir: str | None, work_dir: str | os.PathLike) -> dic
         "grad_norm": [repr(r["grad_norm"]) for r in records],
         "final_tensors_sha256": {k: _tensor_digest(v) for k, v in sorted(tensors.items())
                                  if k.startswith(("model.", "optim."))},
+        **({} if run.reference_overrides is None or not with_reference else {"reference_loss": [
+            repr(r["loss"]) for r in _train(name, run.nproc, run.argv(
+                str(data_dir), str(run_dir) + "_reference", run.reference_overrides),
+                Path(str(run_dir) + "_reference"))]}),
     }
+
+
+def _train(name: str, nproc: int, argv: list[str], run_dir: Path) -> list[dict]:
+    """Run `launch.train argv` (under torchrun for several ranks); its metrics records."""
+    if nproc == 1:
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+        proc = subprocess.run([sys.executable, "-m", "launch.train", *argv], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=900)
+        if proc.returncode != 0:
+            raise AssertionError(f"golden run {name} failed ({proc.returncode}):\n"
+                                 f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    else:
+        torchrun("launch.train", nproc, *argv, timeout=900)
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def load(name: str) -> dict:
