@@ -104,6 +104,7 @@ class ActivationMemory:
         self.prefetched_bytes = 0
         self._storages: dict[int, list[int]] = {}  # storage ptr -> [holders, bytes]
         self._params: set[int] = set()
+        self._layer_types: dict[str, str] = {}  # layer name -> its layer type
         self._key: Hashable = None
 
     # ------------------------------------------------------------------ binding
@@ -150,12 +151,17 @@ class ActivationMemory:
             torch.cuda.reset_peak_memory_stats(self.pool.device)
 
     def step_stats(self, forwards: int) -> dict[str, float]:
-        """The step's figures for the metrics, in MiB: saved bytes per forward of a chunk
-        (device + host, as stored), this process's peak of saved-tensor bytes on the
+        """The step's figures for the metrics, in MiB: the language model's saved bytes per
+        forward of a chunk (device + host, as stored), the encoder's over the step, this process's peak of saved-tensor bytes on the
         device and in the host pool, what was prefetched; on CUDA the allocator's peak."""
         mib = 1 / 2**20
-        saved = sum(sum(regions.values()) for regions in self.saved.values())
-        stats = {"act_saved_per_microbatch_MiB": saved / max(forwards, 1) * mib,
+        def total(vision: bool) -> int:
+            return sum(sum(regions.values()) for name, regions in self.saved.items()
+                       if (self._layer_types[name] == "vision") == vision)
+        stats = {"act_saved_per_microbatch_MiB": total(False) / max(forwards, 1) * mib,
+                 # the vision encoder's saved bytes over the step: colocated, its forwards;
+                 # DEP, its recomputation with grad after the pipeline (parallel/dep.py)
+                 "act_saved_encoder_MiB": total(True) * mib,
                  "act_peak_device_MiB": self.peak["device"] * mib,
                  "act_peak_host_MiB": self.peak["host"] * mib,
                  "act_prefetched_MiB": self.prefetched_bytes * mib}
@@ -191,6 +197,7 @@ class ActivationMemory:
     def hooks(self, layer: "LayerMemory", region: str):
         recompute, fp8, offload = self.policy.treatment(layer.layer_type, region, layer.index)
         saved = self.saved[layer.name]
+        self._layer_types[layer.name] = layer.layer_type
 
         def pack(tensor: torch.Tensor):
             if self.is_parameter(tensor):
