@@ -217,3 +217,13 @@ def test_a_policy_that_recomputes_an_all_to_all_fails(one_rank_group, monkeypatc
         lm_step(MemoryPolicy(recompute=frozenset({"moe.dispatch"})), one_rank_group)
     # the same model and dispatcher with the report policy run (the regions avoid it)
     lm_step(MemoryPolicy.preset("report"), one_rank_group)
+
+
+def test_fp8_and_offload_compose_the_compressed_bytes_travel(store_all):
+    plain = lm_step(MemoryPolicy(offload=frozenset({"moe.experts"})))["memory"].saved
+    both = lm_step(MemoryPolicy(fp8=frozenset({"moe.experts"}),
+                                offload=frozenset({"moe.experts"})))
+    for layer, regions in plain.items():
+        if "experts" in regions:  # fp32 -> 1 byte per element (+ scales, int offsets as is)
+            assert both["memory"].saved[layer]["experts"] < 0.3 * regions["experts"]
+    assert both["peak"]["host"] > 0
