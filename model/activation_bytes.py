@@ -22,6 +22,18 @@ name and the planner shows the difference:
                          └─ shared expert: gate, up, silu, gate*up [T,I_s]
     head: input, norm (rstd, x*rstd), loss: grad_hidden [T,D], grad_weight [V,D] fp32
 
+Memory policies (model/memory_policy.py): every entry lists the regions that save it
+(`Save`: region, how many times, which view) and, for a recomputable region's inputs,
+the one save checkpoint makes when the region is recomputed. `apply_policy` then does
+what model/saved_tensors.py does, save by save, and gives device and host bytes per
+layer (tests/model/test_activation_policy_bytes.py holds it to that module's accounting):
+
+    attn_norm ─ q_down.out ─ q_up ─ ... ─ attention ─ o_proj.input      LM layer
+      input (x2, +1 as attn_norm's input when recomputed)
+      rstd (x2), normalized, out (x2: q_down and kv_down read it)       all in attn_norm
+      q_down.out (x2 by q_norm, +1 as q_up's input)                     in q_up
+      kv_down.out: its latent view (x2 by kv_norm, +1 as kv_up's input) in kv_up
+
 Parameters (and views of them, such as `weight.t()` inside a linear) are not activations
 and are never listed (parallel/activation_memory.py does not count them either).
 Scalars and per-call bookkeeping under 1 KiB (cu_seqlens, RNG state) are left out.
@@ -105,6 +117,11 @@ class Saved:
         return self.numel * self.itemsize
 
     @property
+    def stored_by_default(self) -> bool:
+        """False for a region's input that only checkpoint saves (the labels)."""
+        return not self.saves or any(not s.checkpoint for s in self.saves)
+
+    @property
     def rows(self) -> int:
         return self.numel // self.cols if self.cols else 1
 
@@ -129,7 +146,8 @@ class ActivationSpec:
 
 
 def total_bytes(entries: Sequence[Saved]) -> int:
-    return sum(e.bytes for e in entries)
+    """Bytes saved when everything is stored (what no policy, or `none`, keeps)."""
+    return sum(e.bytes for e in entries if e.stored_by_default)
 
 
 OUTSIDE = ""  # the layer name of bytes saved outside any region (no policy reaches them)
