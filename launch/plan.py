@@ -6,6 +6,10 @@
                                                                what each pipeline rank holds
                                                                and does per step, and whether
                                                                it fits (trainer/planner.py)
+        [--memory-policy report]                               under a memory policy (issue 15)
+        [--memory-policies]                                    the fullest rank under none, each
+                                                               tool of `report` alone and `report`,
+                                                               with AdamW and MuonClip: which fits
     python -m launch.plan --schedule --pp 4 --vpp 2 --microbatches 8
                                                                each rank's pipeline actions, checked
                                                                and simulated (bubble, Gantt in ASCII)
@@ -20,14 +24,15 @@ from model.config import ConfigError, PRESETS, preset
 from model.param_count import count
 from parallel.schedule import Op, format_schedule, schedule
 from parallel.schedule_sim import check_schedule, format_timeline, simulate
-from trainer.config import load_config
+from model.memory_policy import MemoryPolicy, report_tools
+from trainer.config import JobConfig, load_config
 from trainer.hardware import GPUS
 from trainer.planner import (DEFAULT_EFFICIENCY, GIB, RESERVED_BYTES, MediaMix, Plan, RankPlan,
-                             Recipe, plan)
+                             Recipe, fullest_ranks, plan)
 
 # the flags that ask for a plan (without any, `--model` prints parameter counts)
 PLAN_FLAGS = ("pp", "vpp", "ep", "dp", "seq_len", "micro_batch", "global_batch", "layout", "gpu",
-              "precision", "optimizer", "encoder", "media", "efficiency")
+              "precision", "optimizer", "encoder", "media", "efficiency", "memory_policy")
 
 
 def _fmt(n: float) -> str:
@@ -83,6 +88,13 @@ def parser() -> argparse.ArgumentParser:
     plan_flags.add_argument("--efficiency", type=float,
                             help=f"fraction of the bf16 peak matmuls sustain in the time model "
                                  f"(default {DEFAULT_EFFICIENCY})")
+    plan_flags.add_argument("--memory-policy", choices=sorted(report_tools()),
+                            help="what autograd keeps for backward (model/memory_policy.py): "
+                                 "none (default), report, or one of report's tools alone: "
+                                 "recompute, fp8, offload")
+    plan_flags.add_argument("--memory-policies", action="store_true",
+                            help="instead of the rank table: the fullest rank under each of "
+                                 "those policies with AdamW and with MuonClip, and which fits")
     plan_flags.add_argument("--all", action="store_true",
                             help="every pipeline rank (default: the first, a middle, the last "
                                  "and the one with the largest peak)")
@@ -96,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         return print_schedule(args.pp or 4, 2 if args.vpp is None else args.vpp,
                               args.microbatches, args.ep_overlap)
     try:
-        if any(getattr(args, f) is not None for f in PLAN_FLAGS) or args.all or args.json:
+        if (any(getattr(args, f) is not None for f in PLAN_FLAGS) or args.all or args.json
+                or args.memory_policies):
             return print_plan(args)
         cfg = preset(args.model)
         cfg.validate()
@@ -127,6 +140,11 @@ def print_plan(args: argparse.Namespace) -> int:
     cfg = load_config([a for k, v in overrides.items() for a in (f"--{k}", str(v))])
     cfg.validate_sizes()
     gpu = GPUS[args.gpu or "h800"]
+    if args.memory_policies:
+        print(format_policies(cfg, gpu, args.precision or "fp32",
+                              MediaMix.parse(args.media or "")))
+        return 0
+    set_policy(cfg, report_tools()[args.memory_policy or "none"])
     result = plan(cfg, recipe=Recipe(args.precision or "fp32", args.optimizer or "adamw"),
                   media=MediaMix.parse(args.media or ""), gpu=gpu,
                   efficiency=args.efficiency or DEFAULT_EFFICIENCY)
@@ -139,6 +157,48 @@ def print_plan(args: argparse.Namespace) -> int:
     else:
         print(format_plan(result, shown))
     return 0
+
+
+def set_policy(cfg: JobConfig, policy: MemoryPolicy) -> None:
+    """The job's [memory] section for a policy (a preset's name, or custom lists)."""
+    m = cfg.memory
+    if policy.name in ("none", "report"):
+        m.policy, m.recompute, m.fp8, m.offload = policy.name, [], [], []
+    else:
+        m.policy = "custom"
+        m.recompute, m.fp8, m.offload = (sorted(policy.recompute), sorted(policy.fp8),
+                                         sorted(policy.offload))
+    cfg.memory.to_policy()  # validates
+
+
+def format_policies(cfg: JobConfig, gpu, precision: str, media: MediaMix) -> str:
+    """The fullest pipeline rank under each memory policy, AdamW vs MuonClip."""
+    recipes = {o: Recipe(precision, o) for o in ("adamw", "muonclip")}
+    policies = report_tools()
+    worst = fullest_ranks(cfg, policies, recipes, media=media, attention="flash")
+    budget = gpu.memory_bytes - RESERVED_BYTES
+    p = cfg.parallel
+    lines = [f"model {cfg.model.preset}: pp={p.pp} vpp={p.vpp} ep={p.ep} dp={p.dp} = "
+             f"{p.pp * p.dp} GPUs of {gpu.name} ({gpu.memory_bytes / GIB:.1f} GiB, "
+             f"{budget / GIB:.2f} usable), seq_len {cfg.data.seq_len}, micro_batch "
+             f"{cfg.train.micro_batch}, precision {precision}, media {media.describe()}",
+             "the fullest pipeline rank under each memory policy (GiB per GPU; host: what "
+             "the policy offloads to CPU memory, per GPU)", ""]
+    header = (f"{'policy':<10}{'optimizer':<10}{'rank':>5}{'static':>9}{'activations':>13}"
+              f"{'prefetched':>12}{'buffers':>9}{'peak':>9}{'host':>9}  verdict")
+    lines.append(header)
+    for name in policies:
+        for opt in recipes:
+            r = worst[name, opt]
+            static = r.static + r.dep_embeddings
+            verdict = "fits" if r.peak <= budget else f"DOES NOT FIT (+{(r.peak - budget) / GIB:.1f})"
+            lines.append(f"{name:<10}{opt:<10}{r.pp_rank:>5}{static / GIB:>9.2f}"
+                         f"{r.activations / GIB:>13.2f}{r.prefetched / GIB:>12.2f}"
+                         f"{r.pipeline_buffers / GIB:>9.2f}{r.peak / GIB:>9.2f}"
+                         f"{r.offloaded / GIB:>9.2f}  {verdict}")
+    lines += ["", "policies (model/memory_policy.py): recompute, fp8, offload = the report "
+              "preset's lists alone; report = all three"]
+    return "\n".join(lines)
 
 
 def _budget(result: Plan) -> int:
@@ -156,7 +216,9 @@ def rank_json(result: Plan, rank: RankPlan) -> dict:
                   "master": rank.total("master"), "optimizer_state": rank.total("state"),
                   "activations": rank.activations, "pipeline_buffers": rank.pipeline_buffers,
                   "dep_embeddings": rank.dep_embeddings, "dep_recompute": rank.dep_recompute,
-                  "pixels": rank.pixels, "peak": rank.peak, "budget": _budget(result)},
+                  "pixels": rank.pixels, "offloaded": rank.offloaded,
+                  "prefetched": rank.prefetched, "peak": rank.peak,
+                  "budget": _budget(result)},
         "in_flight": {str(s): n for s, n in rank.in_flight.items()},
         "fits": rank.peak <= _budget(result), "flops": rank.flops,
         "comm_bytes": rank.comm, "compute_s": rank.compute_s,
@@ -184,7 +246,8 @@ def format_plan(result: Plan, shown: list[RankPlan]) -> str:
         f"({cfg.microbatches_per_replica} microbatches per replica)",
         f"layout {layout.notation()}, encoder {result.encoder}, precision "
         f"{result.recipe.precision}, optimizer {result.recipe.optimizer}, media "
-        f"{result.media.describe()}", ""]
+        f"{result.media.describe()}"
+        + ("" if cfg.memory.policy == "none" else f", memory policy {cfg.memory.policy}"), ""]
     width = 17
     header = f"{'':<44}" + "".join(f"{'pipeline rank ' + str(r.pp_rank):>{width}}" for r in shown)
     rows: list[tuple[str, list[str]]] = []
@@ -208,6 +271,8 @@ def format_plan(result: Plan, shown: list[RankPlan]) -> str:
     row("  optimizer state", gib([r.total("state") for r in shown]))
     row("  activations at the schedule's peak", gib([r.activations for r in shown]))
     row("    chunk-microbatches in flight", [str(sum(r.in_flight.values())) for r in shown])
+    if any(r.offloaded for r in shown):
+        row("  prefetched back (one chunk-microbatch)", gib([r.prefetched for r in shown]))
     row("  pipeline buffers (chunk outputs)", gib([r.pipeline_buffers for r in shown]))
     if result.media.kinds:
         row("  DEP embeddings + grads (stage 0)", gib([r.dep_embeddings for r in shown]))
@@ -219,6 +284,8 @@ def format_plan(result: Plan, shown: list[RankPlan]) -> str:
         gib([budget for _ in shown]))
     row("  headroom", gib([budget - r.peak for r in shown]))
     row("  verdict", ["fits" if r.peak <= budget else "DOES NOT FIT" for r in shown])
+    if any(r.offloaded for r in shown):
+        row("  offloaded to host memory", gib([r.offloaded for r in shown]))
     row("per step", ["" for _ in shown])
     row("  model TFLOP", [f"{r.flops / 1e12:,.0f}" for r in shown])
     row("  matmul time (s)", [f"{r.compute_s:.2f}" for r in shown])

@@ -148,3 +148,13 @@ def all_regions() -> frozenset[str]:
 def recomputable() -> frozenset[str]:
     return frozenset(f"{t}.{r}" for t, regions in REGIONS.items()
                      for r, ok in regions.items() if ok)
+
+
+def report_tools() -> dict[str, MemoryPolicy]:
+    """`none`, each tool of the `report` preset alone (its recompute, FP8 and offload
+    lists), and `report`: the variants the planner and benchmarks/memory.py compare."""
+    return {"none": MemoryPolicy.preset("none"),
+            "recompute": MemoryPolicy(recompute=REPORT_RECOMPUTE, name="recompute"),
+            "fp8": MemoryPolicy(fp8=REPORT_FP8, name="fp8"),
+            "offload": MemoryPolicy(offload=REPORT_OFFLOAD, name="offload"),
+            "report": MemoryPolicy.preset("report")}

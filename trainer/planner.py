@@ -6,8 +6,11 @@
     parameters   r's modules built with parameters on `meta` by the engine's own code
                  (parallel/engine.py), grouped as ZeRO-1 groups them, bucket-padded by
                  `parallel.zero1.plan_buckets`    -> weights, grads, master, optimizer state
-    activations  model/activation_bytes.py per chunk and microbatch, summed over the
-                 forwards in flight at r's worst moment of the schedule (parallel/schedule.py)
+    activations  model/activation_bytes.py per chunk and microbatch under the job's memory
+                 policy (cfg.memory: recompute, FP8, offload), summed over the forwards in
+                 flight at r's worst moment of the schedule (parallel/schedule.py); what
+                 the policy offloads sits in host memory, reported apart, except the one
+                 chunk-microbatch prefetched back ahead of its backward
     DEP          the replica's media embeddings (+ grads) held by stage 0; the encoder's
                  recomputation of r's share after the pipeline (model/activation_bytes.py)
     FLOPs, time  model/flops.py per chunk -> per-(chunk, microbatch) times -> the schedule
@@ -16,7 +19,8 @@
         │
         ▼
     peak = weights + grads + master + state + pixels + DEP embeddings (stage 0)
-           + max(activations + pipeline buffers in flight,  DEP encoder recomputation)
+           + max(activations + prefetched + pipeline buffers in flight,
+                 DEP encoder recomputation)
 
 The memory figures model what this code base holds; tests/distributed/test_planner_memory.py
 checks them on CPU against running jobs (parameter, gradient and optimizer bytes exactly,
@@ -58,8 +62,9 @@ from dataclasses import dataclass, field
 import torch
 from torch.overrides import TorchFunctionMode
 
-from model.activation_bytes import ActivationSpec, Saved, lm_chunk, total_bytes, vision_encoder
+from model.activation_bytes import ActivationSpec, Saved, apply_policy, lm_chunk, vision_encoder
 from model.config import ConfigError, ModelConfig
+from model.memory_policy import MemoryPolicy
 from model.flops import lm_part_flops, vision_flops
 from model.vision_language import VisionEncoder
 from parallel.engine import stage_module, zero1_param_groups
@@ -261,13 +266,15 @@ class RankPlan:
     stages: list[int]
     chunks: list[str]  # the E/t/L symbols of each chunk it holds
     groups: dict[str, GroupBytes]  # ZeRO-1 groups: dense, expert, encoder
-    activations: int  # bytes saved for backward at the rank's worst moment of the schedule
+    activations: int  # device bytes saved for backward at the rank's worst moment
     pipeline_buffers: int  # outputs of the forwards in flight (held until their backward)
     in_flight: dict[int, int]  # stage -> microbatches in flight at that moment
     stage_activations: dict[int, list[Saved]]  # per mean microbatch: the per-tensor seam
     dep_embeddings: int  # stage 0 under DEP: the replica's media embeddings and their grads
     dep_recompute: int  # the encoder's saved tensors for this rank's share of the media
     pixels: int
+    offloaded: int = 0  # host bytes the memory policy parked at that moment
+    prefetched: int = 0  # the largest chunk-microbatch's offloaded bytes, back on the device
     flops: float = 0.0  # model FLOPs per step
     comm: dict[str, float] = field(default_factory=dict)  # bytes sent per step, by kind
     compute_s: float = 0.0  # matmul time per step
@@ -286,7 +293,7 @@ class RankPlan:
 
     @property
     def peak(self) -> int:
-        pipeline = self.activations + self.pipeline_buffers
+        pipeline = self.activations + self.prefetched + self.pipeline_buffers
         return self.static + self.dep_embeddings + max(pipeline, self.dep_recompute)
 
 
@@ -333,11 +340,13 @@ class _Job:
     """What every part of a plan shares: sizes, layout, schedule, media per microbatch."""
 
     def __init__(self, cfg: JobConfig, recipe: Recipe, media: MediaMix, attention: str,
-                 microbatch_media: list[list[Grid]] | None = None):
+                 microbatch_media: list[list[Grid]] | None = None,
+                 policy: MemoryPolicy | None = None):
         recipe.validate()
         media.check(cfg.model, cfg.data.seq_len)
         p, t = cfg.parallel, cfg.train
         self.cfg, self.recipe, self.media, self.model = cfg, recipe, media, cfg.model
+        self.policy = cfg.memory.to_policy() if policy is None else policy
         self.pp, self.vpp, self.ep, self.dp = p.pp, p.vpp, p.ep, p.dp
         self.B, self.S, self.m = t.micro_batch, cfg.data.seq_len, cfg.microbatches_per_replica
         self.world = p.pp * p.dp
@@ -387,10 +396,11 @@ def _memory(job: _Job, bucket_numel: int, cache: dict, pp_ranks: list[int] | Non
             ) -> list[RankPlan]:
     model, B, S, c = job.model, job.B, job.S, job.spec.compute_bytes
     D, last = model.lm.hidden, len(job.layout.chunks) - 1
-    lm = {s: total_bytes(lm_chunk(model.lm, chunk, B, S, job.spec))
-          for s, chunk in enumerate(job.layout.chunks)}
-    encoder = [total_bytes(vision_encoder(model, items, job.spec)) if job.mode == "colocated"
-               else 0 for items in job.mb_media]
+    placed = {s: apply_policy(lm_chunk(model.lm, chunk, B, S, job.spec), job.policy)
+              for s, chunk in enumerate(job.layout.chunks)}
+    lm = {s: p.device for s, p in placed.items()}
+    encoder = [apply_policy(vision_encoder(model, items, job.spec), job.policy).device
+               if job.mode == "colocated" else 0 for items in job.mb_media]
     media_index = [INT64 * _media_tokens(items) for items in job.mb_media]
 
     def held(stage: int, mb: int) -> float:
@@ -408,8 +418,8 @@ def _memory(job: _Job, bucket_numel: int, cache: dict, pp_ranks: list[int] | Non
     replica_patches = sum(t * h * w for t, h, w in job.replica_items)
     dep = job.mode == "dep"
     # the encoder's recomputation of this rank's share: saved bytes are sums over items
-    recompute = round(total_bytes(vision_encoder(model, job.replica_items, job.spec))
-                      * job.share) if dep else 0
+    recompute = round(apply_policy(vision_encoder(model, job.replica_items, job.spec),
+                                   job.policy).device * job.share) if dep else 0
     ranks = []
     for r in range(job.pp) if pp_ranks is None else pp_ranks:
         peak, in_flight = peak_in_flight(job.actions[r], held)
@@ -431,7 +441,9 @@ def _memory(job: _Job, bucket_numel: int, cache: dict, pp_ranks: list[int] | Non
             dep_embeddings=(2 * _media_tokens(job.replica_items) * D * c
                             if dep and r == 0 else 0),
             dep_recompute=recompute,
-            pixels=round(pixel_rows * model.vision.patch_dim * FP32)))
+            pixels=round(pixel_rows * model.vision.patch_dim * FP32),
+            offloaded=sum(n * placed[s].host for s, n in in_flight.items()),
+            prefetched=max(placed[s].host for s in job.stages_of(r))))
     return ranks
 
 
@@ -445,6 +457,21 @@ def plan_memory(cfg: JobConfig, *, recipe: Recipe = Recipe(), media: MediaMix = 
     instead of draws from `media`."""
     job = _Job(cfg, recipe, media, attention, microbatch_media)
     return _memory(job, bucket_numel, {}, pp_ranks)
+
+
+def fullest_ranks(cfg: JobConfig, policies: dict[str, MemoryPolicy],
+                  recipes: dict[str, Recipe], *, media: MediaMix = MediaMix(),
+                  attention: str = "dense", bucket_numel: int = DEFAULT_BUCKET_NUMEL
+                  ) -> dict[tuple[str, str], RankPlan]:
+    """The pipeline rank with the largest peak, per (policy name, recipe name): which
+    memory policy and optimizer make a layout fit (the modules are built once per recipe)."""
+    out = {}
+    for recipe_name, recipe in recipes.items():
+        cache: dict = {}
+        for name, policy in policies.items():
+            job = _Job(cfg, recipe, media, attention, policy=policy)
+            out[name, recipe_name] = max(_memory(job, bucket_numel, cache), key=lambda r: r.peak)
+    return out
 
 
 # ---------------------------------------------------------------- FLOPs, communication, time
