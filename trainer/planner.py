@@ -47,8 +47,11 @@ Known limits of the memory model: routing is taken as perfectly balanced (see
 model/activation_bytes.py); the transient working set of one backward (about one layer's
 activations again), allocator fragmentation and the optimizer step's temporary buckets are
 not counted (`RESERVED_BYTES` stands in for them and for the CUDA context on a GPU);
-pixels are fp32 rows on every rank of a replica, as the loader hands them over today
-(issue 17 moves them to uint8 and to the encoding rank only).
+under a memory policy, the colocated encoder's offloaded bytes are not added to the
+host figure (its device bytes are counted), and a recomputed region's working set in the
+backward is part of the reserve; pixels are fp32 rows on every rank of a replica, as
+the loader hands them over today (issue 17 moves them to uint8 and to the encoding rank
+only).
 """
 from __future__ import annotations
 
@@ -692,7 +695,8 @@ def check_fits(cfg: JobConfig, budget: int, where: str, device: torch.device,
         f"{worst.peak / g:.2f} GiB (weights {worst.total('weights') / g:.2f}, grads "
         f"{worst.total('grads') / g:.2f}, optimizer state {worst.total('state') / g:.2f}, "
         f"activations of {sum(worst.in_flight.values())} chunk-microbatches in flight "
-        f"{(worst.activations + worst.pipeline_buffers) / g:.2f}) but a rank may use "
-        f"{budget / g:.2f} GiB ({where}). Use more ranks (parallel.pp, parallel.dp, "
-        f"parallel.ep), a smaller train.micro_batch or data.seq_len, or a smaller model; "
+        f"{(worst.activations + worst.prefetched + worst.pipeline_buffers) / g:.2f}) but a "
+        f"rank may use {budget / g:.2f} GiB ({where}). Use more ranks (parallel.pp, "
+        f"parallel.dp, parallel.ep), a memory policy (memory.policy=report), a smaller "
+        f"train.micro_batch or data.seq_len, or a smaller model; "
         f"`python -m launch.plan` with the same sizes shows every rank")
