@@ -1,12 +1,12 @@
 """Benchmark: activation memory policies side by side (issue 15).
 
-    python -m benchmarks.memory [--configs tiny,small] [--rounds 3] [--steps 3]
+    python -m benchmarks.memory [--configs tiny,small] [--rounds 3] [--steps 2]
                                 [--small-layers 2] [--seq-len 128] [--device cpu]
 
 Per config, one process (one thread) trains the whole language model (embedding, decoder
 layers, fused head + loss; `small` cut to its first --small-layers layers: one dense, the
-rest MoE) with torch AdamW on fixed random batches of one sequence. Variants, run in turn
-round after round (A B C D E A B C D E ...), each from the same initial weights:
+rest MoE) with plain SGD (no optimizer state to hold or time) on fixed random batches
+of one sequence. Variants, run in turn round after round (A B C D E A B C D E ...), each from the same initial weights:
 
     none       store every saved tensor (the hooks still account the bytes)
     recompute  the report preset's recompute list alone (norms, SwiGLU, MLA up-projections,
@@ -26,7 +26,7 @@ Printed per variant (bytes from the policy's own accounting, model/saved_tensors
     model MiB            model/activation_bytes.py's prediction of saved dev + host (planner)
     peak MiB dev/host    the most alive at once over a step (forward, then backward, which
                          brings offloaded tensors back: fetched on demand here, no pipeline)
-    step ms              forward + backward + AdamW step, median over rounds and steps
+    step ms              forward + backward, median over rounds and steps
     loss, dloss          the loss of the last step, and its difference from none's
 
 CPU timings show the tools' costs on a CPU only: recompute reruns its regions, FP8
@@ -94,7 +94,7 @@ def run_variant(model, init_state, policy: MemoryPolicy, data, device) -> dict:
         moe.reset_buffers()
     memory = ActivationMemory(policy, device)
     memory.attach(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     S = data[0][0].shape[1]
     positions = torch.arange(S, device=device).unsqueeze(0)
     docs = torch.zeros(1, S, dtype=torch.long, device=device)
@@ -107,10 +107,10 @@ def run_variant(model, init_state, policy: MemoryPolicy, data, device) -> dict:
         if i == 0:
             result["after_forward"] = dict(memory.live)
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
         sync(device)
         result["step"].append(time.perf_counter() - start)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         result["loss"] = loss.item()
         if i == 0:
             result["layers"] = split(memory, model)
@@ -134,6 +134,7 @@ def bench(config: str, args) -> list[tuple]:
     data = batches(lm_cfg, args.steps, args.seq_len, device)
     policies = report_tools()
     runs: dict[str, list[dict]] = {name: [] for name in policies}
+    run_variant(model, init_state, policies["none"], data[:1], device)  # warm-up, untimed
     for _ in range(args.rounds):
         for name, policy in policies.items():
             runs[name].append(run_variant(model, init_state, policy, data, device))
@@ -171,7 +172,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="tiny,small")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--small-layers", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--device", default="cpu")
