@@ -28,11 +28,22 @@ the one save checkpoint makes when the region is recomputed. `apply_policy` then
 what model/saved_tensors.py does, save by save, and gives device and host bytes per
 layer (tests/model/test_activation_policy_bytes.py holds it to that module's accounting):
 
-    attn_norm ─ q_down.out ─ q_up ─ ... ─ attention ─ o_proj.input      LM layer
-      input (x2, +1 as attn_norm's input when recomputed)
-      rstd (x2), normalized, out (x2: q_down and kv_down read it)       all in attn_norm
-      q_down.out (x2 by q_norm, +1 as q_up's input)                     in q_up
-      kv_down.out: its latent view (x2 by kv_norm, +1 as kv_up's input) in kv_up
+    recomputable region  saves when stored (x2: two ops save it)    keeps when recomputed
+    attn_norm            input x2, rstd x2, x*rstd, out x2           input
+    q_up                 q_down.out x2, q_norm: rstd x2, x*rstd, out  q_down.out
+    kv_up                kv_down.out's latent view x2, kv_norm's      that view
+    ffn_norm             residual x2, rstd x2, x*rstd (MoE: out,      residual (the scores
+                         read by the router, and its scores)          stay: router saves them)
+    ffn (dense)          ffn_norm.out x2, gate, up, silu, product     ffn_norm.out
+    experts              offsets x3, input x2, gate, up, silu, prod.  input, offsets
+    shared               ffn_norm.out x2, gate, up, silu, product     ffn_norm.out
+    vision attn_norm     input, mean, rstd, out                       input
+    vision mlp           residual, mean, rstd, out, up, act           residual
+    head loss            input x2, rstd x2, x*rstd, grad_hidden,      input, labels
+                         grad_weight
+
+A storage stored as is counts once, however many ops save it; an FP8 or offloaded save
+is its own copy (of the view saved), so it counts once per save.
 
 Parameters (and views of them, such as `weight.t()` inside a linear) are not activations
 and are never listed (parallel/activation_memory.py does not count them either).
