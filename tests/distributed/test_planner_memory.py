@@ -9,21 +9,25 @@ microbatch held (stage 0 records them; the plan otherwise draws them from a mix)
     weights, gradients        exactly (bytes of the parameters and their .grad; without
                               media the encoder gets no .grad today, which the plan counts)
     optimizer state           exactly (ZeRO-1's own `state_bytes()`, bucket padding included)
-    activations + buffers     within 5% of the measured peak: bytes autograd saved for backward
-                              plus the chunk outputs, summed over the forwards in flight, at
-                              the worst moment of the rank's schedule
+    activations + buffers     within 5% of the measured peak: bytes saved for backward
+                              (the memory policy's accounting: device and host) plus the
+                              chunk outputs, summed over the forwards in flight, at the worst
+                              moment of the rank's schedule; under `report` too
     DEP recomputation         within 5%: the encoder's saved bytes for the items the rank
-                              encoded (model/activation_bytes.py on those items)
+                              encoded (model/activation_bytes.py on those items, under the
+                              job's policy)
 
 Mutants of the planner must fail the same comparison: one microbatch in flight instead
-of the schedule's count, and optimizer state not sharded over the data-parallel group.
+of the schedule's count, optimizer state not sharded over the data-parallel group, the
+colocated encoder left out, and a planner blind to the job's memory policy.
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-from model.activation_bytes import ActivationSpec, total_bytes, vision_encoder
+from model.activation_bytes import OUTSIDE, ActivationSpec, apply_policy, vision_encoder
+from model.memory_policy import MemoryPolicy
 from tests.distributed.launcher import torchrun
 from trainer import planner
 from trainer.config import load_config
@@ -42,7 +46,8 @@ WIDE = ["--model.lm.hidden", "512", "--model.lm.heads", "8", "--model.lm.q_lora_
 LAYOUTS = ["pp=2,vpp=2,ep=2,dp=2,encoder=dep",
            "pp=4,wide=1,encoder=dep",
            "pp=2,vpp=2,dp=2,wide=1,encoder=colocated,layout=E|tt|t|tL",
-           "pp=2,dp=2,ep=2,encoder=dep,media=0"]
+           "pp=2,dp=2,ep=2,encoder=dep,media=0",
+           "pp=2,vpp=2,ep=2,dp=2,encoder=dep,memory=report"]
 TOLERANCE = 0.05
 
 
@@ -53,6 +58,7 @@ def config(layout: str):
     for key in ("pp", "vpp", "ep", "dp", "encoder", "layout"):
         if key in items:
             argv += [f"--parallel.{key}", items[key]]
+    argv += ["--memory.policy", items["memory"]] if "memory" in items else []
     return load_config(argv)
 
 
@@ -76,11 +82,13 @@ def mismatches(layout: str, ranks: list[dict], predicted: dict[int, list[planner
         for name, key in (("weights", "weights"), ("grads", "grads"), ("state", "state")):
             if got[name] != want.total(key):
                 problems.append(f"{where}: {name} {got[name]} held, {want.total(key)} planned")
-        planned = want.activations + want.pipeline_buffers
+        planned = want.activations + want.offloaded + want.pipeline_buffers
         if abs(planned - got["peak"]) > TOLERANCE * got["peak"]:
             problems.append(f"{where}: activations {got['peak']} at the peak, {planned} planned")
         for saved, grids in got["recompute"]:
-            modelled = total_bytes(vision_encoder(cfg.model, grids, ActivationSpec()))
+            placed = apply_policy(vision_encoder(cfg.model, grids, ActivationSpec()),
+                                  cfg.memory.to_policy())  # what the policy's hooks see
+            modelled = placed.device + placed.host - placed.layers[OUTSIDE]["device"]
             if abs(modelled - saved) > TOLERANCE * max(saved, 1):
                 problems.append(f"{where}: DEP recompute saved {saved}, modelled {modelled}")
     return problems
@@ -112,6 +120,12 @@ def test_planner_mutants_are_caught(measured, monkeypatch):
     with monkeypatch.context() as m:  # ZeRO-1 state not sharded over data parallelism
         zero1 = planner.zero1_bytes
         m.setattr(planner, "zero1_bytes", lambda named, size, *a: zero1(named, 1, *a))
+        assert mismatches(layout, measured[layout], predicted(layout, measured[layout]))
+    layout = LAYOUTS[4]
+    with monkeypatch.context() as m:  # the job's memory policy ignored
+        place = planner.apply_policy
+        m.setattr(planner, "apply_policy", lambda entries, policy: place(entries,
+                                                                         MemoryPolicy()))
         assert mismatches(layout, measured[layout], predicted(layout, measured[layout]))
     layout = LAYOUTS[2]
     with monkeypatch.context() as m:  # the colocated encoder's activations left out
