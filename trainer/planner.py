@@ -67,8 +67,8 @@ from torch.overrides import TorchFunctionMode
 
 from model.activation_bytes import ActivationSpec, Saved, apply_policy, lm_chunk, vision_encoder
 from model.config import ConfigError, ModelConfig
-from model.memory_policy import MemoryPolicy
 from model.flops import lm_part_flops, vision_flops
+from model.memory_policy import MemoryPolicy
 from model.vision_language import VisionEncoder
 from parallel.engine import stage_module, zero1_param_groups
 from parallel.schedule import Op, peak_in_flight, schedule
