@@ -191,7 +191,8 @@ def format_policies(cfg: JobConfig, gpu, precision: str, media: MediaMix) -> str
         for opt in recipes:
             r = worst[name, opt]
             static = r.static + r.dep_embeddings
-            verdict = "fits" if r.peak <= budget else f"DOES NOT FIT (+{(r.peak - budget) / GIB:.1f})"
+            over = (r.peak - budget) / GIB
+            verdict = "fits" if over <= 0 else f"DOES NOT FIT (+{over:.1f})"
             lines.append(f"{name:<10}{opt:<10}{r.pp_rank:>5}{static / GIB:>9.2f}"
                          f"{r.activations / GIB:>13.2f}{r.prefetched / GIB:>12.2f}"
                          f"{r.pipeline_buffers / GIB:>9.2f}{r.peak / GIB:>9.2f}"
