@@ -6,7 +6,8 @@
 Per config, one process (one thread) trains the whole language model (embedding, decoder
 layers, fused head + loss; `small` cut to its first --small-layers layers: one dense, the
 rest MoE) with plain SGD (no optimizer state to hold or time) on fixed random batches
-of one sequence. Variants, run in turn round after round (A B C D E A B C D E ...), each from the same initial weights:
+of one sequence. Variants, run in turn round after round (A B C D E A B C D E ...),
+each from the same initial weights:
 
     none       store every saved tensor (the hooks still account the bytes)
     recompute  the report preset's recompute list alone (norms, SwiGLU, MLA up-projections,
@@ -149,6 +150,7 @@ def bench(config: str, args) -> list[tuple]:
         dev, host = first["after_forward"]["device"], first["after_forward"]["host"]
         none = none or (dev, host, first["loss"])
         modelled = ab.apply_policy(entries, policy)
+        hooked = modelled.device - modelled.layers[ab.OUTSIDE]["device"] + modelled.host
 
         def kib(names):
             if not names:
@@ -160,7 +162,7 @@ def bench(config: str, args) -> list[tuple]:
         rows.append((config, name, f"{dev / MiB:.2f}/{host / MiB:.2f}",
                      f"{(dev + host) / sum(none[:2]):.0%}", f"{dev / sum(none[:2]):.0%}",
                      kib(dense), kib(moe), kib(["head"]),
-                     f"{(modelled.device - modelled.layers[ab.OUTSIDE]['device'] + modelled.host) / MiB:.2f}",
+                     f"{hooked / MiB:.2f}",
                      f"{first['peak']['device'] / MiB:.2f}/{first['peak']['host'] / MiB:.2f}",
                      f"{step * 1e3:.0f}", f"{first['loss']:.6f}",
                      f"{first['loss'] - none[2]:+.2e}"))
