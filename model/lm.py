@@ -71,7 +71,7 @@ class DecoderLayer(nn.Module):
             if not self.is_moe:
                 return self.ffn_norm(x_BSD)
             xn_TD = self.ffn_norm(x_BSD).reshape(-1, x_BSD.shape[-1])
-            return xn_TD, self.ffn.router.scores(xn_TD)
+            return xn_TD, self.ffn.router(xn_TD)
         return self.memory.region("ffn_norm", norm_and_score, x_BSD)
 
 

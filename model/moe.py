@@ -44,12 +44,13 @@ class Router(nn.Module):
     def reset_buffers(self) -> None:
         self.bias.zero_()
 
-    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.choose(self.scores(x_TD))
-
-    def scores(self, x_TD: torch.Tensor) -> torch.Tensor:
-        """sigmoid(x W_r^T) in fp32 [T, E]: what a recomputed FFN norm recomputes with it."""
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """The scores sigmoid(x W_r^T) in fp32 [T, E] (a recomputed FFN norm recomputes
+        them with it); `choose` makes the decision."""
         return torch.sigmoid(x_TD.float() @ self.weight.float().t())
+
+    def route(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.choose(self(x_TD))
 
     def choose(self, scores_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k experts and their weights: the routing decision, never recomputed (the
@@ -86,7 +87,7 @@ class MoE(nn.Module):
         """Top-k and weights of every token (`scores_TE`: already computed by the caller,
         with the norm), counted once in `expert_load`."""
         if scores_TE is None:
-            scores_TE = self.router.scores(x_TD)
+            scores_TE = self.router(x_TD)
         topk_idx_TK, weights_TK = self.memory.region("router", self.router.choose, scores_TE)
         self.expert_load += torch.bincount(topk_idx_TK.reshape(-1),
                                            minlength=self.num_experts).to(torch.float64)

@@ -183,7 +183,7 @@ def test_router_weights_normalised_scaled_and_bias_gets_no_gradient():
     router = built(Router(cfg))
     router.bias.copy_(torch.linspace(-0.3, 0.3, cfg.num_experts))
     x = torch.randn(10, cfg.hidden, requires_grad=True)
-    idx, weights = router(x)
+    idx, weights = router.route(x)
     assert weights.dtype == torch.float32
     torch.testing.assert_close(weights.sum(-1), torch.full((10,), cfg.routed_scaling_factor))
     scores = torch.sigmoid(x.detach() @ router.weight.detach().t())
@@ -201,7 +201,7 @@ def test_router_weights_normalised_scaled_and_bias_gets_no_gradient():
 def naive_moe(moe: MoE, x_TD: torch.Tensor) -> torch.Tensor:
     """The MoE equation token by token, expert by expert, from the per-expert weight views."""
     views = global_named_tensors(moe.experts, "e")
-    idx, w = moe.router(x_TD)
+    idx, w = moe.router.route(x_TD)
     want = []
     for t, token in enumerate(x_TD):
         out = moe.shared(token)

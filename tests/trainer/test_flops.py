@@ -75,19 +75,22 @@ def counted_lm_parts(per_module, cfg) -> dict[str, int]:
                            "moe_experts", "moe_shared", "head"], 0)
     for i in range(cfg.layers):
         layer = f"{ROOT}.layers.{i}"
-        attn = per_module[f"{layer}.attn"]
-        assert set(attn) == {"aten.mm", "aten.bmm"}, attn  # projections are mm, SDPA is bmm
-        parts["mla_projections"] += attn["aten.mm"]
-        parts["attention"] += attn["aten.bmm"]
-        ffn_total = sum(per_module[f"{layer}.ffn"].values())
+        # the layer runs its pieces as memory-policy regions (model/lm.py): q_down and
+        # kv_down in its norm region, then MLA.attend, the router's scores beside the FFN
+        # norm; so MLA's counts are the layer's mm's besides those of the FFN's modules
+        # (projections are mm, SDPA is bmm, and no FFN module has a bmm)
         if i < cfg.first_k_dense:
-            parts["dense_ffn"] += ffn_total
+            ffn_parts = {"dense_ffn": per_module[f"{layer}.ffn"]}
         else:
-            router = sum(per_module[f"{layer}.ffn.router"].values())
-            shared = sum(per_module.get(f"{layer}.ffn.shared", {}).values())
-            parts["moe_router"] += router
-            parts["moe_shared"] += shared
-            parts["moe_experts"] += ffn_total - router - shared
+            ffn_parts = {"moe_router": per_module[f"{layer}.ffn.router"],
+                         "moe_shared": per_module.get(f"{layer}.ffn.shared", {}),
+                         "moe_experts": per_module[f"{layer}.ffn.experts"]}
+        for part, ops in ffn_parts.items():
+            assert "aten.bmm" not in ops, ops
+            parts[part] += sum(ops.values())
+        parts["mla_projections"] += per_module[layer]["aten.mm"] - sum(
+            ops.get("aten.mm", 0) for ops in ffn_parts.values())
+        parts["attention"] += per_module[layer]["aten.bmm"]
     parts["head"] = sum(per_module[f"{ROOT}.head"].values())
     return parts
 
