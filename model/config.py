@@ -72,6 +72,11 @@ class LMConfig:
     num_shared_experts: int = 1  # experts every token goes through
     expert_hidden: int = 128  # inner width of each expert's SwiGLU
     routed_scaling_factor: float = 2.5  # scale of the normalised top-k router weights
+    # group-limited routing (DeepSeek-V3 n_group / topk_group): experts in router_groups
+    # equal groups, a token picks its experts from its router_topk_groups best groups only;
+    # equal values (Kimi K2: 1 / 1) let every group compete (plain top-k)
+    router_groups: int = 1
+    router_topk_groups: int = 1
     bias_update_rate: float = 1e-3  # aux-loss-free balancing: bias step per update
     norm_eps: float = 1e-6  # epsilon of the layer and final RMSNorms
     # epsilon of MLA's latent RMSNorms (q_norm, kv_norm): the published DeepSeek-V3 / Kimi
@@ -125,6 +130,21 @@ class ModelConfig:
             raise ConfigError(
                 f"model.lm.num_experts={lm.num_experts} is smaller than model.lm.top_k={lm.top_k}: "
                 "raise num_experts or lower top_k")
+        if not 1 <= lm.router_topk_groups <= lm.router_groups:
+            raise ConfigError(
+                f"model.lm.router_topk_groups={lm.router_topk_groups} must lie in "
+                f"[1, model.lm.router_groups={lm.router_groups}]")
+        if lm.router_topk_groups < lm.router_groups:
+            per_group, rem = divmod(lm.num_experts, lm.router_groups)
+            if rem or per_group < 2:
+                raise ConfigError(
+                    f"model.lm.num_experts={lm.num_experts} must split into "
+                    f"model.lm.router_groups={lm.router_groups} equal groups of at least 2 "
+                    "(a group scores by its two best experts)")
+            if lm.top_k > lm.router_topk_groups * per_group:
+                raise ConfigError(
+                    f"model.lm.top_k={lm.top_k} exceeds the {lm.router_topk_groups} x {per_group} "
+                    "experts of the eligible groups: raise router_topk_groups")
         if lm.num_shared_experts < 0:
             raise ConfigError("model.lm.num_shared_experts must be >= 0")
         if not 0 <= self.media_token_id < lm.vocab_size:

@@ -18,8 +18,7 @@ K2.5's vision_config comes in two spellings: the release's (Moonshot's remote co
 (`hidden_size`, `pos_emb_height`, top-level `projection_layer_norm_eps`, ...). Both are
 read; the exporter writes both, so either reader finds its keys.
 
-Known limits, refused: group-limited routing with topk_group < n_group (DeepSeek-V3
-itself: n_group 8, topk_group 4; Kimi K2 uses 1/1), a full-rank query (q_lora_rank null,
+Known limits, refused: a full-rank query (q_lora_rank null,
 DeepSeek-V2-Lite), tied embeddings, attention biases, quantisation other than FP8 blocks
 (the released K2.5 stores its routed experts as INT4 compressed-tensors: not read), a
 non-square vision position table (transformers' Kimi K2.5 assumes a square one).
@@ -100,10 +99,6 @@ def lm_config_from_hf(text: dict) -> LMConfig:
         _refuse("num_key_value_heads", text["num_key_value_heads"],
                 f"MLA has one key/value head per query head ({heads})")
     n_group, topk_group = text.get("n_group") or 1, text.get("topk_group") or 1
-    if topk_group < n_group:
-        _refuse("n_group/topk_group", (n_group, topk_group),
-                "group-limited routing is not implemented: only topk_group == n_group "
-                "(every group eligible; Kimi K2 has 1/1)")
     eps = float(text.get("rms_norm_eps", 1e-6))
     if text.get("pretraining_tp", 1) != 1:
         _refuse("pretraining_tp", text["pretraining_tp"], "only 1")
@@ -116,6 +111,7 @@ def lm_config_from_hf(text: dict) -> LMConfig:
         dense_hidden=text["intermediate_size"], num_experts=text["n_routed_experts"],
         top_k=text["num_experts_per_tok"], num_shared_experts=text.get("n_shared_experts") or 0,
         expert_hidden=text["moe_intermediate_size"],
+        router_groups=n_group, router_topk_groups=topk_group,
         routed_scaling_factor=float(text.get("routed_scaling_factor", 1.0)), norm_eps=eps,
         latent_norm_eps=HF_LATENT_NORM_EPS, init_std=float(text.get("initializer_range", 0.02)), **rope_fields(text))
 
@@ -241,7 +237,8 @@ def lm_config_to_hf(lm: LMConfig, base: dict | None = None) -> dict:
         routed_scaling_factor=lm.routed_scaling_factor, rms_norm_eps=lm.norm_eps,
         initializer_range=lm.init_std, hidden_act="silu", attention_bias=False,
         tie_word_embeddings=False, norm_topk_prob=True, rope_interleave=True,
-        n_group=1, topk_group=1, num_nextn_predict_layers=0, rope_parameters=rope)
+        n_group=lm.router_groups, topk_group=lm.router_topk_groups, num_nextn_predict_layers=0,
+        rope_parameters=rope)
     # transformers 4 and the published configs read these two
     out["rope_theta"] = lm.rope_theta
     out["rope_scaling"] = ({k if k != "rope_type" else "type": v for k, v in rope.items()

@@ -36,13 +36,21 @@ def _hf_tensors(hf_dir) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("yarn", [True, False], ids=["yarn", "plain-rope"])
-def test_logits_equal_transformers(tmp_path, yarn):
+GROUP_LIMITED = {"n_group": 4, "topk_group": 2, "num_experts_per_tok": 3}
+
+
+@pytest.mark.parametrize("yarn,changes", [(True, {}), (False, {}), (False, GROUP_LIMITED)],
+                         ids=["yarn", "plain-rope", "group-limited"])
+def test_logits_equal_transformers(tmp_path, yarn, changes):
     """Catches: a missing or wrong rope-row permutation, a mis-mapped name, wrong YaRN fields
-    (factor, mscale, original length), a router bias not imported, a wrong softmax scale."""
-    hf_dir = save_tiny_deepseek(tmp_path / "hf", yarn=yarn)
+    (factor, mscale, original length), a router bias not imported, a wrong softmax scale;
+    group-limited routing (DeepSeek-V3's n_group / topk_group: 8 experts in 4 groups, top-3
+    from the best 2 groups) ignored, or groups scored otherwise than by their two best."""
+    hf_dir = save_tiny_deepseek(tmp_path / "hf", yarn=yarn, **changes)
     cfg = _import(hf_dir, tmp_path / "ckpt")
     assert (cfg.lm.yarn_factor == 8.0) == yarn
+    assert (cfg.lm.router_groups, cfg.lm.router_topk_groups) == (
+        changes.get("n_group", 1), changes.get("topk_group", 1))
     tokens = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(1))
     ref = hf_logits(hf_dir, tokens)
     ours = our_logits(our_lm(cfg, tmp_path / "ckpt"), tokens)
@@ -159,7 +167,7 @@ def test_bf16_import_keeps_dtype_and_fp32_option(tmp_path):
 
 @pytest.mark.parametrize("change,message", [
     ({"q_lora_rank": None}, "q_lora_rank"),
-    ({"n_group": 4, "topk_group": 2}, "group-limited routing"),
+    ({"n_group": 3, "topk_group": 1}, "equal groups"),
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"tie_word_embeddings": True}, "tie_word_embeddings"),
     ({"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}}, "rope type"),
