@@ -113,7 +113,7 @@ def tiny_k25_config(**text_changes):
                   rope_parameters={"rope_type": "axial", "rope_theta": 10000.0})
     return transformers.Kimi_K25Config(text_config=text, vision_config=vision,
                                        projection_hidden_size=32, tie_word_embeddings=False,
-                                       image_token_id=5)
+                                       image_token_id=1)  # synthetic data: < 4
 
 
 def random_k25(seed: int = 0, **text_changes):
