@@ -180,6 +180,9 @@ def model_config_from_hf(hf: dict, vision_preset: str = "k25",
     `image_token_id`. `media_token_id` overrides the placeholder (Kimi K2's tokenizer
     reserves 163605 for it)."""
     if is_vlm(hf):
+        if hf.get("model_type") != "kimi_k25":
+            _refuse("model_type", hf.get("model_type"), "'kimi_k25' is the vision-language "
+                    "model we read (text_config + vision_config)")
         if hf.get("tie_word_embeddings", False):
             _refuse("tie_word_embeddings", True, "separate embedding and head only")
         vision = vision_config_from_hf(hf)

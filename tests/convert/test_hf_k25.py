@@ -167,18 +167,20 @@ def test_k25_preset_is_the_published_config():
     assert published.media_token_id == ours.media_token_id
 
 
-@pytest.mark.parametrize("vision_change,message", [
-    ({"pos_emb_type": "learnable"}, "pos_emb_type"),
-    ({"merge_kernel_size": [3, 3]}, "merge_kernel_size"),
-    ({"init_pos_emb_width": 32}, "square"),
-    ({"projector_ln_eps": 1e-6}, "projector_ln_eps"),
-    ({"hidden_act": "gelu"}, "hidden_act"),
-    ({"mm_hidden_size": 7168}, "mm_hidden_size"),
+@pytest.mark.parametrize("section,change,message", [
+    (None, {"model_type": "qwen2_5_vl"}, "model_type"),
+    (None, {"tie_word_embeddings": True}, "tie_word_embeddings"),
+    ("vision_config", {"pos_emb_type": "learnable"}, "pos_emb_type"),
+    ("vision_config", {"merge_kernel_size": [3, 3]}, "merge_kernel_size"),
+    ("vision_config", {"init_pos_emb_width": 32}, "square"),
+    ("vision_config", {"projector_ln_eps": 1e-6}, "projector_ln_eps"),
+    ("vision_config", {"hidden_act": "gelu"}, "hidden_act"),
+    ("vision_config", {"mm_hidden_size": 7168}, "mm_hidden_size"),
 ])
-def test_unsupported_vision_configs_are_refused(vision_change, message):
+def test_unsupported_k25_configs_are_refused(section, change, message):
     from model.hf_config import model_config_from_hf
     config = json.loads(json.dumps(PUBLISHED_K25))
-    config["vision_config"].update(vision_change)
+    (config[section] if section else config).update(change)
     with pytest.raises(ConfigError, match=message):
         model_config_from_hf(config)
 
