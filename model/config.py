@@ -72,16 +72,15 @@ class LMConfig:
     num_shared_experts: int = 1  # experts every token goes through
     expert_hidden: int = 128  # inner width of each expert's SwiGLU
     routed_scaling_factor: float = 2.5  # scale of the normalised top-k router weights
-    # group-limited routing (DeepSeek-V3 n_group / topk_group): experts in router_groups
-    # equal groups, a token picks its experts from its router_topk_groups best groups only;
-    # equal values (Kimi K2: 1 / 1) let every group compete (plain top-k)
-    router_groups: int = 1
-    router_topk_groups: int = 1
+    # group-limited routing (DeepSeek-V3 n_group / topk_group; equal values, as Kimi K2's
+    # 1 / 1, let every group compete: plain top-k)
+    router_groups: int = 1  # the experts form this many equal groups
+    router_topk_groups: int = 1  # a token picks its experts from its best this-many groups
     bias_update_rate: float = 1e-3  # aux-loss-free balancing: bias step per update
     norm_eps: float = 1e-6  # epsilon of the layer and final RMSNorms
-    # epsilon of MLA's latent RMSNorms (q_norm, kv_norm): the published DeepSeek-V3 / Kimi
-    # code builds them with its RMSNorm default 1e-6 whatever rms_norm_eps says (K2.5: 1e-5)
-    latent_norm_eps: float = 1e-6
+    # the published DeepSeek-V3 / Kimi code builds q_norm, kv_norm with its RMSNorm default
+    # 1e-6 whatever rms_norm_eps says (K2.5: rms_norm_eps 1e-5)
+    latent_norm_eps: float = 1e-6  # epsilon of MLA's latent RMSNorms (q_norm, kv_norm)
     init_std: float = 0.02  # standard deviation of the initial matrices and tables
 
     @property
