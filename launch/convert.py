@@ -1,8 +1,9 @@
-"""Import Hugging Face checkpoints of the DeepseekV3 architecture (Kimi K2, DeepSeek-V3 sizes)
-into our checkpoint format and export our LM back (trainer/hf_checkpoint.py does the work).
+"""Import Hugging Face checkpoints of Kimi K2.5 (KimiK25ForConditionalGeneration: LM, MoonViT,
+projector) and of the DeepseekV3 architecture (Kimi K2, DeepSeek-V3 sizes: the LM) into our
+checkpoint format, and export ours back (trainer/hf_checkpoint.py does the work).
 
     python -m launch.convert import --from hf HF_DIR --to CKPT_DIR [--vision-preset k25]
-    python -m launch.convert export --from CKPT_DIR --to hf HF_DIR [--dtype bf16]
+    python -m launch.convert export --from CKPT_DIR --to hf HF_DIR [--dtype bf16] [--lm-only]
 
 A run then starts from the imported weights with `--init_from CKPT_DIR` (its model
 config is the checkpoint's). Both directions stream one tensor at a time.
@@ -25,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="'hf' and the Hugging Face checkpoint directory (config.json, *.safetensors)")
     imp.add_argument("--to", dest="dst", required=True, help="the new checkpoint directory")
     imp.add_argument("--vision-preset", default="k25", choices=sorted(PRESETS),
-                     help="LM-only checkpoints: the vision encoder sizes the run initialises "
+                     help="DeepseekV3 (LM-only) checkpoints: the vision encoder sizes the run initialises "
                           "fresh (default k25: MoonViT)")
     imp.add_argument("--media-token-id", type=int, default=None,
                      help="the LM's media placeholder token (K2.5: its image_token_id; "
@@ -39,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                      help="write floating weights in this dtype (default: as stored)")
     exp.add_argument("--shard-gib", type=float, default=5.0, help="largest safetensors file")
+    exp.add_argument("--lm-only", action="store_true",
+                     help="write the LM alone as DeepseekV3ForCausalLM (default: Kimi K2.5 with "
+                          "the vision tower and projector when the checkpoint holds them)")
     return p
 
 
@@ -51,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "import":
             import_hf(args.src[1], args.dst, args.vision_preset, args.media_token_id, args.dtype)
         else:
-            export_hf(args.src, args.dst[1], args.dtype, int(args.shard_gib * (1 << 30)))
+            export_hf(args.src, args.dst[1], args.dtype, int(args.shard_gib * (1 << 30)),
+                      args.lm_only)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

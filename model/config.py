@@ -32,7 +32,7 @@ class VisionConfig:
     max_frames: int = 4  # frames per spatiotemporal chunk
     merge_kernel: int = 2  # 2x2 spatial patch merger
     rope_theta: float = 10000.0  # base of the 2D RoPE frequencies
-    norm_eps: float = 1e-6  # LayerNorm epsilon
+    norm_eps: float = 1e-6  # LayerNorm epsilon (the published MoonViT: 1e-5, see preset k25)
 
     @property
     def patch_dim(self) -> int:
@@ -72,8 +72,15 @@ class LMConfig:
     num_shared_experts: int = 1  # experts every token goes through
     expert_hidden: int = 128  # inner width of each expert's SwiGLU
     routed_scaling_factor: float = 2.5  # scale of the normalised top-k router weights
+    # group-limited routing (DeepSeek-V3 n_group / topk_group; equal values, as Kimi K2's
+    # 1 / 1, let every group compete: plain top-k)
+    router_groups: int = 1  # the experts form this many equal groups
+    router_topk_groups: int = 1  # a token picks its experts from its best this-many groups
     bias_update_rate: float = 1e-3  # aux-loss-free balancing: bias step per update
-    norm_eps: float = 1e-6  # RMSNorm epsilon
+    norm_eps: float = 1e-6  # epsilon of the layer and final RMSNorms
+    # the published DeepSeek-V3 / Kimi code builds q_norm, kv_norm with its RMSNorm default
+    # 1e-6 whatever rms_norm_eps says (K2.5: rms_norm_eps 1e-5)
+    latent_norm_eps: float = 1e-6  # epsilon of MLA's latent RMSNorms (q_norm, kv_norm)
     init_std: float = 0.02  # standard deviation of the initial matrices and tables
 
     @property
@@ -122,6 +129,21 @@ class ModelConfig:
             raise ConfigError(
                 f"model.lm.num_experts={lm.num_experts} is smaller than model.lm.top_k={lm.top_k}: "
                 "raise num_experts or lower top_k")
+        if not 1 <= lm.router_topk_groups <= lm.router_groups:
+            raise ConfigError(
+                f"model.lm.router_topk_groups={lm.router_topk_groups} must lie in "
+                f"[1, model.lm.router_groups={lm.router_groups}]")
+        if lm.router_topk_groups < lm.router_groups:
+            per_group, rem = divmod(lm.num_experts, lm.router_groups)
+            if rem or per_group < 2:
+                raise ConfigError(
+                    f"model.lm.num_experts={lm.num_experts} must split into "
+                    f"model.lm.router_groups={lm.router_groups} equal groups of at least 2 "
+                    "(a group scores by its two best experts)")
+            if lm.top_k > lm.router_topk_groups * per_group:
+                raise ConfigError(
+                    f"model.lm.top_k={lm.top_k} exceeds the {lm.router_topk_groups} x {per_group} "
+                    "experts of the eligible groups: raise router_topk_groups")
         if lm.num_shared_experts < 0:
             raise ConfigError("model.lm.num_shared_experts must be >= 0")
         if not 0 <= self.media_token_id < lm.vocab_size:
@@ -160,16 +182,20 @@ def _small() -> ModelConfig:
 
 
 def _k25() -> ModelConfig:
-    """Published Kimi K2 LM sizes and the MoonViT (SigLIP-SO-400M) encoder."""
+    """Published Kimi K2.5 sizes (moonshotai/Kimi-K2.5 config.json): the Kimi K2 LM with
+    K2.5's long-context YaRN (factor 64 over 4096 = the report's 262144 tokens, beta_fast
+    32) and norm eps 1e-5 (latent MLA norms 1e-6), and the MoonViT (SigLIP-SO-400M)
+    encoder with LayerNorm eps 1e-5. tests/convert/test_hf_k25.py checks it field by field
+    against that config.json."""
     lm = LMConfig(
         vocab_size=163840, hidden=7168, layers=61, heads=64, q_lora_rank=1536, kv_lora_rank=512,
         qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, first_k_dense=1,
         dense_hidden=18432, num_experts=384, top_k=8, num_shared_experts=1, expert_hidden=2048,
-        routed_scaling_factor=2.827, yarn_factor=32.0, yarn_original_max_position=4096,
-        yarn_beta_fast=1.0, yarn_beta_slow=1.0,
+        routed_scaling_factor=2.827, yarn_factor=64.0, yarn_original_max_position=4096,
+        yarn_beta_fast=32.0, yarn_beta_slow=1.0, norm_eps=1e-5, latent_norm_eps=1e-6,
     )
     vision = VisionConfig(hidden=1152, layers=27, heads=16, mlp_hidden=4304,
-                          pos_emb_height=64, pos_emb_width=64)
+                          pos_emb_height=64, pos_emb_width=64, norm_eps=1e-5)
     return ModelConfig(preset="k25", lm=lm, vision=vision, media_token_id=163605)
 
 

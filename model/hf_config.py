@@ -1,8 +1,10 @@
-"""Our model config from a Hugging Face `config.json` (Kimi K2 / DeepSeek-V3 architecture) and back.
+"""Our model config from a Hugging Face `config.json` (Kimi K2 / DeepSeek-V3 / Kimi K2.5) and back.
 
-    HF config.json                               ModelConfig
-    ──────────────────────────────────────────   ──────────────────────────────────────────
-    DeepseekV3ForCausalLM (kimi_k2, deepseek_v3)  lm; vision: a preset's, initialised fresh
+    HF config.json                                ModelConfig
+    ───────────────────────────────────────────   ──────────────────────────────────────────
+    DeepseekV3ForCausalLM (kimi_k2, deepseek_v3)   lm; vision: a preset's, initialised fresh
+    KimiK25ForConditionalGeneration (kimi_k25)     lm from text_config, vision from
+                                                   vision_config (+ the projector fields)
 
 Every field that changes the computation is either mapped or checked; a value our
 modules do not implement is refused with what it is and what we support, so a
@@ -11,21 +13,30 @@ change nothing here (token ids of bos/eos, `use_cache`, dtypes) are ignored; the
 exporter keeps the source config.json (stored in the checkpoint's meta.json) and only
 rewrites what we know, so they survive a round trip.
 
-Known limits, refused: group-limited routing with topk_group < n_group (DeepSeek-V3
-itself: n_group 8, topk_group 4; Kimi K2 uses 1/1), a full-rank query (q_lora_rank null,
-DeepSeek-V2-Lite), tied embeddings, attention biases, and Kimi K2.5 checkpoints (vision
-tower + projector under `text_config` / `vision_config`: the MoonViT mapping, with its
-LayerNorm eps 1e-5, 2D RoPE pair order and own tensor names, is not written yet).
+K2.5's vision_config comes in two spellings: the release's (Moonshot's remote code, vLLM:
+`vt_hidden_size`, `init_pos_emb_height`, `projector_ln_eps`, ...) and transformers 5's
+(`hidden_size`, `pos_emb_height`, top-level `projection_layer_norm_eps`, ...). Both are
+read; the exporter writes both, so either reader finds its keys.
+
+Known limits, refused: a full-rank query (q_lora_rank null,
+DeepSeek-V2-Lite), tied embeddings, attention biases, quantisation other than FP8 blocks
+(the released K2.5 stores its routed experts as INT4 compressed-tensors: not read), a
+non-square vision position table (transformers' Kimi K2.5 assumes a square one).
 Skipped: multi-token-prediction layers (their weights are not imported).
 """
 from __future__ import annotations
 
-from model.config import ConfigError, LMConfig, ModelConfig, preset
+from model.config import ConfigError, LMConfig, ModelConfig, VisionConfig, preset
 
 LM_ARCHITECTURES = ("DeepseekV3ForCausalLM",)
+K25_ARCHITECTURE = "KimiK25ForConditionalGeneration"  # the release's; transformers: Kimi_K25...
 # HF's MLA latent norms (q_a_layernorm, kv_a_layernorm) are built with the RMSNorm default
-# eps, not rms_norm_eps; ours use lm.norm_eps for every RMSNorm, so the two must agree
+# eps, not rms_norm_eps (DeepSeek's and transformers' code alike): lm.latent_norm_eps
 HF_LATENT_NORM_EPS = 1e-6
+# MoonViT's LayerNorms (blocks, final) are nn.LayerNorm() with its default eps in the
+# release and eps=1e-5 hard-coded in transformers; no config field names it
+MOONVIT_NORM_EPS = 1e-5
+PROJECTOR_NORM_EPS = 1e-5  # model/projector.py's default, the one VisionEncoder builds
 
 
 def _refuse(what: str, value, supported: str) -> None:
@@ -88,14 +99,7 @@ def lm_config_from_hf(text: dict) -> LMConfig:
         _refuse("num_key_value_heads", text["num_key_value_heads"],
                 f"MLA has one key/value head per query head ({heads})")
     n_group, topk_group = text.get("n_group") or 1, text.get("topk_group") or 1
-    if topk_group < n_group:
-        _refuse("n_group/topk_group", (n_group, topk_group),
-                "group-limited routing is not implemented: only topk_group == n_group "
-                "(every group eligible; Kimi K2 has 1/1)")
     eps = float(text.get("rms_norm_eps", 1e-6))
-    if eps != HF_LATENT_NORM_EPS:
-        _refuse("rms_norm_eps", eps, f"transformers' MLA latent norms use {HF_LATENT_NORM_EPS} "
-                "whatever rms_norm_eps says, ours use rms_norm_eps: only that value agrees")
     if text.get("pretraining_tp", 1) != 1:
         _refuse("pretraining_tp", text["pretraining_tp"], "only 1")
     return LMConfig(
@@ -107,28 +111,96 @@ def lm_config_from_hf(text: dict) -> LMConfig:
         dense_hidden=text["intermediate_size"], num_experts=text["n_routed_experts"],
         top_k=text["num_experts_per_tok"], num_shared_experts=text.get("n_shared_experts") or 0,
         expert_hidden=text["moe_intermediate_size"],
+        router_groups=n_group, router_topk_groups=topk_group,
         routed_scaling_factor=float(text.get("routed_scaling_factor", 1.0)), norm_eps=eps,
-        init_std=float(text.get("initializer_range", 0.02)), **rope_fields(text))
+        latent_norm_eps=HF_LATENT_NORM_EPS, init_std=float(text.get("initializer_range", 0.02)), **rope_fields(text))
 
 
 def is_vlm(hf: dict) -> bool:
     return "text_config" in hf and "vision_config" in hf
 
 
+# ours: (the release's key, transformers' key) in vision_config
+_VISION_KEYS = {
+    "hidden": ("vt_hidden_size", "hidden_size"),
+    "layers": ("vt_num_hidden_layers", "num_hidden_layers"),
+    "heads": ("vt_num_attention_heads", "num_attention_heads"),
+    "mlp_hidden": ("vt_intermediate_size", "intermediate_size"),
+    "pos_emb_height": ("init_pos_emb_height", "pos_emb_height"),
+    "pos_emb_width": ("init_pos_emb_width", "pos_emb_width"),
+    "max_frames": ("init_pos_emb_time", "pos_emb_time"),
+}
+# what our encoder and projector compute, in the release's vision_config words
+_VISION_FIXED = {"pos_emb_type": "divided_fixed", "video_attn_type": "spatial_temporal",
+                 "merge_type": "sd2_tpool", "mm_projector_type": "patchmerger",
+                 "projector_hidden_act": "gelu", "hidden_act": "gelu_pytorch_tanh"}
+
+
+def vision_config_from_hf(hf: dict) -> VisionConfig:
+    """VisionConfig of a K2.5 config.json (its vision_config and top-level projector fields)."""
+    vision = hf["vision_config"]
+    sizes = {}
+    for ours, keys in _VISION_KEYS.items():
+        value = next((vision[k] for k in keys if vision.get(k) is not None), None)
+        if value is None:
+            _refuse(f"vision_config {keys[0]} / {keys[1]}", None, "the config must give it")
+        sizes[ours] = int(value)
+    for key, expected in _VISION_FIXED.items():
+        if key in vision and vision[key] != expected:
+            _refuse(f"vision_config {key}", vision[key], f"only {expected!r} is implemented")
+    if list(vision.get("merge_kernel_size", [2, 2])) != [2, 2]:
+        _refuse("vision_config merge_kernel_size", vision["merge_kernel_size"], "only [2, 2]")
+    if sizes["pos_emb_height"] != sizes["pos_emb_width"]:
+        _refuse("vision position table", (sizes["pos_emb_height"], sizes["pos_emb_width"]),
+                "transformers' Kimi K2.5 resizes a square table only")
+    in_channels = vision.get("num_channels", 3)
+    if in_channels != 3:
+        _refuse("vision_config num_channels", in_channels, "RGB (3) only")
+    for key, value in (("projector_ln_eps", vision.get("projector_ln_eps")),
+                       ("projection_layer_norm_eps", hf.get("projection_layer_norm_eps"))):
+        if value is not None and float(value) != PROJECTOR_NORM_EPS:
+            _refuse(key, value, f"our projector's LayerNorm uses {PROJECTOR_NORM_EPS}")
+    for key, value in (("mm_hidden_size", vision.get("mm_hidden_size")),
+                       ("projection_hidden_size", hf.get("projection_hidden_size"))):
+        if value is not None and value != sizes["hidden"]:
+            _refuse(key, value, f"the projector normalises the encoder width {sizes['hidden']}")
+    rope = vision.get("rope_parameters") or {}
+    if rope.get("rope_type", "axial") != "axial":
+        _refuse("vision rope type", rope["rope_type"], "'axial' 2D RoPE only")
+    theta = rope.get("rope_theta", vision.get("rope_theta", 10000.0))
+    return VisionConfig(patch_size=int(vision.get("patch_size", 14)), in_channels=in_channels,
+                        rope_theta=float(theta), norm_eps=MOONVIT_NORM_EPS, **sizes)
+
+
 def model_config_from_hf(hf: dict, vision_preset: str = "k25",
                          media_token_id: int | None = None) -> ModelConfig:
-    """The ModelConfig of an HF `config.json`: its LM, and the vision encoder (and projector)
-    of `vision_preset`, initialised fresh by the trainer. `media_token_id`: the LM's media
-    placeholder (Kimi K2's tokenizer reserves 163605 for it)."""
+    """The ModelConfig of an HF `config.json`. LM-only (DeepseekV3): its LM, and the vision
+    encoder (and projector) of `vision_preset`, initialised fresh by the trainer. K2.5: both
+    from the config, the media placeholder its `media_placeholder_token_id` /
+    `image_token_id`. `media_token_id` overrides the placeholder (Kimi K2's tokenizer
+    reserves 163605 for it)."""
     if is_vlm(hf):
-        raise ConfigError("Hugging Face config: a Kimi K2.5 checkpoint (text_config + "
-                          "vision_config): importing its vision tower and projector is not "
-                          "implemented yet; convert the language model from a DeepseekV3 "
-                          "(Kimi K2) checkpoint")
-    archs = hf.get("architectures") or []
-    if archs and not set(archs) & set(LM_ARCHITECTURES):
-        _refuse("architectures", archs, f"one of {LM_ARCHITECTURES}")
-    cfg = ModelConfig(preset="hf", lm=lm_config_from_hf(hf), vision=preset(vision_preset).vision)
+        if hf.get("model_type") != "kimi_k25":
+            _refuse("model_type", hf.get("model_type"), "'kimi_k25' is the vision-language "
+                    "model we read (text_config + vision_config)")
+        if hf.get("tie_word_embeddings", False):
+            _refuse("tie_word_embeddings", True, "separate embedding and head only")
+        vision = vision_config_from_hf(hf)
+        lm = lm_config_from_hf(hf["text_config"])
+        text_hidden = hf["vision_config"].get("text_hidden_size")
+        if text_hidden is not None and text_hidden != lm.hidden:
+            _refuse("vision_config text_hidden_size", text_hidden,
+                    f"the projector ends at the LM width {lm.hidden}")
+        media = hf.get("media_placeholder_token_id", hf.get("image_token_id"))
+        cfg = ModelConfig(preset="hf", lm=lm, vision=vision)
+        if media is not None:
+            cfg.media_token_id = int(media)
+    else:
+        archs = hf.get("architectures") or []
+        if archs and not set(archs) & set(LM_ARCHITECTURES):
+            _refuse("architectures", archs, f"one of {LM_ARCHITECTURES} or {K25_ARCHITECTURE}")
+        cfg = ModelConfig(preset="hf", lm=lm_config_from_hf(hf),
+                          vision=preset(vision_preset).vision)
     if media_token_id is not None:
         cfg.media_token_id = media_token_id
     cfg.validate()
@@ -138,6 +210,9 @@ def model_config_from_hf(hf: dict, vision_preset: str = "k25",
 def lm_config_to_hf(lm: LMConfig, base: dict | None = None) -> dict:
     """A DeepseekV3 `config.json` for `lm`: `base` (the imported source config) with every
     field we model rewritten, or a fresh one."""
+    if lm.latent_norm_eps != HF_LATENT_NORM_EPS:
+        _refuse("model.lm.latent_norm_eps", lm.latent_norm_eps,
+                f"DeepseekV3 readers build the MLA latent norms with {HF_LATENT_NORM_EPS}")
     out = {k: v for k, v in (base or {}).items()
            if k not in ("quantization_config", "rope_scaling", "rope_parameters")}
     out.setdefault("architectures", list(LM_ARCHITECTURES))
@@ -165,9 +240,43 @@ def lm_config_to_hf(lm: LMConfig, base: dict | None = None) -> dict:
         routed_scaling_factor=lm.routed_scaling_factor, rms_norm_eps=lm.norm_eps,
         initializer_range=lm.init_std, hidden_act="silu", attention_bias=False,
         tie_word_embeddings=False, norm_topk_prob=True, rope_interleave=True,
-        n_group=1, topk_group=1, num_nextn_predict_layers=0, rope_parameters=rope)
+        n_group=lm.router_groups, topk_group=lm.router_topk_groups, num_nextn_predict_layers=0,
+        rope_parameters=rope)
     # transformers 4 and the published configs read these two
     out["rope_theta"] = lm.rope_theta
     out["rope_scaling"] = ({k if k != "rope_type" else "type": v for k, v in rope.items()
                             if k != "rope_theta"} if lm.yarn_factor > 1 else None)
+    return out
+
+
+def k25_config_to_hf(cfg: ModelConfig, base: dict | None = None) -> dict:
+    """A Kimi K2.5 `config.json` for `cfg`: `base` (the imported source config: a K2.5 one,
+    or a DeepseekV3 one that becomes the text_config) with every field we model rewritten,
+    in both the release's and transformers' spellings."""
+    v = cfg.vision
+    if v.norm_eps != MOONVIT_NORM_EPS:
+        _refuse("model.vision.norm_eps", v.norm_eps,
+                f"K2.5 readers build MoonViT's LayerNorms with eps {MOONVIT_NORM_EPS}: train with "
+                f"--model.vision.norm_eps {MOONVIT_NORM_EPS}, or export the LM alone (--lm-only)")
+    if v.pos_emb_height != v.pos_emb_width:
+        _refuse("model.vision pos_emb_height/width", (v.pos_emb_height, v.pos_emb_width),
+                "transformers' Kimi K2.5 reads a square position table (--lm-only exports the LM)")
+    base = dict(base or {})
+    if not is_vlm(base):
+        base = {"text_config": base}
+    out = {k: val for k, val in base.items() if k != "quantization_config"}
+    out.setdefault("architectures", [K25_ARCHITECTURE])
+    out["model_type"] = "kimi_k25"
+    out["text_config"] = lm_config_to_hf(cfg.lm, base.get("text_config"))
+    vision = dict(base.get("vision_config") or {})
+    for ours, (release_key, transformers_key) in _VISION_KEYS.items():
+        vision[release_key] = vision[transformers_key] = getattr(v, ours)
+    vision.update(_VISION_FIXED, patch_size=v.patch_size, num_channels=v.in_channels,
+                  merge_kernel_size=[2, 2], mm_hidden_size=v.hidden, text_hidden_size=cfg.lm.hidden,
+                  projector_ln_eps=PROJECTOR_NORM_EPS, rope_theta=v.rope_theta,
+                  rope_parameters={"rope_type": "axial", "rope_theta": v.rope_theta})
+    out["vision_config"] = vision
+    out.update(projection_hidden_size=v.hidden, projection_layer_norm_eps=PROJECTOR_NORM_EPS,
+               media_placeholder_token_id=cfg.media_token_id, image_token_id=cfg.media_token_id,
+               tie_word_embeddings=False)
     return out

@@ -26,8 +26,10 @@ after a fixed permutation of the rope dims, and q.k is invariant when q and k ar
 permuted alike, so importing permutes the rope OUTPUT rows of q_up (per head) and of
 kv_down (its last R rows) by [0, 2, 4, ..., 1, 3, 5, ...]; exporting undoes it.
 
-Known limit: the K2.5 layout (this LM under `language_model.`, plus the vision tower and
-projector) is not mapped yet (model/hf_config.py refuses K2.5 configs).
+Kimi K2.5 checkpoints hold this LM under `language_model.` (`language_model.model.layers...`,
+`language_model.lm_head.weight`) beside the vision tower and projector
+(model/hf_vision_names.py); `name_to_ours` / `name_to_hf` and the tensor functions below
+serve both layouts.
 """
 from __future__ import annotations
 
@@ -35,7 +37,11 @@ import re
 
 import torch
 
-from model.config import LMConfig
+from model.config import LMConfig, ModelConfig
+from model.hf_vision_names import is_vision_hf_name, vision_name_to_hf, vision_name_to_ours, \
+    vision_tensor_to_hf, vision_tensor_to_ours
+
+K25_LM_PREFIX = "language_model."
 
 _LAYER = {
     "input_layernorm.weight": "attn_norm.weight",
@@ -146,3 +152,41 @@ def lm_tensor_to_hf(name: str, w: torch.Tensor, cfg: LMConfig) -> torch.Tensor:
     """Ours -> the published (interleaved) layout: the inverse permutation."""
     return _permute_rope_rows(name, w, cfg,
                               torch.argsort(interleaved_to_half(cfg.qk_rope_head_dim)))
+
+
+def name_to_ours(hf_name: str, cfg: ModelConfig, k25: bool) -> str | None:
+    """Our global name of any tensor of a DeepseekV3 (`k25` False) or Kimi K2.5 checkpoint;
+    None for deliberately skipped ones; UnknownTensor for names without a counterpart."""
+    if not k25:
+        return lm_name_to_ours(hf_name, cfg.lm)
+    if hf_name.startswith(K25_LM_PREFIX):
+        return lm_name_to_ours(hf_name[len(K25_LM_PREFIX):], cfg.lm)
+    ours = vision_name_to_ours(hf_name) if is_vision_hf_name(hf_name) else None
+    if ours is None:
+        raise UnknownTensor(hf_name)
+    return ours
+
+
+def name_to_hf(name: str, k25: bool) -> str:
+    """The inverse of `name_to_ours` for the layout chosen by `k25`."""
+    if name.startswith("lm."):
+        return (K25_LM_PREFIX if k25 else "") + lm_name_to_hf(name)
+    hf = vision_name_to_hf(name) if k25 else None
+    if hf is None:
+        raise UnknownTensor(name)
+    return hf
+
+
+def tensor_to_ours(name: str, w: torch.Tensor, cfg: ModelConfig, interleaved: bool
+                   ) -> torch.Tensor:
+    """HF layout -> ours for our global `name` (LM or vision)."""
+    if name.startswith("vision."):
+        return vision_tensor_to_ours(name, w, cfg.vision)
+    return lm_tensor_to_ours(name, w, cfg.lm, interleaved)
+
+
+def tensor_to_hf(name: str, w: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Ours -> the published layout for our global `name` (LM or vision)."""
+    if name.startswith("vision."):
+        return vision_tensor_to_hf(name, w, cfg.vision)
+    return lm_tensor_to_hf(name, w, cfg.lm)

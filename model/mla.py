@@ -36,10 +36,10 @@ class MLA(nn.Module):
         self.cfg, self.te = cfg, te
         H = cfg.heads
         self.q_down = nn.Linear(cfg.hidden, cfg.q_lora_rank, bias=False)
-        self.q_norm = RMSNorm(cfg.q_lora_rank, eps=cfg.norm_eps)
+        self.q_norm = RMSNorm(cfg.q_lora_rank, eps=cfg.latent_norm_eps)
         self.q_up = nn.Linear(cfg.q_lora_rank, H * cfg.qk_head_dim, bias=False)
         self.kv_down = nn.Linear(cfg.hidden, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
-        self.kv_norm = RMSNorm(cfg.kv_lora_rank, eps=cfg.norm_eps)
+        self.kv_norm = RMSNorm(cfg.kv_lora_rank, eps=cfg.latent_norm_eps)
         self.kv_up = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim),
                                bias=False)
         self.o_proj = nn.Linear(H * cfg.v_head_dim, cfg.hidden, bias=False)

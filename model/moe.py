@@ -2,6 +2,9 @@
 
     scores  = sigmoid(x W_r^T)                         (fp32)
     chosen  = top_k(scores + bias)                     (bias: no gradient, only steers choice)
+              [group-limited (DeepSeek-V3's n_group / topk_group): experts in `router_groups`
+               equal groups, a group's score = the sum of its two best (scores + bias), only
+               the `router_topk_groups` best groups' experts may be chosen]
     weights = scores[chosen] / sum(scores[chosen]) * routed_scaling_factor
     y       = shared_expert(x) + sum_k weights_k * expert_{chosen_k}(x)
 
@@ -37,6 +40,7 @@ class Router(nn.Module):
         super().__init__()
         self.top_k = cfg.top_k
         self.scaling = cfg.routed_scaling_factor
+        self.groups, self.topk_groups = cfg.router_groups, cfg.router_topk_groups
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden))
         # balancing bias: a buffer (saved in checkpoints, never trained by the optimizer)
         self.register_buffer("bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
@@ -55,10 +59,22 @@ class Router(nn.Module):
     def choose(self, scores_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k experts and their weights: the routing decision, never recomputed (the
         scores it reads are the forward's, whatever the memory policy)."""
-        topk_idx_TK = torch.topk(scores_TE.detach() + self.bias, self.top_k, dim=-1).indices
+        choice_TE = scores_TE.detach() + self.bias
+        if self.topk_groups < self.groups:
+            choice_TE = self._limit_to_best_groups(choice_TE)
+        topk_idx_TK = torch.topk(choice_TE, self.top_k, dim=-1).indices
         weights_TK = scores_TE.gather(1, topk_idx_TK)
         weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True) * self.scaling
         return topk_idx_TK, weights_TK
+
+    def _limit_to_best_groups(self, choice_TE: torch.Tensor) -> torch.Tensor:
+        """-inf for the experts outside each token's `topk_groups` best groups (vectorised)."""
+        T, E = choice_TE.shape
+        grouped_TGe = choice_TE.view(T, self.groups, E // self.groups)
+        group_score_TG = grouped_TGe.topk(2, dim=-1).values.sum(-1)
+        best_TG = torch.topk(group_score_TG, self.topk_groups, dim=-1).indices
+        keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool).scatter_(1, best_TG, True)
+        return grouped_TGe.masked_fill(~keep_TG.unsqueeze(-1), float("-inf")).view(T, E)
 
 
 class MoE(nn.Module):

@@ -100,8 +100,10 @@ def rope_2d_angles(rows_N: Tensor, cols_N: Tensor, head_dim: int, theta: float) 
     """Rotation angle of every rotary pair of a head: [N, head_dim // 2].
 
     Pairs alternate row, column, row, column, ... and pair 2j and 2j+1 share the frequency
-    theta^(-4j / head_dim), so both axes get the full frequency range (the interleaving of
-    Kimi-VL's Rope2DPosEmb). Since every angle is position * frequency, q.k after rotation
+    theta^(-4j / head_dim), so both axes get the full frequency range. (Kimi-VL's and K2.5's
+    Rope2DPosEmb interleave column first; that is the same network up to a fixed permutation
+    of q and k dims, which the Hugging Face converter applies to the weights:
+    model/hf_vision_names.py.) Since every angle is position * frequency, q.k after rotation
     depends only on the (row, col) offset of the two patches.
     """
     if head_dim % 4:

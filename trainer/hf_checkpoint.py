@@ -7,6 +7,11 @@
     export:  our checkpoint ─ one DCP entry at a time ─> rename + rope rows back ─> safetensors
              shards written header first, then tensor by tensor; index.json; config.json
 
+Two layouts (model/hf_names.py, model/hf_vision_names.py): DeepseekV3ForCausalLM (Kimi K2,
+DeepSeek-V3: the LM alone) and KimiK25ForConditionalGeneration (the LM under
+`language_model.`, the MoonViT tower and the projector). Export writes the K2.5 layout when
+the checkpoint holds the vision encoder (any run's checkpoint does), unless `lm_only`.
+
 Neither direction ever holds more than one tensor (plus the open file's header): DCP's
 writer is given shape-only (meta) tensors and this module's planner produces each real
 one when the writer asks for it (`resolve_data`). One data file per tensor, because
@@ -17,7 +22,7 @@ An imported checkpoint holds the MODEL entries only (no optimizer moments, RNG o
 state) and says so in meta.json (`"weights_only": true`): a run starts from it with
 `--init_from PATH` (step 0, a fresh optimizer and data order, trainer/init_from.py);
 `--resume` refuses it with that hint. An LM-only import (Kimi K2, DeepSeek-V3) has no
-vision tensors: the run initialises the encoder from its seed.
+vision tensors: the run initialises the encoder from its seed; a K2.5 import has them all.
 
 FP8: published K2 / DeepSeek-V3 linear weights are float8_e4m3fn with one fp32 scale per
 128 x 128 block (`<name>_scale_inv`, the factor that multiplies back): w = q * scale,
@@ -40,11 +45,11 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
 from model.config import ConfigError, ModelConfig, model_config_from_dict
-from model.hf_config import lm_config_to_hf, model_config_from_hf
-from model.hf_names import UnknownTensor, lm_name_to_hf, lm_name_to_ours, lm_tensor_to_hf, \
-    lm_tensor_to_ours
+from model.hf_config import is_vlm, k25_config_to_hf, lm_config_to_hf, model_config_from_hf
+from model.hf_names import UnknownTensor, name_to_hf, name_to_ours, tensor_to_hf, tensor_to_ours
 from model.lm import LanguageModelChunk
 from model.param_names import global_named_tensors
+from model.vision_language import VisionEncoder
 from trainer.checkpoint import MANIFEST, META, _manifest, verify
 from trainer.checkpoint_metadata import SafeReader
 
@@ -56,13 +61,16 @@ SCALE_SUFFIX = "_scale_inv"
 MODEL_PREFIX = "model."  # DCP key prefix of model entries (trainer/checkpoint.py saves {"model": ...})
 
 
-def expected_lm_tensors(cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """{our global name: meta tensor of its shape and dtype} of the whole LM: parameters and
-    the routers' balancing biases (what checkpoints hold)."""
+def expected_tensors(cfg: ModelConfig, vision: bool) -> dict[str, torch.Tensor]:
+    """{our global name: meta tensor of its shape and dtype} of the whole LM (parameters and
+    the routers' balancing biases: what checkpoints hold), and with `vision` the encoder's."""
     with torch.device("meta"):
         lm = LanguageModelChunk(cfg.lm)
+        encoder = VisionEncoder(cfg) if vision else None
     out = dict(global_named_tensors(lm, prefix="lm"))
     out.update({n: b for n, b in lm.named_buffers(prefix="lm") if n.endswith("router.bias")})
+    if encoder is not None:
+        out.update(global_named_tensors(encoder, prefix="vision"))
     return out
 
 
@@ -185,14 +193,19 @@ def import_hf(src: Path, dst: Path, vision_preset: str = "k25", media_token_id: 
                           "directory")
     hf = json.loads(config_path.read_text())
     cfg = model_config_from_hf(hf, vision_preset, media_token_id)
-    interleaved = bool(hf.get("rope_interleave", True))
-    quant = hf.get("quantization_config") or {}
+    k25 = is_vlm(hf)
+    text = hf["text_config"] if k25 else hf
+    interleaved = bool(text.get("rope_interleave", True))
+    quant = hf.get("quantization_config") or text.get("quantization_config") or {}
     block = tuple(quant.get("weight_block_size") or (128, 128))
     if quant and quant.get("quant_method") != "fp8":
-        raise ConfigError(f"quantization_config {quant}: only fp8 block quantisation is read")
+        raise ConfigError(f"quantization_config with quant_method "
+                          f"{quant.get('quant_method')!r}: only fp8 block quantisation is read "
+                          "(dequantise other formats, e.g. K2.5's INT4 compressed-tensors "
+                          "experts, to bf16 first)")
     out_dtype = DTYPES[dtype] if dtype else None
 
-    expected = expected_lm_tensors(cfg)
+    expected = expected_tensors(cfg, vision=k25)
     weight_map = _weight_map(src)
     sources: dict[str, _Source] = {}
     skipped = []
@@ -200,10 +213,11 @@ def import_hf(src: Path, dst: Path, vision_preset: str = "k25", media_token_id: 
         if hf_name.endswith(SCALE_SUFFIX):
             continue
         try:
-            ours = lm_name_to_ours(hf_name, cfg.lm)
+            ours = name_to_ours(hf_name, cfg, k25)
         except UnknownTensor:
             raise ConfigError(f"{src}: tensor {hf_name!r} has no counterpart in our model "
-                              "(model/hf_names.py); is this a DeepseekV3 / Kimi checkpoint?") from None
+                              "(model/hf_names.py, model/hf_vision_names.py); is this a "
+                              "DeepseekV3 / Kimi checkpoint?") from None
         if ours is None:
             skipped.append(hf_name)
             continue
@@ -236,7 +250,7 @@ def import_hf(src: Path, dst: Path, vision_preset: str = "k25", media_token_id: 
             scale = _HFTensors().get(*s.scale) if s.scale[0] != s.file else reader.get(*s.scale)
             w = dequantize_blocks(w, scale, block)
         w = w.to(stored_dtype(name, w.dtype))
-        w = lm_tensor_to_ours(name, w, cfg.lm, interleaved)
+        w = tensor_to_ours(name, w, cfg, interleaved)
         if tuple(w.shape) != tuple(expected[name].shape):
             raise ConfigError(f"{s.hf_name}: shape {tuple(w.shape)}, our {name} needs "
                               f"{tuple(expected[name].shape)}")
@@ -274,7 +288,8 @@ def import_hf(src: Path, dst: Path, vision_preset: str = "k25", media_token_id: 
     log(f"imported {len(state)} tensors from {src} into {dst} in "
         f"{time.perf_counter() - started:.1f} s"
         + (f"; skipped {len(skipped)} multi-token-prediction tensors" if skipped else "")
-        + "; the vision encoder is not in the checkpoint (a run initialises it from its seed)")
+        + ("" if k25 else "; the vision encoder is not in the checkpoint (a run initialises it "
+           "from its seed)"))
     return cfg
 
 
@@ -306,10 +321,11 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
 
 
 def export_hf(src: Path, dst: Path, dtype: str | None = None, shard_bytes: int = 5 << 30,
-              log=print) -> None:
-    """Write the LM of our checkpoint `src` as a DeepseekV3ForCausalLM checkpoint directory
-    `dst` (safetensors shards of at most `shard_bytes` each, model.safetensors.index.json,
-    config.json). The vision encoder is not exported (the K2.5 layout is not written yet)."""
+              lm_only: bool = False, log=print) -> None:
+    """Write our checkpoint `src` as a Hugging Face checkpoint directory `dst` (safetensors
+    shards of at most `shard_bytes` each, model.safetensors.index.json, config.json): a
+    KimiK25ForConditionalGeneration if it holds the vision encoder, else (or with `lm_only`)
+    a DeepseekV3ForCausalLM of its LM."""
     src, dst = Path(src), Path(dst)
     problem = verify(src) if src.is_dir() else "no such directory"
     if problem is not None:
@@ -324,7 +340,11 @@ def export_hf(src: Path, dst: Path, dtype: str | None = None, shard_bytes: int =
     entries = reader.read_metadata().state_dict_metadata
     names = sorted((k[len(MODEL_PREFIX):] for k in entries if k.startswith(MODEL_PREFIX)),
                    key=_export_order)
-    names = [n for n in names if n.startswith("lm.")]
+    k25 = not lm_only and any(n.startswith("vision.") for n in names)
+    names = [n for n in names if k25 or n.startswith("lm.")]
+    # the config first: it refuses what the format cannot express before anything is written
+    config = k25_config_to_hf(cfg, base) if k25 else lm_config_to_hf(
+        cfg.lm, base["text_config"] if base and is_vlm(base) else base)
 
     def out_type(name: str) -> torch.dtype:
         stored = entries[MODEL_PREFIX + name].properties.dtype
@@ -333,8 +353,11 @@ def export_hf(src: Path, dst: Path, dtype: str | None = None, shard_bytes: int =
             return out_dtype
         return stored
 
-    plan = [(name, lm_name_to_hf(name), out_type(name),
-             tuple(entries[MODEL_PREFIX + name].size)) for name in names]
+    def hf_shape(name: str) -> tuple[int, ...]:  # the layout change on a shape-only tensor
+        stored = torch.empty(entries[MODEL_PREFIX + name].size, device="meta")
+        return tuple(tensor_to_hf(name, stored, cfg).shape)
+
+    plan = [(name, name_to_hf(name, k25), out_type(name), hf_shape(name)) for name in names]
     shards, current, size = [], [], 0
     for item in plan:
         nbytes = math.prod(item[3]) * torch.empty((), dtype=item[2]).element_size()
@@ -364,14 +387,13 @@ def export_hf(src: Path, dst: Path, dtype: str | None = None, shard_bytes: int =
                 _write_safetensors_header(f, [(hf, dt, shape) for _, hf, dt, shape in shard])
                 for name, hf, dt, _ in shard:
                     t = read(name)
-                    t = lm_tensor_to_hf(name, t, cfg.lm)
+                    t = tensor_to_hf(name, t, cfg)
                     f.write(_tensor_bytes(t.to(dt)))
                     weight_map[hf] = file
                     total += t.numel() * t.element_size()
         (tmp / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
-        (tmp / "config.json").write_text(json.dumps(
-            lm_config_to_hf(cfg.lm, base), indent=1))
+        (tmp / "config.json").write_text(json.dumps(config, indent=1))
 
     _write_atomically(dst, write)
     log(f"exported {len(plan)} tensors from {src} to {dst} ({len(shards)} shards) in "

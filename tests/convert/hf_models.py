@@ -92,3 +92,94 @@ def fp8_quantize(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tenso
     scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
     q = (blocks / scale[:, None, :, None]).view(nr * block, nc * block)[:rows, :cols]
     return q.to(torch.float8_e4m3fn), scale
+
+
+# transformers 5.24 saves Kimi K2.5 with three names the release spells otherwise (its reverse
+# renames overreach): the LM's layers come out as "blocks", the patch embedding lands under
+# "encoder", the projector's norm keeps the in-memory "model." prefix. The release's names
+# (moonshotai/Kimi-K2.5's safetensors index; Moonshot's and vLLM's loaders) are restored here.
+K25_RELEASED_NAMES = (("language_model.model.blocks.", "language_model.model.layers."),
+                      ("vision_tower.encoder.patch_embed.", "vision_tower.patch_embed."),
+                      ("model.mm_projector.pre_norm.", "mm_projector.pre_norm."))
+
+
+def tiny_k25_config(**text_changes):
+    """A tiny Kimi K2.5: the LM of `tiny_deepseek_config` with K2.5's norm eps 1e-5 and YaRN,
+    a 2-block MoonViT (head dim 8: two groups of row/column pairs) with an 8 x 8 table."""
+    text = tiny_deepseek_config(rms_norm_eps=1e-5, **text_changes).to_dict()
+    vision = dict(patch_size=14, pos_emb_height=8, pos_emb_width=8, pos_emb_time=4,
+                  num_attention_heads=4, num_hidden_layers=2, hidden_size=32,
+                  intermediate_size=48,
+                  rope_parameters={"rope_type": "axial", "rope_theta": 10000.0})
+    return transformers.Kimi_K25Config(text_config=text, vision_config=vision,
+                                       projection_hidden_size=32, tie_word_embeddings=False,
+                                       image_token_id=1)  # synthetic data: < 4
+
+
+def random_k25(seed: int = 0, **text_changes):
+    """transformers' tiny Kimi K2.5 with EVERY tensor random at a scale that keeps
+    activations O(1) (norm gains and biases too, so a swapped norm or bias shows)."""
+    torch.manual_seed(seed)
+    model = transformers.Kimi_K25ForConditionalGeneration(tiny_k25_config(**text_changes)).float()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1 and ("norm" in name and name.endswith("weight")):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif p.ndim == 1:
+                p.copy_(0.2 * torch.randn_like(p))
+            elif "position_embeddings" in name:
+                p.copy_(0.5 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / math.sqrt(p[0].numel()))
+    model.set_attn_implementation("eager")  # as `load_k25`, so a reload computes bitwise alike
+    return model.eval()
+
+
+def save_tiny_k25(path: Path, seed: int = 0) -> tuple[Path, object]:
+    """A random tiny Kimi K2.5 saved in the release's layout; returns (dir, the model)."""
+    from safetensors.torch import load_file, save_file
+    model = random_k25(seed)
+    model.save_pretrained(path)
+    for file in path.glob("*.safetensors"):
+        tensors = load_file(file)
+        renamed = {}
+        for name, t in tensors.items():
+            for old, new in K25_RELEASED_NAMES:
+                if name.startswith(old):
+                    name = new + name[len(old):]
+            renamed[name] = t
+        save_file(renamed, file, metadata={"format": "pt"})
+    index = path / "model.safetensors.index.json"
+    assert not index.exists()  # one file: nothing else names the tensors
+    return path, model
+
+
+def load_k25(path: Path):
+    """transformers' Kimi K2.5 from a release-layout directory; refuses anything left out."""
+    model, info = transformers.Kimi_K25ForConditionalGeneration.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager", output_loading_info=True)
+    assert not any(info.values()), info
+    return model.eval()
+
+
+def hf_media_embeddings(model, pixels_NP: torch.Tensor, grid_thw: list) -> torch.Tensor:
+    """transformers' vision tower + projector on packed patches: [merged tokens, D_lm]."""
+    grid = torch.tensor(grid_thw, dtype=torch.long)
+    pixel_values = pixels_NP.reshape(-1, 3, 14, 14)
+    with torch.no_grad():
+        pooled = model.model.vision_tower(pixel_values, grid_thw=grid).pooler_output
+        return model.model.mm_projector(pooled).squeeze(1)
+
+
+def our_model(cfg: ModelConfig, checkpoint: Path):
+    """Our whole VisionLanguageModel with every tensor from `checkpoint` (nothing left at init)."""
+    from model.vision_language import VisionLanguageModel
+    tensors = {k.removeprefix("model."): v for k, v in read_tensors(checkpoint).items()}
+    model = VisionLanguageModel(cfg).float()
+    targets = dict(global_named_tensors(model))
+    targets.update({n: b for n, b in model.named_buffers() if n.endswith("router.bias")})
+    assert set(targets) == set(tensors)
+    with torch.no_grad():
+        for name, t in targets.items():
+            t.copy_(tensors[name])
+    return model.eval()

@@ -36,13 +36,21 @@ def _hf_tensors(hf_dir) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("yarn", [True, False], ids=["yarn", "plain-rope"])
-def test_logits_equal_transformers(tmp_path, yarn):
+GROUP_LIMITED = {"n_group": 4, "topk_group": 2, "num_experts_per_tok": 3}
+
+
+@pytest.mark.parametrize("yarn,changes", [(True, {}), (False, {}), (False, GROUP_LIMITED)],
+                         ids=["yarn", "plain-rope", "group-limited"])
+def test_logits_equal_transformers(tmp_path, yarn, changes):
     """Catches: a missing or wrong rope-row permutation, a mis-mapped name, wrong YaRN fields
-    (factor, mscale, original length), a router bias not imported, a wrong softmax scale."""
-    hf_dir = save_tiny_deepseek(tmp_path / "hf", yarn=yarn)
+    (factor, mscale, original length), a router bias not imported, a wrong softmax scale;
+    group-limited routing (DeepSeek-V3's n_group / topk_group: 8 experts in 4 groups, top-3
+    from the best 2 groups) ignored, or groups scored otherwise than by their two best."""
+    hf_dir = save_tiny_deepseek(tmp_path / "hf", yarn=yarn, **changes)
     cfg = _import(hf_dir, tmp_path / "ckpt")
     assert (cfg.lm.yarn_factor == 8.0) == yarn
+    assert (cfg.lm.router_groups, cfg.lm.router_topk_groups) == (
+        changes.get("n_group", 1), changes.get("topk_group", 1))
     tokens = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(1))
     ref = hf_logits(hf_dir, tokens)
     ours = our_logits(our_lm(cfg, tmp_path / "ckpt"), tokens)
@@ -159,12 +167,11 @@ def test_bf16_import_keeps_dtype_and_fp32_option(tmp_path):
 
 @pytest.mark.parametrize("change,message", [
     ({"q_lora_rank": None}, "q_lora_rank"),
-    ({"n_group": 4, "topk_group": 2}, "group-limited routing"),
+    ({"n_group": 3, "topk_group": 1}, "equal groups"),
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"tie_word_embeddings": True}, "tie_word_embeddings"),
-    ({"rms_norm_eps": 1e-5}, "rms_norm_eps"),
     ({"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}}, "rope type"),
-    ({"text_config": {}, "vision_config": {}}, "Kimi K2.5"),
+    ({"quantization_config": {"quant_method": "compressed-tensors"}}, "compressed-tensors"),
 ])
 def test_unsupported_configs_are_refused(tmp_path, change, message):
     hf_dir = save_tiny_deepseek(tmp_path / "hf")
@@ -195,6 +202,10 @@ def test_published_style_config_reads_rope_scaling(tmp_path):
           "tie_word_embeddings": False,
           "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3",
                                   "quant_method": "fp8", "weight_block_size": [128, 128]}}
+    import dataclasses
+
     from model.config import preset
-    assert lm_config_from_hf(k2) == preset("k25").lm
+    # Kimi K2 is K2.5's LM before K2.5's long-context stage and its norm eps change
+    assert lm_config_from_hf(k2) == dataclasses.replace(
+        preset("k25").lm, yarn_factor=32.0, yarn_beta_fast=1.0, norm_eps=1e-6)
     assert math.isclose(lm_config_from_hf(k2).yarn_factor, 32.0)

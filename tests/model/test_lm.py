@@ -123,10 +123,10 @@ def reference_mla(mla: MLA, x_BSD, position_ids_BS, doc_ids_BS, rope_numbers: di
         qs, ks, vs = [], [], []
         for s in range(S):
             x, pos = x_BSD[b, s], int(position_ids_BS[b, s])
-            q = mla.q_up.weight @ _rms(mla.q_down.weight @ x, mla.q_norm.weight, cfg.norm_eps)
+            q = mla.q_up.weight @ _rms(mla.q_down.weight @ x, mla.q_norm.weight, cfg.latent_norm_eps)
             kv = mla.kv_down.weight @ x
             c_kv, k_r = kv[:cfg.kv_lora_rank], rotate(kv[cfg.kv_lora_rank:], pos)
-            kv_up = mla.kv_up.weight @ _rms(c_kv, mla.kv_norm.weight, cfg.norm_eps)
+            kv_up = mla.kv_up.weight @ _rms(c_kv, mla.kv_norm.weight, cfg.latent_norm_eps)
             q_h, k_h, v_h = [], [], []
             for h in range(H):
                 qh = q[h * (nope + rope):(h + 1) * (nope + rope)]
