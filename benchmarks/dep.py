@@ -6,7 +6,8 @@ Prints LM tokens/s of text-only training, of multimodal training with DEP (its e
 recompute inside the pipeline's bubbles, and after the schedule as before) and with the
 encoder colocated on pipeline stage 0, the multimodal/text-only ratios (the Kimi K2.5
 report's figure for DEP is 90%), and the per-rank encoder load (max/mean patch count over
-all ranks). Configurations run in interleaved rounds (benchmarks/dep_worker.py); the table
+all ranks), and how long DEP's work after the schedule takes (what the recompute in the
+bubbles removes from it). Configurations run in interleaved rounds (benchmarks/dep_worker.py); the table
 shows medians over every timed step of every round. The data has a realistic skew: mostly
 small images, a few large ones, some 4-frame chunks (synthetic generator). One thread per
 rank; on a 2-core machine more than 2 ranks share the cores, which the table states (then
@@ -80,13 +81,19 @@ def main() -> None:
     print(f"\nDEP benchmark: tiny model, pp={args.pp} dp={args.dp} ({nproc} ranks, 1 thread each, "
           f"{cores} cores), {args.global_batch} x {args.seq_len} LM tokens/step, "
           f"{args.rounds} interleaved rounds, median over the timed steps\n")
-    print(f"{'mode':<36}{'LM tokens/s':>12}{'vs text-only':>14}{'step s':>9}{'steps':>7}"
-          f"{'patches/step':>14}{'encoder load max/mean':>23}")
+    print(f"{'mode':<36}{'LM tokens/s':>12}{'vs text-only':>14}{'step s':>9}{'p25..p75 s':>14}"
+          f"{'steps':>7}{'DEP after sched. s':>20}{'patches/step':>14}{'load max/mean':>15}")
     for mode, r in results.items():
         ratio = r["tokens_per_s"] / text
         load = f"{r['load_max_over_mean']:.2f}" if r["patches_per_step"] else "-"
+        spread = "{:.3f}..{:.3f}".format(*r["step_p25_p75_s"])
+        after = r["dep_after_schedule_s"]
+        after = f"{after:.3f}" if after is not None else "-"
         print(f"{mode:<36}{r['tokens_per_s']:>12.0f}{ratio:>13.0%}{r['step_time_s']:>9.3f}"
-              f"{r['steps_timed']:>7}{r['patches_per_step']:>14.0f}{load:>23}")
+              f"{spread:>14}{r['steps_timed']:>7}{after:>20}{r['patches_per_step']:>14.0f}"
+              f"{load:>15}")
+    print("\nDEP after sched.: the DEP work after the pipeline schedule (gradients back + "
+          "encoder backward, + the recompute when it is not in a bubble), slowest rank, median")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ DEP_AFTER = "multimodal, DEP, recompute after"
 
 
 def run_config(argv: list[str], steps: int, warmup: int, round_index: int,
-               times: dict[str, list[float]], loads: dict[str, list[list[int]]]) -> None:
+               times: dict[str, list[float]], loads: dict[str, list[list[int]]],
+               dep_after: dict[str, list[float]]) -> None:
     cfg = load_config(argv)
     cfg.validate(world_size=dist.get_world_size())
     engine = DistributedEngine(cfg)
@@ -55,6 +56,13 @@ def run_config(argv: list[str], steps: int, warmup: int, round_index: int,
         times.setdefault(mode, []).append(time.perf_counter() - start)
         world = dist.get_world_size()
         if dep:
+            # the DEP work after the schedule (grads back + backward, and the recompute when
+            # it is not in a bubble), the slowest rank's
+            after_s = torch.tensor(sum(end - begin for name, kind, begin, end
+                                       in engine.engine.phases
+                                       if kind == "dep" and name.startswith("DEP grads")))
+            dist.all_reduce(after_s, op=dist.ReduceOp.MAX)
+            dep_after.setdefault(mode, []).append(float(after_s))
             load = engine.engine.dep.plan.load_per_rank(world)
         else:  # the encoder runs on each replica's stage 0, over that replica's media
             mine = (sum(m.num_patches for m in batch.media)
@@ -80,17 +88,22 @@ def main() -> None:
                base + ["--parallel.encoder", "colocated"]]
     times: dict[str, list[float]] = {}
     loads: dict[str, list[list[int]]] = {}
+    dep_after: dict[str, list[float]] = {}
     for r in range(args.rounds):
         for k in range(len(configs)):
             run_config(configs[(k + r) % len(configs)], args.steps, args.warmup, r, times,
-                       loads)
+                       loads, dep_after)
     results = {}
     cfg = load_config(base)
     tokens = cfg.train.global_batch * cfg.data.seq_len
     for mode in ("text-only", DEP_IN, DEP_AFTER, "multimodal, colocated"):
         step_time = statistics.median(times[mode])
+        quartiles = statistics.quantiles(times[mode], n=4)
         max_over_mean = [max(l) / (sum(l) / len(l)) if sum(l) else 0.0 for l in loads[mode]]
         results[mode] = {"step_time_s": step_time, "tokens_per_s": tokens / step_time,
+                         "step_p25_p75_s": [quartiles[0], quartiles[2]],
+                         "dep_after_schedule_s": (statistics.median(dep_after[mode])
+                                                  if mode in dep_after else None),
                          "steps_timed": len(times[mode]),
                          "patches_per_step": statistics.mean(sum(l) for l in loads[mode]),
                          "load_max_over_mean": statistics.mean(max_over_mean)}
