@@ -20,7 +20,7 @@ One step, on every rank of the job (the encoder is replicated everywhere):
     encode:    [a  d]   [b]      [c  e]   [f]             balanced by patch count
     owners:     0: a b c            1: d e f              rows travel to stage 0 of their replica
     backbone:  ------------- interleaved 1F1B, unchanged -------------
-    grads:      a b c -> 0,1,2      d e f -> 0,2,3        reverse route, then recompute + backward
+    grads:      a b c -> 0,1,2      d e f -> 0,2,3        reverse route, then backward (R ran earlier)
 
 Stage 0 keeps only the embeddings it receives; no encoder activation lives through
 the backbone schedule's warm-up and steady state (the recompute's live from its bubble in
