@@ -19,7 +19,7 @@ One step, on every rank of the job (the encoder is replicated everywhere):
     rank:        0        1        2        3             (pp=2, dp=2: ranks 0,1 are stage 0)
     encode:    [a  d]   [b]      [c  e]   [f]             balanced by patch count
     owners:     0: a b c            1: d e f              rows travel to stage 0 of their replica
-    backbone:  ------------- interleaved 1F1B, unchanged -------------
+    backbone:  ------------- interleaved 1F1B, + R in a cool-down wait -
     grads:      a b c -> 0,1,2      d e f -> 0,2,3        reverse route, then backward (R ran earlier)
 
 Stage 0 keeps only the embeddings it receives; no encoder activation lives through
