@@ -217,6 +217,7 @@ def rank_json(result: Plan, rank: RankPlan) -> dict:
                   "master": rank.total("master"), "optimizer_state": rank.total("state"),
                   "activations": rank.activations, "pipeline_buffers": rank.pipeline_buffers,
                   "dep_embeddings": rank.dep_embeddings, "dep_recompute": rank.dep_recompute,
+                  "dep_recompute_beside": rank.dep_recompute_beside,
                   "pixels": rank.pixels, "offloaded": rank.offloaded,
                   "prefetched": rank.prefetched, "peak": rank.peak,
                   "budget": _budget(result)},
@@ -277,7 +278,8 @@ def format_plan(result: Plan, shown: list[RankPlan]) -> str:
     row("  pipeline buffers (chunk outputs)", gib([r.pipeline_buffers for r in shown]))
     if result.media.kinds:
         row("  DEP embeddings + grads (stage 0)", gib([r.dep_embeddings for r in shown]))
-        row("  DEP encoder recompute (after pipeline)", gib([r.dep_recompute for r in shown]))
+        row("  DEP encoder recompute (cool-down)", gib([r.dep_recompute for r in shown]))
+        row("  pipeline held beside it", gib([r.dep_recompute_beside for r in shown]))
         row("  pixels (fp32 rows)", gib([r.pixels for r in shown]))
     row("  peak", gib([r.peak for r in shown]))
     budget = _budget(result)

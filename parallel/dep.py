@@ -9,19 +9,23 @@ One step, on every rank of the job (the encoder is replicated everywhere):
                   (ViT + projector), keep only the output rows
                   ──all_to_all──> stage-0 rank of the replica that owns each item
     3 backbone    stage 0 puts the rows, as leaves that require grad, at the placeholders;
-                  the pipeline schedule runs unchanged
+                  the pipeline schedule runs unchanged, except for one action R per rank:
+                  recompute MY items' encoder forward WITH grad, in a bubble of the
+                  schedule where the rank would wait anyway (parallel/dep_bubbles.py)
     4 backward    leaf grads ──all_to_all (reverse route)──> encoder ranks;
-                  recompute MY items' encoder forward WITH grad, backward those grads
+                  backward those grads through the recomputed forward
     5 optimizer   encoder grads summed over the world (ZeRO-1 group = world)
 
     rank:        0        1        2        3             (pp=2, dp=2: ranks 0,1 are stage 0)
     encode:    [a  d]   [b]      [c  e]   [f]             balanced by patch count
     owners:     0: a b c            1: d e f              rows travel to stage 0 of their replica
-    backbone:  ------------- interleaved 1F1B, unchanged -------------
-    grads:      a b c -> 0,1,2      d e f -> 0,2,3        reverse route, then recompute + backward
+    backbone:  ------------- interleaved 1F1B, + R in a cool-down wait -
+    grads:      a b c -> 0,1,2      d e f -> 0,2,3        reverse route, then backward (R ran earlier)
 
 Stage 0 keeps only the embeddings it receives; no encoder activation lives through
-the backbone schedule, so its memory no longer depends on image sizes.
+the backbone schedule's warm-up and steady state (the recompute's live from its bubble in
+the cool-down to the end of the step), so the pipeline's peak does not depend on image
+sizes.
 
 Where pixels come from: nowhere but this rank's own loader. Every rank derives the
 metadata of the group's step locally (its loader plans the group's rows from the
@@ -76,6 +80,7 @@ class DecoupledEncoder:
         self._grids: dict[int, Grid] = {}
         self._patches: dict[int, torch.Tensor] = {}  # pixels of the items this rank encodes
         self._leaves: dict[int, torch.Tensor] = {}
+        self._rows: torch.Tensor | None = None  # the recomputed forward, with its graph
         # last step: what this rank encoded (items, patch rows actually fed to the encoder)
         # and sent; the engine reports it, tests check it against the plan
         self.stats: dict[str, float] = {}
@@ -120,8 +125,13 @@ class DecoupledEncoder:
                       "dep_embedding_bytes_sent": float(remote * send.shape[1] * send.element_size())}
         return self._leaves
 
+    def recompute(self) -> None:
+        """Step 3's R: this rank's encoder forward again, with grad (same inputs and weights
+        as the no-grad forward, so the same numbers); `backward` back-propagates it."""
+        self._rows = self._encode()
+
     def backward(self) -> None:
-        """Step 4: send the leaves' grads back, recompute with grad, back-propagate."""
+        """Step 4: send the leaves' grads back, back-propagate them through the recompute."""
         ex = self._exchange
         items = [m for per_src in ex.recv for m in per_src]
         grads = [self._leaves[m.item_id].grad for m in items]
@@ -133,7 +143,9 @@ class DecoupledEncoder:
         sent_items = [m for per_dst in ex.send for m in per_dst]
         grad_by_item = dict(zip([m.item_id for m in sent_items],
                                 returned.split([m.num_tokens for m in sent_items])))
-        rows = self._encode()
+        # a schedule without R (benchmarks/dep.py's "after" variant) recomputes here
+        rows = self._rows if self._rows is not None else self._encode()
+        self._rows = None
         if self._mine:
             rows.backward(torch.cat([grad_by_item[m.item_id] for m in self._mine]))
         self._leaves, self._patches = {}, {}

@@ -36,6 +36,7 @@ from model.loss import IGNORE_INDEX
 from model.vision_language import VisionEncoder
 from parallel.chunk_pass import ChunkPass
 from parallel.dep import DecoupledEncoder, StepMedia
+from parallel.dep_bubbles import with_encoder_recompute
 from parallel.expert_dispatch import AllToAllDispatcher
 from parallel.flat_chunks import split_grouped
 from parallel.layout import PipelineLayout
@@ -165,7 +166,7 @@ class ParallelEngine:
             # after ZeRO-1 rebound the parameters to its buffers
             self.memory.refresh_parameters([m for m, _ in self._modules_by_prefix()])
         self.ep_overlap = ep_overlap and sizes.ep > 1
-        actions = schedule(sizes.pp, sizes.vpp, microbatches, self.ep_overlap)[topology.pp_rank]
+        actions = self._schedule()
         self._phase_marks: list[tuple[str, str, object, object]] = []
         self.stats: dict[str, float] = {}  # last step's extra metrics (load balance, idle)
         self.clock = StepClock(self.device)  # CUDA events on GPU: host times only time launches
@@ -236,13 +237,14 @@ class ParallelEngine:
         loss = self.runtime.run(
             forward, loss_fn, make_pass if self.ep_overlap else None,
             lambda stage: self.optimizer.last_backward(self.stage_params[stage]),
+            self.dep.recompute if self.dep is not None else None,
             prefetch=memory.prefetch if memory is not None else None).double()
         self.stats["a2a_wait_s"] = sum(wait for _, wait in self.runtime.a2a.values())
         if self.dep is not None:
             start = clock.mark()
             with self.optimizer.last_backward(self.dep.encoder.parameters()):
                 self.dep.backward()
-            phases.append(("DEP grads back + recompute + backward", "dep", start, clock.mark()))
+            phases.append(("DEP grads back + backward", "dep", start, clock.mark()))
         start = clock.mark()
         dist.all_reduce(loss, group=self.topo.world_group)  # only last stages contribute
         if self.clip is not None:  # a stage's DP replicas hold the same attention layers
@@ -263,8 +265,15 @@ class ParallelEngine:
         on one engine); every rank must switch together."""
         sizes = self.topo.sizes
         self.ep_overlap = on and sizes.ep > 1
-        self.runtime.actions = schedule(sizes.pp, sizes.vpp, self.microbatches,
-                                        self.ep_overlap)[self.topo.pp_rank]
+        self.runtime.actions = self._schedule()
+
+    def _schedule(self) -> list:
+        """This rank's actions; under DEP with the encoder recompute in a bubble."""
+        sizes = self.topo.sizes
+        per_rank = schedule(sizes.pp, sizes.vpp, self.microbatches, self.ep_overlap)
+        if self.dep is not None:
+            per_rank = with_encoder_recompute(per_rank, sizes.pp, sizes.vpp)
+        return per_rank[self.topo.pp_rank]
 
     def _update_router_biases(self) -> None:
         balance = []

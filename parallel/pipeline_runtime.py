@@ -8,6 +8,9 @@ The schedule is data (`parallel/schedule.py`); this runtime only walks it:
     RECV_B s.m  receive the gradient of stage s's output                (from the rank of s+1)
     B s.m       backward of chunk s on microbatch m (parameter grads accumulate)
     SEND_B s.m  send the gradient of stage s's input                    (to the rank of s-1)
+    R           DEP only: recompute the vision encoder's forward (the caller's `recompute`);
+                right after a SEND/RECV batch it runs while the batch is in flight (posted,
+                R, then waited for): the rank fills a wait (parallel/dep_bubbles.py)
 
 Consecutive SEND/RECV actions are posted together as one `batch_isend_irecv` and waited
 for together (`schedule.comm_batches`), exactly the rendezvous semantics under which
@@ -42,7 +45,7 @@ import torch
 import torch.distributed as dist
 
 from parallel.chunk_pass import ChunkPass, run_alone, run_together
-from parallel.schedule import Action, Op, comm_batches
+from parallel.schedule import COMM_OPS, Action, Op, comm_batches
 from parallel.step_clock import StepClock
 
 # (stage, input or None for stage 0, microbatch index) -> output (hidden states or logits)
@@ -114,6 +117,7 @@ class PipelineRuntime:
     def run(self, forward: StageForward, loss_fn: LossFn,
             make_pass: PassFactory | None = None,
             last_backward: LastBackward | None = None,
+            recompute: Callable[[], object] | None = None,
             prefetch: Callable[[tuple[int, int]], None] | None = None) -> torch.Tensor:
         """Run the schedule; return the summed loss of the microbatches this rank finished.
 
@@ -128,7 +132,11 @@ class PipelineRuntime:
             actions    F 0.2   B 0.0   F 0.3   B 0.1   B 0.2
             prefetch   (0,0)   (0,0)           (0,1)   (0,2)
                                        (0,1)   (0,2)          (repeats move nothing)
-        """
+
+        `recompute` runs at the schedule's R action (DEP), which it needs if there is one."""
+        if recompute is None and any(a.op is Op.R for a in self.actions):
+            raise ValueError("the schedule holds an R action (DEP's encoder recompute) but no "
+                             "`recompute` was given")
         last = self.num_stages - 1
         final_backward = {}  # stage -> microbatch of its last backward in the step
         for a in self.actions:
@@ -204,7 +212,8 @@ class PipelineRuntime:
                        (a.stage, a.microbatch) if a.op is Op.B else None for a in compute]
         compute_index = 0
 
-        for step in comm_batches(self.actions):
+        steps = comm_batches(self.actions)
+        for index, step in enumerate(steps):
             start = self.clock.mark()
             action = step[0]
             if prefetch is not None and action.op in (Op.F, Op.B, Op.FB):
@@ -221,8 +230,17 @@ class PipelineRuntime:
             elif action.op is Op.FB:
                 run_together(start_backward(action.b_stage, action.b_microbatch, "paired"),
                              start_forward(s, mb, "paired"))
+            elif action.op is Op.R:
+                if index == 0 or steps[index - 1][0].op not in COMM_OPS:
+                    recompute()  # else it ran inside the batch before it
+                    marks.append((action, start, self.clock.mark()))
+                continue
             else:
-                self._exchange(step, inputs, outputs, output_grads, input_grads)
+                pending = self._post(step, outputs, input_grads)
+                if index + 1 < len(steps) and steps[index + 1][0].op is Op.R:
+                    recompute()  # while the batch is in flight
+                    marks.append((steps[index + 1][0], start, self.clock.mark()))
+                self._finish(pending, inputs, output_grads)
                 end = self.clock.mark()
                 marks.extend((a, start, end) for a in step)
                 continue
@@ -237,8 +255,8 @@ class PipelineRuntime:
                                f"{ {k: sorted(v) for k, v in leftovers.items()} }")
         return loss_sum
 
-    def _exchange(self, batch: list[Action], inputs, outputs, output_grads, input_grads) -> None:
-        """Post one batch of sends and receives together, wait for all of them."""
+    def _post(self, batch: list[Action], outputs, input_grads) -> tuple[list, list, list]:
+        """Post one batch of sends and receives together; `_finish` waits for all of them."""
         ops, received = [], []
         for action in batch:
             s, mb = key = (action.stage, action.microbatch)
@@ -255,7 +273,11 @@ class PipelineRuntime:
                 ops.append(dist.P2POp(dist.irecv, buf, peer,
                                       tag=self._tag(s + 1 if backward else s, mb, backward)))
                 received.append((action, buf))
-        for work in dist.batch_isend_irecv(ops):
+        return dist.batch_isend_irecv(ops), received, ops  # ops: the tensors stay alive
+
+    def _finish(self, pending: tuple[list, list, list], inputs, output_grads) -> None:
+        works, received, _ = pending
+        for work in works:
             work.wait()
         for action, buf in received:
             key = (action.stage, action.microbatch)

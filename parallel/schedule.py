@@ -55,7 +55,10 @@ from typing import Callable
 class Op(enum.Enum):
     """What an action does: F/B run a chunk, SEND_*/RECV_* move its tensors between ranks,
     FB runs the forward of one chunk-microbatch and the backward of another together, node
-    by node, so each one's expert all-to-alls overlap the other's compute."""
+    by node, so each one's expert all-to-alls overlap the other's compute. R (DEP only, one
+    per rank, written `R<rank>.m0`) recomputes the vision encoder's forward, with grad, over
+    the media items this rank encodes, placed in one of the rank's idle slots
+    (parallel/dep_bubbles.py); it belongs to no chunk and touches no pipeline tensor."""
 
     F = "F"
     B = "B"
@@ -64,15 +67,17 @@ class Op(enum.Enum):
     RECV_F = "RECV_F"
     SEND_B = "SEND_B"
     RECV_B = "RECV_B"
+    R = "R"
 
 
 COMPUTE_OPS = (Op.F, Op.B, Op.FB)
 SEND_OPS = (Op.SEND_F, Op.SEND_B)
 RECV_OPS = (Op.RECV_F, Op.RECV_B)
+COMM_OPS = SEND_OPS + RECV_OPS
 
 # Longer names first in the alternation so "SEND_F3.m0" never matches as op "F".
 _ACTION_PATTERN = re.compile(
-    r"^(?P<op>SEND_F|RECV_F|SEND_B|RECV_B|F|B)(?P<stage>\d+)\.m(?P<microbatch>\d+)$"
+    r"^(?P<op>SEND_F|RECV_F|SEND_B|RECV_B|F|B|R)(?P<stage>\d+)\.m(?P<microbatch>\d+)$"
 )
 _PAIR_PATTERN = re.compile(
     r"^F(?P<stage>\d+)\.m(?P<microbatch>\d+)\+B(?P<b_stage>\d+)\.m(?P<b_microbatch>\d+)$")
@@ -316,11 +321,12 @@ def with_communication(
 
 
 def comm_batches(actions: list[Action]) -> list[list[Action]]:
-    """A rank's schedule as steps: each compute action alone, each maximal run of consecutive
-    SEND/RECV actions as one batch (what the runtime posts with one batch_isend_irecv)."""
+    """A rank's schedule as steps: each compute action (and R) alone, each maximal run of
+    consecutive SEND/RECV actions as one batch (what the runtime posts with one
+    batch_isend_irecv)."""
     steps: list[list[Action]] = []
     for action in actions:
-        if action.op in COMPUTE_OPS or not steps or steps[-1][0].op in COMPUTE_OPS:
+        if action.op not in COMM_OPS or not steps or steps[-1][0].op not in COMM_OPS:
             steps.append([action])
         else:
             steps[-1].append(action)

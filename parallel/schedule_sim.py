@@ -30,6 +30,12 @@ on the send times of the others. The simulator therefore advances every rank as 
 repeatedly; the result equals an event-queue simulation, and a sweep in which no rank moves
 while some still have actions left is a deadlock.
 
+DEP's encoder recompute (R, parallel/dep_bubbles.py; rendezvous mode only) runs for
+`recompute_cost` on its rank; right after a communication batch it runs while that batch
+is in flight (posted, then R, then waited for), as the runtime runs it. It is not pipeline
+work, so it is left out of `busy_time_per_rank` and of the ideal: the makespan shows
+whether the bubble hid it.
+
 Bubble: every rank computes microbatches * vpp * (forward_cost + backward_cost) (the ideal);
 bubble_fraction = (makespan - ideal) / ideal. For (interleaved) 1F1B theory gives
 (pp - 1) / (vpp * microbatches). With per-action `costs` (e.g. measured durations, to replay
@@ -44,8 +50,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Callable
 
-from parallel.schedule import (COMPUTE_OPS, RECV_OPS, SEND_OPS, Action, Op, comm_batches,
-                               stage_owner)
+from parallel.schedule import (COMM_OPS, COMPUTE_OPS, RECV_OPS, SEND_OPS, Action, Op,
+                               comm_batches, stage_owner)
 
 
 class ScheduleError(ValueError):
@@ -151,6 +157,8 @@ def check_schedule(
         raise ScheduleError(f"actions scheduled more than once: {', '.join(duplicates)}")
 
     for rank, actions in enumerate(actions_per_rank):
+        if sum(a.op is Op.R for a in actions) > 1:
+            raise ScheduleError(f"rank {rank} has more than one R (DEP encoder recompute)")
         done: set[Action] = set()
         for position, action in enumerate(actions):
             where = f"{action} (rank {rank}, position {position})"
@@ -201,6 +209,7 @@ def simulate(
     costs: Mapping[Action, float] | None = None,
     rendezvous: bool = False,
     a2a_cost: float = 0.0,
+    recompute_cost: float = 1.0,
 ) -> SimResult:
     """Check, then time the schedule; raises ScheduleError / ScheduleDeadlock if it cannot run.
 
@@ -216,6 +225,9 @@ def simulate(
     pass it to also catch a schedule that leaves out the last microbatches entirely.
     `costs` gives each F/B action its own duration (a profiled step replayed) instead of
     forward_cost/backward_cost; `ideal` is then the ranks' mean compute.
+    `recompute_cost`: the duration of each R action (DEP's encoder recompute), if any. R is
+    simulated with `rendezvous=True` only (the runtime's semantics: an R right after a
+    communication batch runs between posting the batch and waiting for it).
     """
     if microbatches is None:
         indices = [action.microbatch for actions in actions_per_rank for action in actions]
@@ -243,6 +255,8 @@ def simulate(
         raise ValueError(f"a2a_cost={a2a_cost} must lie in [0, smallest F or B cost={smallest}]")
 
     def duration(action: Action) -> float:
+        if action.op is Op.R:
+            return recompute_cost
         if costs is not None:
             return costs[action]
         if action.op is Op.FB:  # an FB's overlap makes a rank less busy
@@ -257,6 +271,9 @@ def simulate(
         ideal_of = max
     else:
         ideal_of = lambda busy: microbatches * vpp * (forward_cost + backward_cost)  # noqa: E731
+    if not rendezvous and any(a.op is Op.R for actions in actions_per_rank for a in actions):
+        raise ValueError("R actions (DEP's encoder recompute) are simulated with "
+                         "rendezvous=True, the runtime's semantics")
     if rendezvous:
         check_fifo(actions_per_rank, pp)
         clock, busy, timeline = _simulate_rendezvous(actions_per_rank, pp, duration, p2p_latency)
@@ -285,7 +302,7 @@ def simulate(
                 else:
                     took = duration(action)
                     end = start + took
-                    busy[rank] += took
+                    busy[rank] += took if action.op in COMPUTE_OPS else 0.0
                 timeline[rank].append(ActionTiming(action, start, end))
                 clock[rank] = end
                 position[rank] += 1
@@ -335,9 +352,14 @@ def _simulate_rendezvous(actions_per_rank: list[list[Action]], pp: int,
             while position[rank] < len(steps[rank]):
                 step = steps[rank][position[rank]]
                 start = clock[rank]
-                if step[0].op in COMPUTE_OPS:
+                # an R right after a batch runs between posting it and waiting for it
+                overlap = (steps[rank][position[rank] + 1][0]
+                           if position[rank] + 1 < len(steps[rank]) else None)
+                overlap = overlap if step[0].op in COMM_OPS and overlap is not None and (
+                    overlap.op is Op.R) else None
+                if step[0].op not in COMM_OPS:
                     end = start + duration(step[0])
-                    busy[rank] += duration(step[0])
+                    busy[rank] += duration(step[0]) if step[0].op in COMPUTE_OPS else 0.0
                     timeline[rank].append(ActionTiming(step[0], start, end))
                 else:
                     for action in step:
@@ -347,7 +369,13 @@ def _simulate_rendezvous(actions_per_rank: list[list[Action]], pp: int,
                     if any(partner not in posted_at for partner in partners):
                         break
                     end = max(start, *(posted_at[p] for p in partners)) + p2p_latency
+                    if overlap is not None:
+                        end = max(end, start + duration(overlap))
                     timeline[rank].extend(ActionTiming(a, start, end) for a in step)
+                    if overlap is not None:
+                        timeline[rank].append(
+                            ActionTiming(overlap, start, start + duration(overlap)))
+                        position[rank] += 1
                 clock[rank] = end
                 position[rank] += 1
                 progressed = True
@@ -378,19 +406,21 @@ def format_timeline(result: SimResult, time_unit: float = 1.0, cell_width: int =
     """ASCII Gantt chart of the compute actions: one row per rank, `cell_width` chars per unit.
 
     Each F/B is drawn as its name (stage.microbatch, e.g. `F2.1`) padded with `-` over its
-    duration; `.` marks idle time (the bubble). Times are rounded to whole cells.
+    duration, DEP's encoder recompute as `R`; `.` marks idle time (the bubble). Times are
+    rounded to whole cells.
     """
     rows = []
     total_cells = round(result.makespan / time_unit) * cell_width
     for rank, timings in enumerate(result.timeline_per_rank):
         row = ["."] * total_cells
         for timing in timings:
-            if timing.action.op not in COMPUTE_OPS:
+            if timing.action.op in COMM_OPS:
                 continue
             first = round(timing.start / time_unit) * cell_width
             last = round(timing.end / time_unit) * cell_width
             action = timing.action
-            label = "+".join(f"{p.op.value}{p.stage}.{p.microbatch}" for p in action.parts)
+            label = "+".join(f"{p.op.value}{p.stage}.{p.microbatch}" for p in action.parts
+                             ) if action.op is not Op.R else "R"
             text = (label + "-" * (last - first))[: last - first - 1] + " "
             row[first:last] = list(text)
         rows.append(f"rank {rank}: " + "".join(row).rstrip())

@@ -12,7 +12,8 @@
                  the policy offloads sits in host memory, reported apart, except the one
                  chunk-microbatch prefetched back ahead of its backward
     DEP          the replica's media embeddings (+ grads) held by stage 0; the encoder's
-                 recomputation of r's share after the pipeline (model/activation_bytes.py)
+                 recomputation of r's share, in r's cool-down bubble (parallel/dep_bubbles.py),
+                 beside what the pipeline still holds there (model/activation_bytes.py)
     FLOPs, time  model/flops.py per chunk -> per-(chunk, microbatch) times -> the schedule
                  simulator (bubble); communication per kind at the GPU's link speeds; DEP
                  phases; the ZeRO-1 step
@@ -20,7 +21,7 @@
         ▼
     peak = weights + grads + master + state + pixels + DEP embeddings (stage 0)
            + max(activations + prefetched + pipeline buffers in flight,
-                 DEP encoder recomputation)
+                 DEP encoder recomputation + what the pipeline holds when it runs)
 
 The memory figures model what this code base holds; tests/distributed/test_planner_memory.py
 checks them on CPU against running jobs (parameter, gradient and optimizer bytes exactly,
@@ -36,7 +37,9 @@ activations within 5%). The time figures are a crude model, stated where it is m
   its on-node and off-node shares at the same time; no latency terms;
 - nothing overlaps: the expert all-to-alls sit inside each chunk's forward and backward,
   the ZeRO-1 reduce-scatters and all-gathers after the pipeline (today's engine; issues
-  12 and 14 overlap them), DEP's phases before and after it;
+  12 and 14 overlap them), DEP's phases before and after it (the encoder recompute is
+  counted after it, although the engine runs it in a pipeline bubble: an overestimate of
+  at most that recompute);
 - the optimizer update streams master, gradient and state through HBM once.
 
 Media: a mix gives mean items per sequence; each microbatch draws Poisson counts around
@@ -60,6 +63,7 @@ import copy
 import math
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -70,6 +74,7 @@ from model.config import ConfigError, ModelConfig
 from model.flops import lm_part_flops, vision_flops
 from model.memory_policy import MemoryPolicy
 from model.vision_language import VisionEncoder
+from parallel.dep_bubbles import with_encoder_recompute
 from parallel.engine import stage_module, zero1_param_groups
 from parallel.schedule import Op, peak_in_flight, schedule
 from parallel.schedule_sim import simulate
@@ -275,6 +280,7 @@ class RankPlan:
     stage_activations: dict[int, list[Saved]]  # per mean microbatch: the per-tensor seam
     dep_embeddings: int  # stage 0 under DEP: the replica's media embeddings and their grads
     dep_recompute: int  # the encoder's saved tensors for this rank's share of the media
+    dep_recompute_beside: int  # pipeline activations + buffers still held while they live
     pixels: int
     offloaded: int = 0  # host bytes the memory policy parked at that moment
     prefetched: int = 0  # the largest chunk-microbatch's offloaded bytes, back on the device
@@ -297,7 +303,8 @@ class RankPlan:
     @property
     def peak(self) -> int:
         pipeline = self.activations + self.prefetched + self.pipeline_buffers
-        return self.static + self.dep_embeddings + max(pipeline, self.dep_recompute)
+        return self.static + self.dep_embeddings + max(
+            pipeline, self.dep_recompute_beside + self.dep_recompute)
 
 
 @dataclass
@@ -356,6 +363,9 @@ class _Job:
         self.mode = encoder_mode(cfg)
         self.layout = cfg.pipeline_layout()
         self.actions = schedule(p.pp, p.vpp, self.m)
+        # the engine's schedule under DEP: each rank's encoder recompute R in its cool-down
+        self.dep_actions = (with_encoder_recompute(self.actions, p.pp, p.vpp)
+                            if self.mode == "dep" else None)
         self.spec = ActivationSpec(compute_bytes=recipe.weight_bytes, attention=attention,
                                    dispatcher="local" if _single_process(cfg) else "all_to_all")
         if microbatch_media is not None and len(microbatch_media) != self.m:
@@ -426,6 +436,7 @@ def _memory(job: _Job, bucket_numel: int, cache: dict, pp_ranks: list[int] | Non
     ranks = []
     for r in range(job.pp) if pp_ranks is None else pp_ranks:
         peak, in_flight = peak_in_flight(job.actions[r], held)
+        beside = _held_at_recompute(job.dep_actions[r], held) if dep else 0
         buffers = sum(n * B * S * D * c for s, n in in_flight.items() if s != last)
         stage_activations = {}
         for s in job.stages_of(r):
@@ -443,11 +454,24 @@ def _memory(job: _Job, bucket_numel: int, cache: dict, pp_ranks: list[int] | Non
             stage_activations=stage_activations,
             dep_embeddings=(2 * _media_tokens(job.replica_items) * D * c
                             if dep and r == 0 else 0),
-            dep_recompute=recompute,
+            dep_recompute=recompute, dep_recompute_beside=round(beside) if recompute else 0,
             pixels=round(pixel_rows * model.vision.patch_dim * FP32),
             offloaded=sum(n * placed[s].host for s, n in in_flight.items()),
             prefetched=max(placed[s].host for s in job.stages_of(r))))
     return ranks
+
+
+def _held_at_recompute(actions: list, held: Callable[[int, int], float]) -> float:
+    """What the pipeline holds when a rank's R (DEP's encoder recompute) runs: `held` (saved
+    tensors and output) of its forwards whose backward comes later (R sits in the cool-down,
+    so this only shrinks until the encoder backward frees the recompute's tensors)."""
+    total = 0.0
+    for action in actions:
+        if action.op is Op.R:
+            return total
+        if action.op in (Op.F, Op.B):
+            total += (1 if action.op is Op.F else -1) * held(action.stage, action.microbatch)
+    raise ValueError("the schedule has no R action")
 
 
 def plan_memory(cfg: JobConfig, *, recipe: Recipe = Recipe(), media: MediaMix = MediaMix(),

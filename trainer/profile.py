@@ -48,7 +48,8 @@ SCHEDULE_CATEGORIES = (*COMPUTE_CATEGORIES, "send", "recv")
 CATEGORIES = (*SCHEDULE_CATEGORIES, "dep", "optimizer", "a2a")
 
 _CATEGORY_OF_OP = {Op.F: "forward", Op.B: "backward", Op.FB: "forward+backward",
-                   Op.SEND_F: "send", Op.SEND_B: "send", Op.RECV_F: "recv", Op.RECV_B: "recv"}
+                   Op.SEND_F: "send", Op.SEND_B: "send", Op.RECV_F: "recv", Op.RECV_B: "recv",
+                   Op.R: "dep"}
 
 
 @dataclass(frozen=True)
@@ -101,9 +102,12 @@ class RankInfo:
 
 
 def spans_from_timeline(rank: int, timeline: Sequence[ActionRecord], t0: float) -> list[Span]:
-    """The runtime's per-action records as spans, relative to this rank's step origin `t0`."""
-    return [Span(rank, str(r.action), _CATEGORY_OF_OP[r.action.op], r.action.stage,
-                 r.action.microbatch, r.start - t0, r.end - t0) for r in timeline]
+    """The runtime's per-action records as spans, relative to this rank's step origin `t0`
+    (DEP's encoder recompute R belongs to no chunk: stage and microbatch -1)."""
+    return [Span(rank, "DEP encoder recompute" if r.action.op is Op.R else str(r.action),
+                 _CATEGORY_OF_OP[r.action.op], -1 if r.action.op is Op.R else r.action.stage,
+                 -1 if r.action.op is Op.R else r.action.microbatch, r.start - t0, r.end - t0)
+            for r in timeline]
 
 
 # ------------------------------------------------------------------ memory

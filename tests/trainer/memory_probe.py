@@ -39,7 +39,8 @@ def probe_distributed(dist_engine) -> dict:
 
     run = engine.runtime.run
 
-    def measured_run(forward, loss_fn, make_pass=None, last_backward=None, prefetch=None):
+    def measured_run(forward, loss_fn, make_pass=None, last_backward=None, recompute=None,
+                     prefetch=None):
         if make_pass is not None:  # the overlapped schedule runs passes, not `forward`
             raise ValueError("the memory probe measures `forward`: run without ep_overlap")
 
@@ -62,7 +63,7 @@ def probe_distributed(dist_engine) -> dict:
                 loss = loss_fn(logits, mb)
             out["held"][(last, mb)] += saved.bytes
             return loss
-        return run(measured_forward, measured_loss, None, last_backward, prefetch)
+        return run(measured_forward, measured_loss, None, last_backward, recompute, prefetch)
 
     engine.runtime.run = measured_run
     if 0 in engine.stages:  # stage 0 runs its microbatches in order

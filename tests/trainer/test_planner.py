@@ -156,3 +156,23 @@ def test_plan_command_takes_the_k25_layout_at_16_stages(capsys):
     assert plan_main(args + ["--gpu", "h800", "--precision", "bf16"]) == 0
     out = capsys.readouterr().out
     assert "layout Et|(tt|)*30L" in out and "pipeline rank 8" in out and "DOES NOT FIT" in out
+
+
+def test_dep_recompute_counts_what_the_pipeline_holds_in_the_cool_down():
+    cfg = load_config(["--data.uri", "synthetic", "--parallel.pp", "2", "--parallel.dp", "2",
+                       "--parallel.encoder", "dep", "--train.global_batch", "8"])
+    mix = planner.MediaMix.parse("2*1x8x8")
+    ranks = planner.plan_memory(cfg, media=mix)
+    for rank in ranks:  # R runs after the rank's last forward: less than the peak is held
+        pipeline = rank.activations + rank.pipeline_buffers
+        assert rank.dep_recompute_beside < pipeline and rank.dep_recompute > 0
+        assert rank.peak == rank.static + rank.dep_embeddings + max(
+            pipeline, rank.dep_recompute_beside + rank.dep_recompute)
+    # rank 0 runs R before its last backward (that chunk-microbatch still held), the last
+    # rank after all of its own
+    first, last = ranks
+    assert first.dep_recompute_beside > 0 and last.dep_recompute_beside == 0
+    colocated = planner.plan_memory(load_config(
+        ["--data.uri", "synthetic", "--parallel.pp", "2", "--parallel.encoder", "colocated"]),
+        media=mix)
+    assert all(r.dep_recompute == r.dep_recompute_beside == 0 for r in colocated)
