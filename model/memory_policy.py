@@ -82,14 +82,15 @@ class MemoryPolicyError(ValueError):
 class MemoryPolicy:
     """Region names (`<layer type>.<region>`) per treatment. `offload_layers`: the decoder
     layers (global indices) whose offload regions are offloaded; empty: every layer (vision
-    blocks and the head follow the region names alone). `fp8_scaling`: one scale per tensor
-    or per row (last dimension)."""
+    blocks and the head follow the region names alone). `fp8_scaling`: one scale per row
+    (last dimension; the default: tiny's 100-step report run ends 0.3% from store-all's
+    loss with it, 3.5% with one scale per tensor at 4 x 64 tokens) or per tensor."""
 
     recompute: frozenset[str] = frozenset()
     fp8: frozenset[str] = frozenset()
     offload: frozenset[str] = frozenset()
     offload_layers: tuple[int, ...] = ()
-    fp8_scaling: str = "tensor"
+    fp8_scaling: str = "row"
     name: str = "custom"
 
     def __post_init__(self) -> None:

@@ -159,7 +159,7 @@ class MemorySection:
     offload: list[str] = field(default_factory=list)  # custom: regions parked in host memory
     # decoder layers (global indices) whose offload regions are offloaded; empty: all
     offload_layers: list[int] = field(default_factory=list)
-    fp8_scaling: str = "tensor"  # one FP8 scale per "tensor" or per "row"
+    fp8_scaling: str = "row"  # one FP8 scale per "row" (token) or per "tensor"
 
     def to_policy(self) -> MemoryPolicy:
         try:

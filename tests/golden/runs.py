@@ -83,14 +83,11 @@ RUNS: dict[str, GoldenRun] = {
         overrides=("--parallel.pp", "2", "--parallel.vpp", "2", "--parallel.ep", "2",
                    "--parallel.dp", "2", "--parallel.encoder", "dep")),
     "tiny_report_memory": GoldenRun(
-        "tiny preset, one process, synthetic data, 100 steps of 4 x 64 tokens with the report "
-        "memory policy (recompute, FP8-E4M3 expert inputs, offload); reference_loss: the same "
-        "job storing every activation",
-        data="synthetic", steps=100,
-        overrides=("--train.global_batch", "4", "--data.seq_len", "64", "--memory.policy",
-                   "report"),
-        reference_overrides=("--train.global_batch", "4", "--data.seq_len", "64",
-                             "--memory.policy", "none")),
+        "tiny preset, one process, synthetic data, 100 steps with the report memory policy "
+        "(recompute, FP8-E4M3 expert inputs with a scale per row, offload); reference_loss: "
+        "the same job storing every activation",
+        data="synthetic", steps=100, overrides=("--memory.policy", "report"),
+        reference_overrides=("--memory.policy", "none")),
 }
 
 
