@@ -17,7 +17,8 @@ row-major, so a head's rows are contiguous; each rank scales the elements of tho
 that lie in its master shard (`prepare` finds the pieces once; a piece cut by a shard
 boundary mid-row gets the right per-row factors). No communication here: every rank of the
 group already holds the same S_max, MAX-reduced before the step together with the router
-loads in the step's one statistics collective (parallel/step_statistics.py). The statistic comes from model/mla.py (`MLA.track_max_logit`).
+loads in the step's one statistics collective (parallel/step_statistics.py). The
+statistic comes from model/mla.py (`MLA.track_max_logit`).
 """
 from __future__ import annotations
 
@@ -122,4 +123,3 @@ def track_max_logits(modules: Iterable[nn.Module]) -> dict[str, MLA]:
                 sub.track_max_logit = True
                 found[name] = sub
     return found
-
