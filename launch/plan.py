@@ -10,6 +10,8 @@
         [--memory-policies]                                    the fullest rank under none, each
                                                                tool of `report` alone and `report`,
                                                                with AdamW and MuonClip: which fits
+    python -m launch.plan --model k25 ... --optimizer compare  AdamW vs MuonClip: each rank's
+                                                               memory, side by side
     python -m launch.plan --schedule --pp 4 --vpp 2 --microbatches 8
                                                                each rank's pipeline actions, checked
                                                                and simulated (bubble, Gantt in ASCII)
@@ -30,6 +32,7 @@ from trainer.hardware import GPUS
 from trainer.planner import (DEFAULT_EFFICIENCY, GIB, RESERVED_BYTES, MediaMix, Plan, RankPlan,
                              Recipe, fullest_ranks, plan)
 
+OPTIMIZERS = ("adamw", "muonclip")
 # the flags that ask for a plan (without any, `--model` prints parameter counts)
 PLAN_FLAGS = ("pp", "vpp", "ep", "dp", "seq_len", "micro_batch", "global_batch", "layout", "gpu",
               "precision", "optimizer", "encoder", "media", "efficiency", "memory_policy")
@@ -76,9 +79,10 @@ def parser() -> argparse.ArgumentParser:
     plan_flags.add_argument("--precision", choices=("fp32", "bf16"),
                             help="fp32 (today; default) or bf16 weights with fp32 grads, "
                                  "master weights and state (issue 12)")
-    plan_flags.add_argument("--optimizer", choices=("adamw", "muonclip"),
+    plan_flags.add_argument("--optimizer", choices=OPTIMIZERS + ("compare",),
                             help="adamw (default: two fp32 moments) or muonclip (one momentum "
-                                 "for hidden matrices, issue 16)")
+                                 "for hidden matrices, issue 16); compare: both, each rank's "
+                                 "memory side by side")
     plan_flags.add_argument("--encoder", choices=("dep", "colocated"),
                             help="where the vision encoder runs (default dep)")
     plan_flags.add_argument("--media",
@@ -129,6 +133,39 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_plan(args: argparse.Namespace) -> int:
+    if args.memory_policies:
+        cfg, gpu = job_of(args)
+        print(format_policies(cfg, gpu, args.precision or "fp32",
+                              MediaMix.parse(args.media or "")))
+        return 0
+    if args.optimizer == "compare":
+        if args.json:
+            print("--json prints one plan: choose --optimizer adamw or muonclip", file=sys.stderr)
+            return 2
+        results = {name: make_plan(args, name) for name in OPTIMIZERS}
+        print(format_optimizer_comparison(results, _shown(args, list(results.values()))))
+        return 0
+    result = make_plan(args, args.optimizer or "adamw")
+    shown = [result.ranks[r] for r in _shown(args, [result])]
+    if args.json:
+        for rank in shown:
+            print(json.dumps(rank_json(result, rank)))
+    else:
+        print(format_plan(result, shown))
+    return 0
+
+
+def _shown(args: argparse.Namespace, plans: list[Plan]) -> list[int]:
+    """Pipeline ranks to print: all, or the first, a middle, the last and the largest peak."""
+    pp = len(plans[0].ranks)
+    if args.all:
+        return list(range(pp))
+    worst = {max(p.ranks, key=lambda r: r.peak).pp_rank for p in plans}
+    return sorted({0, pp // 2, pp - 1} | worst)
+
+
+def job_of(args: argparse.Namespace):
+    """The job config and GPU the command line describes (validated sizes)."""
     pp, vpp, dp, mb = args.pp or 1, args.vpp or 1, args.dp or 1, args.micro_batch or 1
     overrides = {"model.preset": args.model, "parallel.pp": pp, "parallel.vpp": vpp,
                  "parallel.ep": args.ep or 1, "parallel.dp": dp,
@@ -139,24 +176,15 @@ def print_plan(args: argparse.Namespace) -> int:
                  "data.uri": "synthetic"}
     cfg = load_config([a for k, v in overrides.items() for a in (f"--{k}", str(v))])
     cfg.validate_sizes()
-    gpu = GPUS[args.gpu or "h800"]
-    if args.memory_policies:
-        print(format_policies(cfg, gpu, args.precision or "fp32",
-                              MediaMix.parse(args.media or "")))
-        return 0
+    return cfg, GPUS[args.gpu or "h800"]
+
+
+def make_plan(args: argparse.Namespace, optimizer: str) -> Plan:
+    cfg, gpu = job_of(args)
     set_policy(cfg, report_tools()[args.memory_policy or "none"])
-    result = plan(cfg, recipe=Recipe(args.precision or "fp32", args.optimizer or "adamw"),
-                  media=MediaMix.parse(args.media or ""), gpu=gpu,
-                  efficiency=args.efficiency or DEFAULT_EFFICIENCY)
-    worst = max(result.ranks, key=lambda r: r.peak).pp_rank
-    shown = result.ranks if args.all else [result.ranks[r] for r in
-                                           sorted({0, pp // 2, pp - 1, worst})]
-    if args.json:
-        for rank in shown:
-            print(json.dumps(rank_json(result, rank)))
-    else:
-        print(format_plan(result, shown))
-    return 0
+    return plan(cfg, recipe=Recipe(args.precision or "fp32", optimizer),
+                media=MediaMix.parse(args.media or ""), gpu=gpu,
+                efficiency=args.efficiency or DEFAULT_EFFICIENCY)
 
 
 def set_policy(cfg: JobConfig, policy: MemoryPolicy) -> None:
@@ -235,23 +263,64 @@ def rank_json(result: Plan, rank: RankPlan) -> dict:
     }
 
 
-def format_plan(result: Plan, shown: list[RankPlan]) -> str:
-    cfg, gpu, step = result.cfg, result.gpu, result.step
+def _title(result: Plan, optimizer: str) -> list[str]:
+    cfg, gpu = result.cfg, result.gpu
     p, t = cfg.parallel, cfg.train
     world = p.pp * p.dp
     nodes = -(-world // gpu.gpus_per_node)
-    layout = cfg.pipeline_layout()
-    lines = [
+    return [
         f"model {cfg.model.preset}: pp={p.pp} vpp={p.vpp} ep={p.ep} dp={p.dp} = {world} GPUs "
         f"({nodes} node(s) of {gpu.gpus_per_node} {gpu.name}), seq_len {cfg.data.seq_len}, "
         f"micro_batch {t.micro_batch}, global_batch {t.global_batch} "
         f"({cfg.microbatches_per_replica} microbatches per replica)",
-        f"layout {layout.notation()}, encoder {result.encoder}, precision "
-        f"{result.recipe.precision}, optimizer {result.recipe.optimizer}, media "
-        f"{result.media.describe()}"
+        f"layout {cfg.pipeline_layout().notation()}, encoder {result.encoder}, precision "
+        f"{result.recipe.precision}, optimizer {optimizer}, media {result.media.describe()}"
         + ("" if cfg.memory.policy == "none" else f", memory policy {cfg.memory.policy}"), ""]
-    width = 17
-    header = f"{'':<44}" + "".join(f"{'pipeline rank ' + str(r.pp_rank):>{width}}" for r in shown)
+
+
+WIDTH = 17  # one pipeline rank's column
+
+
+def _header(ranks: list[int]) -> str:
+    return f"{'':<44}" + "".join(f"{'pipeline rank ' + str(r):>{WIDTH}}" for r in ranks)
+
+
+def format_optimizer_comparison(results: dict[str, Plan], shown: list[int]) -> str:
+    """Each shown rank's memory (GiB) under each optimizer, and the ZeRO-1 step's time."""
+    first = next(iter(results.values()))
+    budget = _budget(first)
+    lines = _title(first, " vs ".join(results)) + [_header(shown)]
+
+    def row(name: str, values: list[str]) -> None:
+        lines.append(f"{name:<44}" + "".join(f"{v:>{WIDTH}}" for v in values))
+    for name, result in results.items():
+        ranks = [result.ranks[r] for r in shown]
+        row(f"{name} (GiB)", ["" for _ in ranks])
+        row("  fp32 master weights", [f"{r.total('master') / GIB:.2f}" for r in ranks])
+        row("  optimizer state", [f"{r.total('state') / GIB:.2f}" for r in ranks])
+        row("  weights + grads + master + state", [
+            f"{sum(r.total(k) for k in ('weights', 'grads', 'master', 'state')) / GIB:.2f}"
+            for r in ranks])
+        row("  peak", [f"{r.peak / GIB:.2f}" for r in ranks])
+        row("  headroom", [f"{(budget - r.peak) / GIB:.2f}" for r in ranks])
+    names = list(results)
+    if len(names) == 2:
+        a, b = (results[n] for n in names)
+        row(f"optimizer state, {names[1]} / {names[0]}",
+            [f"{b.ranks[r].total('state') / a.ranks[r].total('state'):.2f}" for r in shown])
+    lines += ["", f"usable HBM per GPU {budget / GIB:.2f} GiB ({first.gpu.memory_bytes / GIB:.1f} "
+              f"less {RESERVED_BYTES / GIB:g} reserved); ZeRO-1 step "
+              + ", ".join(f"{n} {r.step.optimizer_s:.2f} s" for n, r in results.items())
+              + " (time model: trainer/planner.py)"]
+    return "\n".join(lines)
+
+
+def format_plan(result: Plan, shown: list[RankPlan]) -> str:
+    cfg, gpu, step = result.cfg, result.gpu, result.step
+    t = cfg.train
+    lines = _title(result, result.recipe.optimizer)
+    width = WIDTH
+    header = _header([r.pp_rank for r in shown])
     rows: list[tuple[str, list[str]]] = []
 
     def row(name: str, values: list[str]) -> None:

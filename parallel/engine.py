@@ -3,12 +3,14 @@
     ┌ trainer: this replica's microbatches, lr ──────────────────────────────────────────┐
     │ 1. global count of labelled tokens (all_reduce over the DP group)                  │
     │ 2. pipeline schedule (interleaved 1F1B) over this rank's chunks; MoE layers talk   │
-    │    to their experts through the all-to-all dispatcher of the EP group             │
-    │ 3. ZeRO-1: dense grads reduce-scattered over DP, expert grads over expert-DP,     │
-    │    each bucket as soon as the chunk's last backward completes it (overlapped);   │
-    │    one global grad norm over the world, the update rule on the fp32 shards,       │
-    │    params all-gathered in the compute dtype (fp32 or bf16)                        │
-    │ 4. router balancing: expert load summed over DP, same bias update on every copy   │
+    │    to their experts through the all-to-all dispatcher of the EP group              │
+    │ 3. ZeRO-1: dense grads reduce-scattered over DP, expert grads over expert-DP,      │
+    │    each bucket as soon as the chunk's last backward completes it (overlapped);     │
+    │    one global grad norm over the world, the update rule on the fp32 shards,        │
+    │    params all-gathered in the compute dtype (fp32 or bf16)                         │
+    │ 4. per-step model statistics in ONE all-reduce over DP (parallel/step_statistics): │
+    │    router loads (SUM: same bias update on every copy) and, with QK-Clip, each      │
+    │    head's max logit (MAX), stacked over all this rank's layers                     │
     └────────────────────────────────────────────────────────────────────────────────────┘
 
 Each rank builds only its own chunks (what `layout` puts in every stage it holds:
@@ -33,6 +35,7 @@ from model.memory_policy import MemoryPolicy
 from model.saved_tensors import ActivationMemory
 from model.param_names import expert_entry_names, global_named_tensors
 from model.loss import IGNORE_INDEX
+from model.moe import MoE
 from model.vision_language import VisionEncoder
 from parallel.chunk_pass import ChunkPass
 from parallel.dep import DecoupledEncoder, StepMedia
@@ -42,9 +45,10 @@ from parallel.flat_chunks import split_grouped
 from parallel.layout import PipelineLayout
 from parallel.muon import Muon, muon_param_groups
 from parallel.pipeline_runtime import PipelineRuntime
-from parallel.qk_clip import reduced_max_logits, track_max_logits
+from parallel.qk_clip import track_max_logits
 from parallel.schedule import COMPUTE_OPS, schedule
 from parallel.step_clock import StepClock
+from parallel.step_statistics import reduce_step_statistics
 from parallel.topology import Topology
 from parallel.update_rule import UpdateRule
 from parallel.zero1 import DEFAULT_BUCKET_NUMEL, Zero1Optimizer
@@ -107,6 +111,17 @@ def zero1_param_groups(stages: dict[int, StageModule], dep_encoder: VisionEncode
     return {kind: params for kind, params in groups.items() if params}
 
 
+def update_router_biases(moe: dict[str, MoE], loads: dict[str, torch.Tensor]) -> float:
+    """The balancing-bias update of every MoE layer from its step's reduced load; returns the
+    largest max/mean load ratio over the layers (1.0 without MoE layers)."""
+    if not moe:
+        return 1.0
+    balance = torch.stack([loads[n].max() / loads[n].mean().clamp(min=1) for n in moe]).max()
+    for name, layer in moe.items():
+        layer.update_bias(loads[name])
+    return float(balance)
+
+
 class ParallelEngine:
     def __init__(self, model_cfg: ModelConfig, topology: Topology, layout: PipelineLayout, *,
                  micro_batch: int, seq_len: int, microbatches: int, seed: int,
@@ -153,6 +168,8 @@ class ParallelEngine:
                   for g in muon_param_groups(params, process_groups[kind], matrix_rule)]
         self.clip = matrix_rule.clip if matrix_rule is not None else None
         self.attention = track_max_logits(self.stages.values()) if self.clip else {}
+        self.moe = {name: moe for module in self.stages.values()
+                    for name, moe in module.named_modules() if isinstance(moe, MoE)}
         self.optimizer = Zero1Optimizer(groups, norm_group=topology.world_group, rule=rule,
                                         max_grad_norm=grad_clip, bucket_numel=bucket_numel,
                                         param_dtype=dtype,
@@ -247,11 +264,16 @@ class ParallelEngine:
             phases.append(("DEP grads back + backward", "dep", start, clock.mark()))
         start = clock.mark()
         dist.all_reduce(loss, group=self.topo.world_group)  # only last stages contribute
-        if self.clip is not None:  # a stage's DP replicas hold the same attention layers
-            self.clip.set_max_logits(reduced_max_logits(self.attention, self.topo.dp_group))
+        # a stage's DP replicas hold the same layers: one collective for all their statistics
+        loads, max_logits = reduce_step_statistics(
+            {name: moe.expert_load for name, moe in self.moe.items()},
+            {name: mla.take_max_logit() for name, mla in self.attention.items()},
+            self.topo.dp_group)
+        if self.clip is not None:
+            self.clip.set_max_logits(max_logits)
         grad_norm = self.optimizer.step(lr)
         self.optimizer.zero_grad()
-        self._update_router_biases()
+        self.stats["expert_load_max_over_mean"] = update_router_biases(self.moe, loads)
         phases.append(("loss all-reduce + ZeRO-1 step + router bias", "optimizer", start,
                        clock.mark()))
         clock.resolve()
@@ -274,16 +296,6 @@ class ParallelEngine:
         if self.dep is not None:
             per_rank = with_encoder_recompute(per_rank, sizes.pp, sizes.vpp)
         return per_rank[self.topo.pp_rank]
-
-    def _update_router_biases(self) -> None:
-        balance = []
-        for module in self.stages.values():
-            for moe in module.lm.moe_layers():
-                load = moe.expert_load.clone()
-                dist.all_reduce(load, group=self.topo.dp_group)
-                balance.append(float(load.max() / load.mean().clamp(min=1)))
-                moe.update_bias(load)
-        self.stats["expert_load_max_over_mean"] = max(balance) if balance else 1.0
 
     def _pipeline_idle_fraction(self) -> float:
         """This rank's idle share of its pipeline window (the bubble as this rank saw it)."""

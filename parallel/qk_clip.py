@@ -15,9 +15,10 @@ head's largest logit becomes exactly tau; values and other heads are untouched.
 On ZeRO-1 shards: q_up [H*(nope+rope), q_lora] and kv_up [H*(nope+v), kv_lora] are
 row-major, so a head's rows are contiguous; each rank scales the elements of those rows
 that lie in its master shard (`prepare` finds the pieces once; a piece cut by a shard
-boundary mid-row gets the right per-row factors). No communication: every rank of the
-group already holds the same reduced S_max (the engine reduces it with MAX before the
-step). The statistic comes from model/mla.py (`MLA.track_max_logit`).
+boundary mid-row gets the right per-row factors). No communication here: every rank of the
+group already holds the same S_max, MAX-reduced before the step together with the router
+loads in the step's one statistics collective (parallel/step_statistics.py). The
+statistic comes from model/mla.py (`MLA.track_max_logit`).
 """
 from __future__ import annotations
 
@@ -25,7 +26,6 @@ from dataclasses import dataclass
 from typing import Iterable
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from model.mla import MLA
@@ -123,16 +123,3 @@ def track_max_logits(modules: Iterable[nn.Module]) -> dict[str, MLA]:
                 sub.track_max_logit = True
                 found[name] = sub
     return found
-
-
-def reduced_max_logits(attention: dict[str, MLA],
-                       group: dist.ProcessGroup | None) -> dict[str, torch.Tensor]:
-    """The step's per-head maxima of these layers, MAX-reduced over ``group`` (the
-    data-parallel replicas that hold the same layers) in ONE collective, stacked
-    [layers, H]; resets the modules' running maxima."""
-    if not attention:
-        return {}
-    stacked_LH = torch.stack([m.take_max_logit() for m in attention.values()])
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(stacked_LH, op=dist.ReduceOp.MAX, group=group)
-    return dict(zip(attention, stacked_LH))

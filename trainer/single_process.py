@@ -19,12 +19,15 @@ import torch
 from dataloader.batch import Batch
 from model.config import ModelConfig
 from model.memory_policy import MemoryPolicy
+from model.moe import MoE
 from model.param_names import expert_entry_names, global_named_tensors
 from model.saved_tensors import ActivationMemory
 from model.vision_language import VisionLanguageModel
 from parallel.flat_chunks import split_grouped
 from parallel.muon import muon_param_groups
-from parallel.qk_clip import reduced_max_logits, track_max_logits
+from parallel.engine import update_router_biases
+from parallel.qk_clip import track_max_logits
+from parallel.step_statistics import reduce_step_statistics
 from parallel.zero1 import Zero1Optimizer
 from trainer.batch_inputs import model_inputs
 from trainer.config import OptimSection
@@ -71,6 +74,7 @@ class SingleProcessEngine:
         matrix_rule = optim.matrix_rule(model_cfg.lm)
         self.clip = matrix_rule.clip if matrix_rule is not None else None
         self.attention = track_max_logits([self.model]) if self.clip else {}
+        self.moe = {n: m for n, m in self.model.named_modules() if isinstance(m, MoE)}
         if dtype == torch.float32 and matrix_rule is None:
             self.optimizer = adamw(self.params, optim)
         else:  # masters from the fp32 init, then the parameters become bf16
@@ -98,19 +102,17 @@ class SingleProcessEngine:
                               x.media_index, x.labels) / count
             loss.backward()
             loss_total += loss.detach()
+        loads, max_logits = reduce_step_statistics(  # as the parallel engine, without a group
+            {name: moe.expert_load for name, moe in self.moe.items()},
+            {name: mla.take_max_logit() for name, mla in self.attention.items()}, None)
         if self.clip is not None:
-            self.clip.set_max_logits(reduced_max_logits(self.attention, None))
+            self.clip.set_max_logits(max_logits)
         if self.zero1 is not None:
             grad_norm = float(self.zero1.step(lr))
             self.zero1.zero_grad()
         else:
             grad_norm = self._adamw_step(lr)
-        balance = []
-        for moe in self.model.lm.moe_layers():
-            load = moe.expert_load.clone()
-            balance.append(float(load.max() / load.mean().clamp(min=1)))
-            moe.update_bias(load)
-        self.stats = {"expert_load_max_over_mean": max(balance) if balance else 1.0,
+        self.stats = {"expert_load_max_over_mean": update_router_biases(self.moe, loads),
                       "loss_tokens": float(batch.num_loss_tokens())}
         if self.memory is not None:
             self.stats.update(self.memory.step_stats(

@@ -4,11 +4,13 @@ For each layout given on the command line (e.g. `pp=2,vpp=2` or `pp=2,ep=2,dp=2`
 `bucket=N` ZeRO-1 bucket elements, `overlap=0` reduce-scatters only in the step,
 `dtype=bf16`, `dep_group=N` sets parallel.dep_group_replicas, `ep_overlap=false`,
 `memory=none|report|lossless`: the memory policy, where `lossless` recomputes the report's
-regions and offloads every region),
-build the topology and the parallel engine, train `--steps` steps on the
-synthetic data and gather every parameter (and router bias) to rank 0, which
+regions and offloads every region, `steps=N` overrides train.steps), build the topology and
+the parallel engine, train on the synthetic data and gather every parameter (and router
+bias) to rank 0, which
 saves {layout: {"loss": [...], "grad_norm": [...], "tensors": {name: tensor},
-"dep_problems": [...], "dep_patches_encoded": [per rank]}}.
+"dep_problems": [...], "dep_patches_encoded": [per rank],
+"dp_all_reduces_per_step": [per rank]}}: the all-reduces each rank issued on its
+data-parallel group, per step (the global token count and the step's model statistics).
 
 DEP balance in the real engine path: after every DEP forward each rank compares what
 its encoder actually ran on (`DecoupledEncoder.stats`: items and patch rows) with what
@@ -29,6 +31,8 @@ A layout may name a mutant, a deliberate bug the test must catch:
                               before its handle completed
   mutant=local_newton_schulz  Muon orthogonalises only the local part of a matrix cut by shards
   mutant=local_max_logit      QK-Clip uses this replica's max logits, not the DP maximum
+  mutant=per_layer_statistics  router loads and max logits reduced with one all-reduce per
+                              layer (numerically the same run: caught by the count only)
 """
 from __future__ import annotations
 
@@ -59,6 +63,7 @@ def job_config(base: list[str], layout: dict) -> JobConfig:
     cfg.parallel.overlap_grad_reduce = layout.get("overlap", "1") == "1"
     cfg.train.dtype = layout.get("dtype", cfg.train.dtype)
     cfg.parallel.dep_group_replicas = int(layout.get("dep_group", cfg.parallel.dep_group_replicas))
+    cfg.train.steps = int(layout.get("steps", cfg.train.steps))
     if "ep_overlap" in layout:
         cfg.parallel.ep_overlap = layout["ep_overlap"] == "true"
     if layout.get("memory") == "lossless":
@@ -146,6 +151,16 @@ def apply_mutant(dist_engine: DistributedEngine, mutant: str, microbatches: int,
         set_max_logits = engine.clip.set_max_logits
         engine.clip.set_max_logits = lambda reduced: set_max_logits(
             {n: local[n] for n in reduced})
+    elif mutant == "per_layer_statistics":
+        def per_layer(sums, maxima, group):
+            sums = {n: t.clone() for n, t in sums.items()}
+            maxima = {n: t.clone() for n, t in maxima.items()}
+            for t in sums.values():
+                dist.all_reduce(t, group=group)
+            for t in maxima.values():
+                dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+            return sums, maxima
+        patches.enter_context(mock.patch("parallel.engine.reduce_step_statistics", per_layer))
     elif mutant:
         raise ValueError(f"unknown mutant {mutant!r}")
 
@@ -176,6 +191,18 @@ def watch_dep_balance(dist_engine: DistributedEngine, problems: list[str]) -> li
     return total
 
 
+def count_dp_all_reduces(dist_engine: DistributedEngine, patches: contextlib.ExitStack
+                         ) -> list[int]:
+    """A one-element list counting this rank's all-reduces on its data-parallel group."""
+    dp_group, real, count = dist_engine.topology.dp_group, dist.all_reduce, [0]
+
+    def counted(*args, **kwargs):
+        count[0] += kwargs.get("group") is dp_group
+        return real(*args, **kwargs)
+    patches.enter_context(mock.patch("torch.distributed.all_reduce", counted))
+    return count
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -194,6 +221,7 @@ def main() -> None:
         encoded = watch_dep_balance(engine, dep_problems)
         with contextlib.ExitStack() as patches:
             apply_mutant(engine, layout.get("mutant", ""), cfg.microbatches_per_replica, patches)
+            all_reduces = count_dp_all_reduces(engine, patches)
             records = train(cfg, rank=dist.get_rank(), engine=engine)
         gathered = [None] * dist.get_world_size()
         # clones: the parameters are views into ZeRO-1's flat buffers, and pickling a view
@@ -211,13 +239,15 @@ def main() -> None:
         balance = [None] * dist.get_world_size()
         memory = [r.get(k, 0.0) for r in records
                   for k in ("act_peak_host_MiB", "act_prefetched_MiB")]
-        dist.all_gather_object(balance, (dep_problems, encoded[0], memory))
+        dist.all_gather_object(balance, (dep_problems, encoded[0],
+                                         all_reduces[0] / max(len(records), 1), memory))
         results[text] = {"loss": [r["loss"] for r in records],
                          "grad_norm": [r["grad_norm"] for r in records], "tensors": tensors,
-                         "dep_problems": [p for problems, _, _ in balance for p in problems],
-                         "dep_patches_encoded": [n for _, n, _ in balance],
+                         "dep_problems": [p for problems, *_ in balance for p in problems],
+                         "dep_patches_encoded": [n for _, n, *_ in balance],
+                         "dp_all_reduces_per_step": [n for _, _, n, _ in balance],
                          # per rank: host-pool peak and prefetched MiB of every step
-                         "offload_MiB": [m for _, _, m in balance]}
+                         "offload_MiB": [m for _, _, _, m in balance]}
         engine.topology.destroy()
     if dist.get_rank() == 0:
         torch.save(results, args.out)

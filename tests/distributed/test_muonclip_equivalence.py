@@ -7,6 +7,12 @@ clipped every step (their max logits are ~0.15-0.22 in this tiny run). The refer
 the single-process engine, whose MuonClip runs on a ZeRO-1 of one. Mutants: Newton-Schulz
 of only the local part of a cut matrix, and QK-Clip with the replica's own max logits
 instead of the data-parallel maximum, must both fail the comparison.
+
+One collective for the step's model statistics: every rank issues exactly two all-reduces
+per step on its data-parallel group, the global token count and the statistics (router
+loads of all its MoE layers and max logits of all its attention layers; this layout puts
+one or two of each on every rank). The old per-layer reductions (mutant
+per_layer_statistics, numerically the same run, one step) issue three or four.
 """
 import pytest
 import torch
@@ -45,7 +51,12 @@ def reference(tmp_path_factory):
 def test_muonclip_four_ranks_pp_vpp_ep_dp_dep(tmp_path, reference):
     layout = "pp=2,vpp=2,ep=2,dp=2,encoder=dep,bucket=20000"
     mutants = [layout + ",mutant=local_newton_schulz"]
-    check(launch(tmp_path / "a", 4, [layout] + mutants, MUONCLIP), reference, [layout], mutants)
+    results = launch(tmp_path / "a", 4, [layout] + mutants, MUONCLIP)
+    check(results, reference, [layout], mutants)
+    assert results[layout]["dp_all_reduces_per_step"] == [2] * 4
     # a second launch: each layout's ranks peak at ~5 GB here (the DEP edge-case data)
     mutants = [layout + ",mutant=local_max_logit"]
-    check(launch(tmp_path / "b", 4, mutants, MUONCLIP), reference, [], mutants)
+    per_layer = layout + ",mutant=per_layer_statistics,steps=1"
+    results = launch(tmp_path / "b", 4, mutants + [per_layer], MUONCLIP)
+    check(results, reference, [], mutants)
+    assert all(n > 2 for n in results[per_layer]["dp_all_reduces_per_step"]), results[per_layer]

@@ -54,3 +54,14 @@ def test_schedule_with_ep_overlap_pairs_and_is_faster_than_plain(capsys):
     plain, overlapped = re.search(r"plain ([\d.]+), overlapped ([\d.]+)", out).groups()
     assert plain == overlapped
     assert main(["--schedule", "--ep-overlap", "2"]) == 2
+
+
+def test_optimizer_comparison_prints_both_side_by_side(capsys):
+    args = ["--model", "tiny", "--pp", "2", "--dp", "2", "--seq-len", "128"]
+    assert plan_main(args + ["--optimizer", "compare"]) == 0
+    out = capsys.readouterr().out
+    assert "optimizer adamw vs muonclip" in out
+    assert "adamw (GiB)" in out and "muonclip (GiB)" in out
+    ratios = re.search(r"optimizer state, muonclip / adamw\s+([\d.]+)\s+([\d.]+)", out).groups()
+    assert all(0 < float(r) < 1 for r in ratios), out  # momentum only for the matrices
+    assert plan_main(args + ["--optimizer", "compare", "--json"]) == 2
