@@ -8,11 +8,9 @@ the all-to-all one (parallel/expert_dispatch.py, over a one-rank gloo group). To
 weighted expert rows, the combine's scatter-add source) must miss by more, so the
 tolerance can tell.
 """
-import tempfile
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from model import activation_bytes as ab
 from model.config import preset, replace
@@ -37,13 +35,6 @@ def wide():
 LOCAL = ab.ActivationSpec(dispatcher="local")
 
 
-@pytest.fixture(scope="module")
-def one_rank_group():
-    """A world of one for the all-to-all dispatcher; torn down after this module."""
-    dist.init_process_group("gloo", store=dist.FileStore(tempfile.mktemp(), 1), rank=0,
-                            world_size=1)
-    yield dist.group.WORLD
-    dist.destroy_process_group()
 
 
 def measured_chunk(cfg, chunk: ChunkSpec, batch: int, seq_len: int, media: int = 0,

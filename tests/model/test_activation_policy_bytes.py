@@ -9,11 +9,9 @@ everything recomputable recomputed with FP8 and offload on top), on LM chunks an
 the vision encoder. Tolerance 5% (the issue's); a mutant model that forgets one region's
 treatment must miss by more, so the tolerance can tell.
 """
-import tempfile
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from model import activation_bytes as ab
 from model.config import preset
@@ -95,12 +93,6 @@ def test_lm_chunks(policy, chunk, make_cfg, batch, seq_len):
                                            POLICIES[policy]))
 
 
-@pytest.fixture(scope="module")
-def one_rank_group():
-    dist.init_process_group("gloo", store=dist.FileStore(tempfile.mktemp(), 1), rank=0,
-                            world_size=1)
-    yield dist.group.WORLD
-    dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("policy", ["none", "report", "all_tools_everywhere"])

@@ -6,11 +6,9 @@ policy's own accounting equals what autograd saves, parameters are never treated
 routing decision and the expert load are the forward's, and an all-to-all inside a
 recomputed region is refused.
 """
-import tempfile
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import model.saved_tensors as saved_tensors
 from model.config import preset
@@ -201,12 +199,6 @@ def test_vision_encoder_recompute_and_offload_bitwise():
 # ------------------------------------------------------------------ communication
 
 
-@pytest.fixture(scope="module")
-def one_rank_group():
-    dist.init_process_group("gloo", store=dist.FileStore(tempfile.mktemp(), 1), rank=0,
-                            world_size=1)
-    yield dist.group.WORLD
-    dist.destroy_process_group()
 
 
 def test_a_policy_that_recomputes_an_all_to_all_fails(one_rank_group, monkeypatch):
