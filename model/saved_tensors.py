@@ -126,7 +126,7 @@ class ActivationMemory:
                 sub.memory = LayerMemory(self, "head", f"{name}.head" if name else "head")
 
     def refresh_parameters(self, modules: list[nn.Module]) -> None:
-        """Parameters may move to new storage (ZeRO-1 rebinding, loading): note them again."""
+        """Note the parameters again after ZeRO-1 rebound them to its flat buffers."""
         self._params = {p.untyped_storage().data_ptr() for m in modules for p in m.parameters()}
 
     @contextmanager
@@ -152,9 +152,11 @@ class ActivationMemory:
 
     def step_stats(self, forwards: int) -> dict[str, float]:
         """The step's figures for the metrics, in MiB: the language model's saved bytes per
-        forward of a chunk (device + host, as stored), the encoder's over the step, this process's peak of saved-tensor bytes on the
-        device and in the host pool, what was prefetched; on CUDA the allocator's peak."""
+        forward of a chunk (device + host, as stored), the encoder's over the step, this
+        process's peak of saved-tensor bytes on the device and in the host pool, what was
+        prefetched; on CUDA the allocator's peak."""
         mib = 1 / 2**20
+
         def total(vision: bool) -> int:
             return sum(sum(regions.values()) for name, regions in self.saved.items()
                        if (self._layer_types[name] == "vision") == vision)
