@@ -29,7 +29,8 @@ import torch
 class Offloaded:
     """One stashed tensor (or the payload and scale of an FP8 one): where it is now."""
 
-    def __init__(self, host: list[torch.Tensor], nbytes: int, on_move: Callable[[str, str, int], None]):
+    def __init__(self, host: list[torch.Tensor], nbytes: int,
+                 on_move: Callable[[str, str, int], None]):
         self.host: list[torch.Tensor] | None = host
         self.device_copy: list[torch.Tensor] | None = None
         self.ready: torch.cuda.Event | None = None
