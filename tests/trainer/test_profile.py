@@ -245,7 +245,8 @@ def test_two_rank_pipeline_run_is_profiled(tmp_path: Path):
         assert {e["pid"] for e in events} == {0, 1}
         for rank in range(pp):
             assert sum(e["ph"] == "X" and e["pid"] == rank for e in events) == \
-                len(actions[rank]) + 3  # + DEP encode, DEP backward, optimizer (engine phases)
+                len(actions[rank]) + 4  # + DEP encode, its recompute (the schedule's R
+                # action, a "dep" span), DEP backward, optimizer (engine phases)
         # The measured bubble is never below the replay of this step's own forward/backward
         # durations with free communication: a lower bound by causality (every measured
         # action starts no earlier than in the as-soon-as-possible replay), so the only slack
