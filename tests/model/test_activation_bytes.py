@@ -37,8 +37,11 @@ LOCAL = ab.ActivationSpec(dispatcher="local")
 
 
 
-def measured_chunk(cfg, chunk: ChunkSpec, batch: int, seq_len: int, media: int = 0,
-                   group=None) -> int:
+def chunk_and_inputs(cfg, chunk: ChunkSpec, batch: int, seq_len: int, media: int = 0,
+                     group=None) -> tuple[LanguageModelChunk, tuple]:
+    """A seeded chunk (all-to-all dispatcher over `group` if given) and the arguments of one
+    forward: token ids or hidden states, positions, several documents per row, `media`
+    embeddings, and labels on the chunk with the head (so it computes its fused loss)."""
     torch.manual_seed(0)
     lm = LanguageModelChunk(cfg.lm, chunk)
     initialize(lm, 0)
@@ -53,8 +56,14 @@ def measured_chunk(cfg, chunk: ChunkSpec, batch: int, seq_len: int, media: int =
     embeds = torch.randn(media, cfg.lm.hidden, requires_grad=True) if media else None
     index = torch.arange(3, 3 + media) if media else None
     labels = torch.randint(0, cfg.lm.vocab_size, (batch, seq_len)) if chunk.head else None
+    return lm, (x, positions, docs, embeds, index, labels)
+
+
+def measured_chunk(cfg, chunk: ChunkSpec, batch: int, seq_len: int, media: int = 0,
+                   group=None) -> int:
+    lm, inputs = chunk_and_inputs(cfg, chunk, batch, seq_len, media, group)
     with SavedTensorBytes() as saved:
-        lm(x, positions, docs, embeds, index, labels)
+        lm(*inputs)
     return saved.bytes
 
 

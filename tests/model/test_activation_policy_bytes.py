@@ -15,14 +15,12 @@ import torch
 
 from model import activation_bytes as ab
 from model.config import preset
-from model.init import initialize
-from model.lm import ChunkSpec, LanguageModelChunk
+from model.lm import ChunkSpec
 from model.memory_policy import (REPORT_FP8, REPORT_OFFLOAD, REPORT_RECOMPUTE, MemoryPolicy,
                                  all_regions, recomputable)
 from model.saved_tensors import ActivationMemory
 from model.vision_language import VisionEncoder
-from parallel.expert_dispatch import AllToAllDispatcher
-from tests.model.test_activation_bytes import wide
+from tests.model.test_activation_bytes import chunk_and_inputs, wide
 
 torch.set_num_threads(1)
 TOLERANCE = 0.05
@@ -48,21 +46,10 @@ def close(model: int, got: int) -> bool:
 def measured_chunk(cfg, chunk: ChunkSpec, batch: int, seq_len: int, policy: MemoryPolicy,
                    group=None) -> ActivationMemory:
     """The policy's accounting after one forward (given labels: with the fused loss)."""
-    torch.manual_seed(0)
-    lm = LanguageModelChunk(cfg.lm, chunk)
-    initialize(lm, 0)
-    for moe in lm.moe_layers() if group is not None else []:
-        moe.dispatcher = AllToAllDispatcher(group, cfg.lm.num_experts)
+    lm, inputs = chunk_and_inputs(cfg, chunk, batch, seq_len, group=group)
     memory = ActivationMemory(policy)
     memory.attach(lm)
-    if chunk.embed:
-        x = torch.randint(5, cfg.lm.vocab_size, (batch, seq_len))
-    else:
-        x = torch.randn(batch, seq_len, cfg.lm.hidden, requires_grad=True)
-    positions = torch.arange(seq_len).repeat(batch, 1)
-    docs = (torch.arange(seq_len) // 20).repeat(batch, 1)
-    labels = torch.randint(0, cfg.lm.vocab_size, (batch, seq_len)) if chunk.head else None
-    memory.output = lm(x, positions, docs, None, None, labels)  # keeps the graph alive
+    memory.output = lm(*inputs)  # keeps the graph alive
     return memory
 
 
