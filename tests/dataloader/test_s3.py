@@ -63,7 +63,8 @@ def test_faults_give_the_same_stream_and_every_request_takes_a_budget_token(
     Checked by counts, which cannot flake (the pacing itself, a timing property, is
     measured by benchmarks/request_budget.py): faults of both kinds were injected (and
     survived, so retried); every request the store saw took a token of the node's budget,
-    whichever process, read-ahead thread or retry sent it; and in shard mode, with two
+    whichever process, read-ahead thread or retry sent it (a token may go unused by a request
+    that close() stopped in flight: bounded, not equal); and in shard mode, with two
     worker processes and the read-ahead threads racing for the same shards, no object
     reached the node twice (disk cache + fetch locks)."""
     server, uri = s3_dataset
@@ -80,7 +81,13 @@ def test_faults_give_the_same_stream_and_every_request_takes_a_budget_token(
             loader.close()
         assert proxy.injected_503 > 0 and proxy.injected_resets > 0
         budget = RequestBudget(str(tmp_path / "cache" / "budget"), cfg.requests_per_s, 1)
-        assert budget.granted() == len(proxy.requests), "a request bypassed the node budget"
+        # Every request the store saw took a token; a token may also go to a request the store
+        # never saw: one in flight when close() stopped the workers (at most max_concurrent,
+        # the node's slots), or one sent on a pooled connection the proxy had reset.
+        seen, granted = len(proxy.requests), budget.granted()
+        assert seen <= granted, f"{seen - granted} request(s) bypassed the node budget"
+        assert granted <= seen + cfg.max_concurrent_requests + proxy.injected_resets, \
+            f"{granted} tokens for {seen} requests: a request took more than one token"
         answered = Counter(r.outcome for r in proxy.requests if "injected" not in r.outcome)
         assert set(answered) <= {"200", "206", "304"}, answered  # 304: manifest revalidated
         assert sum(answered.values()) + proxy.injected_503 + proxy.injected_resets == \
