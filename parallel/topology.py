@@ -16,15 +16,18 @@ plan from its loader's view of the group's rows, so the group size bounds the
 planning work per rank; covering every replica (the default for dp <= 8) is the
 report's DEP over all GPUs.
 
-The groups are built by megatron-core's `parallel_state` (it runs on gloo and
-NCCL alike) and exposed only through this object: nothing else in the code
-base creates groups or reads global parallel state. `check_layout` refuses a
-layout that cannot run, before anything is allocated.
+The ranks of each group are megatron-core's (`rank_groups` computes them as its
+`RankGenerator` does for TP = CP = 1; tests/parallel/test_topology.py checks them against it
+for many layouts); the groups are built here and exposed only through this object: nothing
+else in the code base creates groups or reads global parallel state. Why not
+`parallel_state.initialize_model_parallel` itself: importing `megatron.core` compiles its
+fusions with torch.compile at import time, 4-10 s per rank before the first step, and it
+builds a dozen groups this job never uses. `check_layout` refuses a layout that cannot run,
+before anything is allocated.
 """
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -104,6 +107,20 @@ def check_layout(sizes: ParallelSizes, *, num_experts: int, microbatches: int,
                           "over pipeline ranks)")
 
 
+def rank_groups(sizes: ParallelSizes) -> dict[str, list[list[int]]]:
+    """The global ranks of every group of each kind, in Megatron-Core's order "tp-cp-ep-dp-pp"
+    with TP = CP = 1: rank = dp_rank + dp * pp_rank, and within a stage the expert-parallel
+    groups are runs of `ep` consecutive data-parallel ranks, the expert-data-parallel groups
+    the ranks `ep` apart."""
+    pp, dp, ep = sizes.pp, sizes.dp, sizes.ep
+    return {
+        "pp": [[d + dp * p for p in range(pp)] for d in range(dp)],
+        "dp": [[d + dp * p for d in range(dp)] for p in range(pp)],
+        "ep": [[dp * p + ep * g + e for e in range(ep)] for p in range(pp) for g in range(dp // ep)],
+        "edp": [[dp * p + e + ep * g for g in range(dp // ep)] for p in range(pp) for e in range(ep)],
+    }
+
+
 class Topology:
     """Sizes, this rank's coordinates and the process groups of the job."""
 
@@ -112,39 +129,25 @@ class Topology:
         `dep_group_replicas`: DP replicas per DEP group (0: all)."""
         if not dist.is_initialized():
             raise RuntimeError("Topology needs torch.distributed initialised (torchrun sets it up)")
-        with warnings.catch_warnings():  # megatron warns that TE/Apex are absent: expected on CPU
-            warnings.simplefilter("ignore")
-            from megatron.core import parallel_state as ps  # heavy: only for distributed runs
-
         if dist.get_world_size() != sizes.world:
             raise LayoutError(f"world size {dist.get_world_size()} != pp x dp = {sizes.world}")
         self.sizes = sizes
         self.rank = dist.get_rank()
-        ps.destroy_model_parallel()
-        ps.initialize_model_parallel(
-            pipeline_model_parallel_size=sizes.pp,
-            virtual_pipeline_model_parallel_size=sizes.vpp if sizes.vpp > 1 else None,
-            expert_model_parallel_size=sizes.ep,
-            create_gloo_process_groups=False,
-            distributed_timeout_minutes=timeout_s / 60,
-        )
+        timeout = timedelta(seconds=timeout_s)
+        self._groups = []  # built here, destroyed by destroy()
+        for kind, ranks in rank_groups(sizes).items():  # every rank builds every group, in order
+            group, _ = dist.new_subgroups_by_enumeration(ranks, timeout=timeout)
+            setattr(self, f"{kind}_group", group)
+            self._groups.append(group)
         self.world_group = dist.group.WORLD
-        self.pp_group = ps.get_pipeline_model_parallel_group()
-        self.dp_group = ps.get_data_parallel_group()
-        self.ep_group = ps.get_expert_model_parallel_group()
-        self.edp_group = ps.get_expert_data_parallel_group()
         self.pp_rank = dist.get_rank(self.pp_group)
         self.dp_rank = dist.get_rank(self.dp_group)
         self.ep_rank = dist.get_rank(self.ep_group)
         self.edp_rank = dist.get_rank(self.edp_group)
         # global ranks of this rank's pipeline, indexed by pipeline rank
         self.pipeline_ranks = dist.get_process_group_ranks(self.pp_group)
-        coords = [None] * sizes.world
-        dist.all_gather_object(coords, (self.pp_rank, self.dp_rank,
-                                        tuple(dist.get_process_group_ranks(self.ep_group))))
         # global rank of pipeline stage 0 of each data-parallel replica (DEP sends media there)
-        self.stage0_rank_of_replica = [[c[:2] for c in coords].index((0, r))
-                                       for r in range(sizes.dp)]
+        self.stage0_rank_of_replica = list(range(sizes.dp))
         # DEP group: `dep_group_replicas` consecutive replicas (0 or more than dp: all of them)
         k = sizes.dp if dep_group_replicas <= 0 else min(dep_group_replicas, sizes.dp)
         first = self.dp_rank // k * k
@@ -153,20 +156,20 @@ class Topology:
         self.dep_group = self.world_group
         if k < sizes.dp:
             for start in range(0, sizes.dp, k):  # every rank creates every group, in order
-                ranks = sorted(i for i, c in enumerate(coords) if start <= c[1] < start + k)
-                group = dist.new_group(ranks, timeout=timedelta(seconds=timeout_s))
+                ranks = [i for i in range(sizes.world) if start <= i % sizes.dp < start + k]
+                group = dist.new_group(ranks, timeout=timeout)
                 if start == first:
                     self.dep_group, members = group, ranks
+                    self._groups.append(group)
         # rank within the DEP group of stage 0 of each of its replicas (DEP plans in group ranks)
         self.dep_stage0_ranks = [members.index(self.stage0_rank_of_replica[r]) for r in self.dep_replicas]
         # the expert-parallel ranks again, on another communicator: the per-expert counts
         # travel there, so they never queue behind a token all-to-all still in flight
         self.ep_meta_group = self.ep_group
         if sizes.ep > 1:
-            ep_groups = sorted({c[2] for c in coords})
-            self.ep_meta_group, _ = dist.new_subgroups_by_enumeration(
-                [list(g) for g in ep_groups], timeout=timedelta(seconds=timeout_s))
-        self._ps = ps
+            self.ep_meta_group, _ = dist.new_subgroups_by_enumeration(rank_groups(sizes)["ep"],
+                                                                      timeout=timeout)
+            self._groups.append(self.ep_meta_group)
 
     @property
     def is_first_stage(self) -> bool:
@@ -189,4 +192,7 @@ class Topology:
                 f"ep_rank {self.ep_rank} edp_rank {self.edp_rank} stages {self.stages_of_rank()}")
 
     def destroy(self) -> None:
-        self._ps.destroy_model_parallel()
+        """Release this topology's groups (a process may build another, e.g. in tests)."""
+        for group in self._groups:
+            dist.destroy_process_group(group)
+        self._groups = []
