@@ -37,7 +37,6 @@ def megatron_groups(pp: int, dp: int, ep: int) -> dict[str, list[list[int]]]:
 
 @pytest.mark.parametrize("pp,dp,ep", LAYOUTS)
 def test_rank_groups_are_megatron_cores(pp, dp, ep):
-    pytest.importorskip("megatron.core")
     ours = rank_groups(ParallelSizes(pp=pp, dp=dp, ep=ep))
     assert ours == megatron_groups(pp, dp, ep)
 
