@@ -42,8 +42,9 @@ layer (tests/model/test_activation_policy_bytes.py holds it to that module's acc
     head loss            input x2, rstd x2, x*rstd, grad_hidden,      input, labels
                          grad_weight
 
-A storage stored as is counts once, however many ops save it; an FP8 or offloaded save
-is its own copy (of the view saved), so it counts once per save.
+A storage stored as is counts once, however many ops save it; an FP8 or offloaded tensor
+is copied once per region and view (model/saved_tensors.py shares the copy between the
+region's saves of the same bytes), so it counts once per region that saves it.
 
 Parameters (and views of them, such as `weight.t()` inside a linear) are not activations
 and are never listed (parallel/activation_memory.py does not count them either).
@@ -191,9 +192,10 @@ def apply_policy(entries: Sequence[Saved], policy: MemoryPolicy) -> PolicyBytes:
         region recomputed   its own saves are dropped; its inputs are saved once
                             (checkpoint's `Save(checkpoint=True)`), with the region's
                             FP8 / offload treatment
-        FP8 (floating)      every save is its own 1-byte copy + scale (no sharing)
-        offloaded           every save is its own host copy (of the view saved, FP8 first
-                            if both): a storage saved twice is copied twice (model/offload.py)
+        FP8 (floating)      one 1-byte copy + scale per region and view saved: the
+                            region's later saves of the same view share it
+        offloaded           one host copy per region and view saved (FP8 first if both);
+                            saved again in another region, copied again
         stored as is        the storage counts once, in the layer that saves it first
         no region           stored as is, on the device (OUTSIDE)
     """
@@ -203,7 +205,7 @@ def apply_policy(entries: Sequence[Saved], policy: MemoryPolicy) -> PolicyBytes:
         if not e.saves:
             out.add(OUTSIDE, "device", e.bytes)
             continue
-        stored = False
+        stored, copied = False, set()
         for s in e.saves:
             key = (s.layer, s.layer_type, s.region)
             if key not in treatments:
@@ -213,12 +215,16 @@ def apply_policy(entries: Sequence[Saved], policy: MemoryPolicy) -> PolicyBytes:
             if s.checkpoint != recompute:
                 continue
             numel = e.numel if s.numel is None else s.numel
+            if (fp8 and e.floating) or offload:
+                if (key, numel) in copied:  # the region's copy of this view exists
+                    continue
+                copied.add((key, numel))
             if fp8 and e.floating:
                 rows = max(1, round(e.rows * numel / e.numel))
                 out.add(s.layer, "host" if offload else "device",
-                        s.count * fp8_bytes(numel, rows, policy.fp8_scaling))
+                        fp8_bytes(numel, rows, policy.fp8_scaling))
             elif offload:
-                out.add(s.layer, "host", s.count * numel * e.itemsize)
+                out.add(s.layer, "host", numel * e.itemsize)
             elif not stored:
                 stored = True
                 out.add(s.layer, "device", e.bytes)

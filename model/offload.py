@@ -14,9 +14,11 @@ the mechanism, its ordering and its byte accounting are exercised without a GPU 
 overlap is not).
 
 A pass key is whatever the caller uses to name one forward of one chunk (the pipeline
-runtime: (stage, microbatch)). Known limits: a storage saved by several ops in an offloaded
-region is copied once per save (the rotary tables, a few KiB per layer); the pinned buffers
-come from torch's caching host allocator (no pool of our own).
+runtime: (stage, microbatch)). A tensor saved by several ops of one region is stashed once
+(model/saved_tensors.py finds the earlier entry). Known limits: a storage saved in several
+regions, or as different views, is copied once per region and view (the rotary tables, a
+few KiB per layer); the pinned buffers come from torch's caching host allocator (no pool
+of our own).
 """
 from __future__ import annotations
 

@@ -201,22 +201,21 @@ class ActivationMemory:
         saved = self.saved[layer.name]
         self._layer_types[layer.name] = layer.layer_type
 
+        # the copies (FP8 and/or offloaded) of this region by the bytes they read; holding each
+        # tensor keeps its storage (and so its address) from being reused while the region
+        # runs, so a later save with the same key is the same bytes: one copy, not one per save
+        # (the experts' gate and up products save the same input). Emptied when the region ends.
+        stashed: dict[tuple, tuple[torch.Tensor, object]] = {}
+
         def pack(tensor: torch.Tensor):
             if self.is_parameter(tensor):
                 return tensor
-            if fp8 and tensor.is_floating_point():
-                payload = quantise(tensor, self.policy.fp8_scaling)
-                parts = [payload.payload, payload.scale]
-            else:
-                payload, parts = None, [tensor.detach()]
-            if offload:
-                entry = self.pool.stash(parts, self._key)
-                saved[region] += entry.nbytes
-                return (entry, payload)
-            if payload is not None:
-                self._move("", "device", payload.nbytes)
-                saved[region] += payload.nbytes
-                return _Compressed(payload, lambda n: self._move("device", "", n))
+            compress = fp8 and tensor.is_floating_point()
+            if compress or offload:
+                key = _bytes_read(tensor, rows=compress and self.policy.fp8_scaling == "row")
+                if key not in stashed:  # else saved again by another op of this region
+                    stashed[key] = (tensor, copy(tensor, compress))
+                return (stashed[key][1], tensor.shape)
             storage = tensor.untyped_storage()
             key = storage.data_ptr()
             if key in self._storages:
@@ -229,20 +228,58 @@ class ActivationMemory:
             weakref.finalize(holder, self._release_storage, key)
             return holder
 
+        def copy(tensor: torch.Tensor, compress: bool):
+            """The region's one copy of these bytes: FP8 and/or in the offload pool."""
+            payload = quantise(tensor, self.policy.fp8_scaling) if compress else None
+            if offload:
+                parts = [payload.payload, payload.scale] if compress else [tensor.detach()]
+                entry = self.pool.stash(parts, self._key)
+                saved[region] += entry.nbytes
+                return (entry, payload)
+            self._move("", "device", payload.nbytes)
+            saved[region] += payload.nbytes
+            return _Compressed(payload, lambda n: self._move("device", "", n))
+
         def unpack(packed):
             if isinstance(packed, torch.Tensor):
                 return packed
             if isinstance(packed, _Stored):
                 return packed.tensor
-            if isinstance(packed, _Compressed):
-                return dequantise(packed.fp8)
-            entry, payload = packed
-            parts = self.pool.fetch(entry)
-            if payload is None:
-                return parts[0]
-            return dequantise(Fp8Tensor(parts[0], parts[1], payload.dtype))
+            copied, shape = packed
+            if isinstance(copied, _Compressed):
+                tensor = dequantise(copied.fp8)
+            else:
+                entry, payload = copied
+                parts = self.pool.fetch(entry)
+                tensor = parts[0] if payload is None else dequantise(
+                    Fp8Tensor(parts[0], parts[1], payload.dtype))
+            # (a contiguous copy: another op may have saved a reshape of the same elements)
+            return tensor if tensor.shape == shape else tensor.view(shape)
 
-        return recompute, torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+        return recompute, _hooks_of_one_region(pack, unpack, stashed)
+
+
+def _bytes_read(tensor: torch.Tensor, rows: bool) -> tuple:
+    """Which bytes a tensor reads, as a key: storage address, dtype, offset and, for a
+    contiguous tensor, its element count (every reshape of the same run of elements is the
+    same copy: softmax saves attention probabilities as [B, H, S, S], the product with v
+    as [B*H, S, S]) and, when `rows` (FP8 scales per row), its row length; otherwise its
+    shape and strides."""
+    where = (tensor.untyped_storage().data_ptr(), tensor.dtype, tensor.storage_offset())
+    if tensor.is_contiguous():
+        return (*where, tensor.numel(), tensor.shape[-1] if rows and tensor.dim() else None)
+    return (*where, tuple(tensor.shape), tuple(tensor.stride()))
+
+
+@contextmanager
+def _hooks_of_one_region(pack, unpack, stashed: dict):
+    """The region's saved-tensor hooks; on leaving it, drop its references to the tensors it
+    stashed (the graph keeps the hooks, so the device tensors would live until the backward)."""
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            yield
+    finally:
+        stashed.clear()
 
 
 class LayerMemory:

@@ -7,6 +7,8 @@ routing decision and the expert load are the forward's, and an all-to-all inside
 recomputed region is refused.
 """
 
+from unittest import mock
+
 import pytest
 import torch
 
@@ -219,3 +221,38 @@ def test_fp8_and_offload_compose_the_compressed_bytes_travel(store_all):
         if "experts" in regions:  # fp32 -> 1 byte per element (+ scales, int offsets as is)
             assert both["memory"].saved[layer]["experts"] < 0.3 * regions["experts"]
     assert both["peak"]["host"] > 0
+
+
+@pytest.mark.parametrize("policy", [MemoryPolicy(offload=frozenset({"dense.attention"})),
+                                    MemoryPolicy(fp8=frozenset({"dense.attention"}))])
+def test_a_tensor_saved_twice_in_a_region_is_copied_once_other_bytes_never_shared(policy):
+    """softmax saves its output [2, 3, 4, 4], the batched product the same bytes as
+    [6, 4, 4]: one copy. Two halves of one storage (same size, other offsets) are other
+    bytes, and so, under FP8 with a scale per row, is a reshape with other rows: copies of
+    their own. Gradients equal
+    those of the same region under the same policy with no sharing at all (each save its
+    own copy), bit for bit; the bytes saved are the copies made."""
+    from model.saved_tensors import LayerMemory
+
+    def run(share: bool):
+        x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        v = torch.randn(6, 4, 5, generator=torch.Generator().manual_seed(1), requires_grad=True)
+
+        def region(x, v):
+            p = x.softmax(-1)
+            flat = x.reshape(-1)
+            half = flat.numel() // 2
+            return (torch.bmm(p.reshape(6, 4, 4), v).sum() + (flat[:half] * flat[half:]).sum()
+                    + (x.transpose(-1, -2) @ x).sum() + (x.reshape(24, 4) @ x.reshape(4, 24)).sum())
+        memory = ActivationMemory(policy)
+        with mock.patch.object(saved_tensors, "_bytes_read",
+                               saved_tensors._bytes_read if share else lambda t, rows: object()):
+            LayerMemory(memory, "dense", "layers.0", 0).region("attention", region, x, v).backward()
+        return x.grad, v.grad, memory.saved["layers.0"]["attention"]
+
+    (gx, gv, shared_bytes), (gx0, gv0, unshared_bytes) = run(True), run(False)
+    assert torch.equal(gx, gx0) and torch.equal(gv, gv0)
+    # copies not made: offload, p's second and x's as [24, 4] and [4, 24] (x is saved whole
+    # by the transposed product first), 3 x 96 fp32; FP8, p's second and x as [24, 4] (rows of
+    # 4, as x's first save; [4, 24] has rows of 24: its own scales), 2 x (96 + 24 row scales)
+    assert unshared_bytes - shared_bytes == (3 * 96 * 4 if policy.offload else 2 * (96 + 24 * 4))
