@@ -204,7 +204,8 @@ class ActivationMemory:
         # the copies (FP8 and/or offloaded) of this region by the bytes they read; holding each
         # tensor keeps its storage (and so its address) from being reused while the region
         # runs, so a later save with the same key is the same bytes: one copy, not one per save
-        # (the experts' gate and up products save the same input). Emptied when the region ends.
+        # (the experts' gate and up products save the same input). Emptied when the region ends:
+        # until then its offloaded tensors stay on the device too (one region's worth at most).
         stashed: dict[tuple, tuple[torch.Tensor, object]] = {}
 
         def pack(tensor: torch.Tensor):
