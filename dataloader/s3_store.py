@@ -1,6 +1,7 @@
-"""S3-compatible object store through boto3, with our own retries under the node budget.
+"""S3-compatible object store through botocore (boto3's core, from the [s3] extra), with our
+own retries under the node budget.
 
-boto3's own retries are switched off: every attempt, first or retried, must pass the
+botocore's own retries are switched off: every attempt, first or retried, must pass the
 node's `RequestBudget`, and the retry policy must treat every S3-compatible store alike
 (AWS answers throttling with 503 SlowDown, SeaweedFS with 503 and a code of its own,
 MinIO with 503 ServiceUnavailable).
@@ -20,15 +21,17 @@ once `retry_deadline_s` have passed since the first attempt, so an endpoint that
 connections and never answers fails after about retry_deadline_s + timeout_s (with the
 defaults, 60 + 20 s) instead of (max_retries + 1) x timeout_s.
 
-Credentials come from boto3's standard chain (environment, config files, instance role);
+Credentials come from the standard AWS chain (environment, config files, instance role);
 they are never logged: `describe()` names only bucket, prefix and endpoint, and retry
 reasons carry the error code and message S3 sent, which name no key.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import random
+import threading
 import time
 
 from dataloader.store import MissingObject, ObjectStore, StoreError
@@ -59,6 +62,35 @@ def _caused_by(exc: BaseException, kind: type) -> bool:
     return False
 
 
+_session_lock = threading.Lock()
+_sessions: dict[tuple[int, str], object] = {}
+
+
+def _session():
+    """This process's botocore session for the current AWS_* environment (call under
+    _session_lock: sessions are not thread-safe).
+
+    A new session per client parses the S3 service model and endpoint rules again (JSON
+    of some MB): 0.2-0.6 s per client here, up to 1.6 s on a loaded machine, which was most
+    of a warm loader's time to its first sample. A shared session makes a client in
+    ~0.01 s. Keyed by pid (a forked child builds its own; clients never cross processes
+    either) and by a digest of the AWS_* variables, so a changed environment (another
+    profile, other keys) takes effect for the next store. Known limit: the session keeps
+    the credentials it resolved (botocore refreshes temporary ones itself); credential or
+    config files rewritten while the process runs are read by new processes only.
+    botocore alone, not boto3: boto3's import adds s3transfer (~0.3 s) that we never use."""
+    env = hashlib.sha256(repr(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
+                         .encode()).hexdigest()
+    key = (os.getpid(), env)
+    session = _sessions.get(key)
+    if session is None:
+        import botocore.session
+
+        _sessions.clear()  # other processes' or environments' sessions are never used again
+        session = _sessions[key] = botocore.session.get_session()
+    return session
+
+
 def parse_s3_uri(uri: str) -> tuple[str, str]:
     if not uri.startswith("s3://") or len(uri) <= 5:
         raise StoreError(f"{uri!r} is not an s3://bucket/prefix URI")
@@ -84,7 +116,7 @@ class S3Store(ObjectStore):
         self._client_pid = 0
         self._jitter = random.Random()
 
-    def __getstate__(self):  # a boto3 client does not cross process boundaries
+    def __getstate__(self):  # a client does not cross process boundaries
         state = dict(self.__dict__)
         state["_client"] = None
         return state
@@ -93,16 +125,16 @@ class S3Store(ObjectStore):
     def client(self):
         # made in the process that uses it: a forked child never reuses its parent's client,
         # whose keep-alive sockets the parent (or another child) may be using or closing
-        if self._client is None or self._client_pid != os.getpid():
-            self._client_pid = os.getpid()
-            import boto3
-            from botocore.config import Config
+        with _session_lock:  # prefetch threads may ask at once; one client per store
+            if self._client is None or self._client_pid != os.getpid():
+                from botocore.config import Config
 
-            config = Config(retries={"total_max_attempts": 1}, connect_timeout=self.timeout_s,
-                            read_timeout=self.timeout_s, max_pool_connections=32,
-                            s3={"addressing_style": "path"})
-            self._client = boto3.session.Session().client(
-                "s3", endpoint_url=self.endpoint_url, region_name=self.region, config=config)
+                config = Config(retries={"total_max_attempts": 1}, connect_timeout=self.timeout_s,
+                                read_timeout=self.timeout_s, max_pool_connections=32,
+                                s3={"addressing_style": "path"})
+                self._client = _session().create_client(
+                    "s3", endpoint_url=self.endpoint_url, region_name=self.region, config=config)
+                self._client_pid = os.getpid()
         return self._client
 
     def _key(self, key: str) -> str:
@@ -153,7 +185,7 @@ class S3Store(ObjectStore):
         raise exc
 
     def _call(self, what: str, key: str, fn):
-        self.client  # built before the clock starts (creating a boto3 client takes a while)
+        self.client  # built before the clock starts (the first client of a process takes a while)
         attempt, first = 0, time.monotonic()
         while True:
             self.requests += 1
