@@ -80,6 +80,9 @@ class Dataset:
         digest = hashlib.sha256(manifest_bytes)
         self.version = digest.hexdigest()[:16]  # what the node's disk cache keys objects by
         reader.version = self.version
+        # cold: the tokenizer is fetched alongside the indexes, not one round trip before them
+        reader.prefetch([manifest["tokenizer"]]
+                        + [index_key(k) for spec in source_specs.values() for k in spec["shards"]])
         tok_bytes = reader.whole(manifest["tokenizer"])
         if hashlib.sha256(tok_bytes).hexdigest() != manifest["tokenizer_sha256"]:
             raise DatasetError(
@@ -99,7 +102,6 @@ class Dataset:
         digest.update(tok_bytes)
         self.sources: list[Source] = []
         self.skipped_shards: list[str] = []
-        reader.prefetch([index_key(k) for spec in source_specs.values() for k in spec["shards"]])
         for name, spec in source_specs.items():
             shards = []
             for shard_key in spec["shards"]:

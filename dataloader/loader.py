@@ -45,7 +45,7 @@ from dataloader.row_layout import PlannedItem, row_items
 from dataloader.sample_plan import SamplePlan
 from dataloader.sample_stream import Lane, SampleStream
 from dataloader.tiered_reader import make_reader
-from dataloader.worker_pool import WorkerPool
+from dataloader.worker_pool import WorkerPool, start_server
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 2
@@ -73,6 +73,8 @@ class Loader:
         self.dp_rank, self.dp_size, self.rows_per_step = dp_rank, dp_size, rows_per_step
         self.decode = decode
         self.lanes_total = dp_size * rows_per_step
+        if cfg.workers > 0:
+            start_server(cfg.worker_start_method)  # boots while we open the dataset
         self.reader = make_reader(cfg)
         self.dataset = Dataset(self.reader, tokenizer_file=cfg.tokenizer, bad_data=cfg.bad_data)
         self.tokenizer = self.dataset.tokenizer

@@ -137,13 +137,27 @@ def _without_main_module():
         sys.modules["__main__"] = main
 
 
+def start_server(start_method: str) -> None:
+    """Starts the forkserver now, without waiting for it (forkserver start method only).
+
+    A forkserver is a fresh interpreter that imports the worker side of the loader before it
+    forks the first worker: ~0.5 s, and `Process.start()` blocks until that fork. Started at
+    the top of the loader's constructor, it boots while the main process opens the dataset
+    (S3 client, manifest, indexes), so the workers no longer wait in line behind that. Once
+    per process: later pools reuse the running server."""
+    if start_method == "forkserver":
+        from multiprocessing import forkserver
+
+        mp.get_context("forkserver").set_forkserver_preload(["dataloader.materialize"])
+        forkserver.ensure_running()
+
+
 class WorkerPool:
     def __init__(self, num_workers: int, start_method: str, init: dict, stall_timeout_s: float = 600.0):
         # forkserver (default): workers fork from a clean single-threaded server, so a lock
         # held by some thread of the trainer at fork time cannot deadlock them
         ctx = mp.get_context(start_method)
-        if start_method == "forkserver":
-            ctx.set_forkserver_preload(["dataloader.materialize"])
+        start_server(start_method)
         self.stall_timeout_s = stall_timeout_s
         self._tasks = ctx.Queue()
         self._results = ctx.Queue()
