@@ -157,14 +157,21 @@ def ours_io(cfg, n: int):
     reader = make_reader(cfg)
     dataset = Dataset(reader)
     lane = Lane(SampleStream(dataset, cfg, seed=0, lanes=1), 0)
-    refs = [lane.next_ref() for _ in range(n)]  # the order, from the index
-    reads = [(dataset.shard_key(r.source, r.shard), *dataset.sample(r.source, r.shard, r.local).byte_span())
-             for r in refs]
+    reads: list = []  # (shard, start, end) in the order, from the index; planned 64 ahead, as the loader
+    # plans a few steps ahead (not the whole pass before its first read)
+
+    def plan(upto: int) -> None:
+        while len(reads) < min(upto, n):
+            r = lane.next_ref()
+            entry = dataset.sample(r.source, r.shard, r.local)
+            reads.append((dataset.shard_key(r.source, r.shard), *entry.byte_span()))
+
     first = None
-    for i, (shard, start, end) in enumerate(reads):
+    for i in range(n):
         if i % 32 == 0:  # the loader's read-ahead: shards of the next samples
+            plan(i + 64)
             reader.prefetch(dict.fromkeys(key for key, _, _ in reads[i:i + 64]))
-        reader.span(shard, start, end)
+        reader.span(*reads[i])
         first = first or time.perf_counter() - t0
     reader.close()
     return time.perf_counter() - t0, first
