@@ -108,7 +108,8 @@ class DistributedEngine:
                 if missing:
                     raise RuntimeError(f"DEP plans media items {missing[:8]} on this rank but its loader "
                                        "did not decode them: the loader's selection and the plan differ")
-                return [normalize_patches(group.pixels[m.item_id]) for m in mine]
+                # uint8 to the device, float there
+                return [normalize_patches(group.pixels[m.item_id].to(self.device)) for m in mine]
 
             return self.engine.step([model_inputs(b, with_patches=False, device=self.device) for b in mbs], lr,
                                     media=StepMedia(refs, grids, fetch, group.rows_digest),
