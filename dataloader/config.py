@@ -98,6 +98,14 @@ class LoaderConfig:
             raise LoaderConfigError("data.request_timeout_s must be positive and "
                                     "data.retry_deadline_s >= 0")
 
+    @property
+    def steps_decoded_ahead(self) -> int:
+        """Steps whose rows and media the loader has handed to its workers beyond the one it
+        returns: `prefetch` with workers, none without (the calling process materialises a
+        step when it is asked for it). Their pixels exist, uint8, while a step trains; the
+        planner (trainer/planner.py) counts them."""
+        return self.prefetch if self.workers > 0 else 0
+
     def stream_checksum(self) -> str:
         stream = {name: getattr(self, name) for name in self._STREAM_FIELDS}
         return hashlib.sha256(json.dumps(stream, sort_keys=True).encode()).hexdigest()[:16]

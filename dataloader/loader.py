@@ -234,7 +234,7 @@ class Loader:
 
     def __next__(self) -> Batch:
         self._started = True
-        depth = 1 + (self.cfg.prefetch if self._pool is not None else 0)
+        depth = 1 + self.cfg.steps_decoded_ahead
         while len(self._pending) < depth:
             self._plan_step()
         st = self._pending.popleft()

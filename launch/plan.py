@@ -246,7 +246,8 @@ def rank_json(result: Plan, rank: RankPlan) -> dict:
                   "activations": rank.activations, "pipeline_buffers": rank.pipeline_buffers,
                   "dep_embeddings": rank.dep_embeddings, "dep_recompute": rank.dep_recompute,
                   "dep_recompute_beside": rank.dep_recompute_beside,
-                  "pixels": rank.pixels, "offloaded": rank.offloaded,
+                  "pixels": rank.pixels, "pixels_host": rank.pixels_host,
+                  "offloaded": rank.offloaded,
                   "prefetched": rank.prefetched, "peak": rank.peak,
                   "budget": _budget(result)},
         "in_flight": {str(s): n for s, n in rank.in_flight.items()},
@@ -349,7 +350,7 @@ def format_plan(result: Plan, shown: list[RankPlan]) -> str:
         row("  DEP embeddings + grads (stage 0)", gib([r.dep_embeddings for r in shown]))
         row("  DEP encoder recompute (cool-down)", gib([r.dep_recompute for r in shown]))
         row("  pipeline held beside it", gib([r.dep_recompute_beside for r in shown]))
-        row("  pixels (fp32 rows)", gib([r.pixels for r in shown]))
+        row("  pixels it encodes, fp32 (normalised)", gib([r.pixels for r in shown]))
     row("  peak", gib([r.peak for r in shown]))
     budget = _budget(result)
     row(f"  usable HBM ({gpu.memory_bytes / GIB:.1f} less {RESERVED_BYTES / GIB:g} reserved)",
@@ -358,6 +359,10 @@ def format_plan(result: Plan, shown: list[RankPlan]) -> str:
     row("  verdict", ["fits" if r.peak <= budget else "DOES NOT FIT" for r in shown])
     if any(r.offloaded for r in shown):
         row("  offloaded to host memory", gib([r.offloaded for r in shown]))
+    if result.media.kinds:
+        steps = 1 + cfg.data.steps_decoded_ahead
+        row(f"  pixels in host memory, uint8 ({steps} step{'s' * (steps > 1)})",
+            gib([r.pixels_host for r in shown]))
     row("per step", ["" for _ in shown])
     row("  model TFLOP", [f"{r.flops / 1e12:,.0f}" for r in shown])
     row("  matmul time (s)", [f"{r.compute_s:.2f}" for r in shown])

@@ -14,18 +14,21 @@
     DEP          the replica's media embeddings (+ grads) held by stage 0; the encoder's
                  recomputation of r's share, in r's cool-down bubble (parallel/dep_bubbles.py),
                  beside what the pipeline still holds there (model/activation_bytes.py)
+    pixels       on the ranks that encode them only (below): uint8 in host memory, fp32 on
+                 the device
     FLOPs, time  model/flops.py per chunk -> per-(chunk, microbatch) times -> the schedule
                  simulator (bubble); communication per kind at the GPU's link speeds; DEP
                  phases; the ZeRO-1 step
         │
         ▼
-    peak = weights + grads + master + state + pixels + DEP embeddings (stage 0)
+    peak = weights + grads + master + state + pixels (fp32) + DEP embeddings (stage 0)
            + max(activations + prefetched + pipeline buffers in flight,
                  DEP encoder recomputation + what the pipeline holds when it runs)
 
 The memory figures model what this code base holds; tests/distributed/test_planner_memory.py
 checks them on CPU against running jobs (parameter, gradient and optimizer bytes exactly,
-activations within 5%). The time figures are a crude model, stated where it is made:
+activations within 5%, pixels exactly: per rank colocated, summed over the ranks under DEP).
+The time figures are a crude model, stated where it is made:
 
 - matmuls run at `efficiency` x the GPU's dense bf16 peak (model FLOPs, plus DEP's no-grad
   forward), whatever the recipe; elementwise work, kernel launches and Muon's Newton-Schulz
@@ -46,15 +49,33 @@ Media: a mix gives mean items per sequence; each microbatch draws Poisson counts
 them (seeded, so a plan is reproducible). Colocated stage 0 pays for each microbatch's
 own media; DEP balances the step's media over all ranks (taken as perfect).
 
+Pixels: a rank decodes only the items it encodes, and no pixels travel between ranks (DEP
+sends embeddings and their gradients only):
+
+    rank              patch rows it decodes and encodes per step
+    DEP, every rank   its share of the DEP group's media
+    colocated, 0      its replica's
+    colocated, 1..    none
+
+    host    rows x patch_dim x 1 byte (uint8: the loader's batch) x (1 + the loader's
+            data.steps_decoded_ahead: with workers, data.prefetch steps decode meanwhile)
+    device  rows x patch_dim x 4 bytes for the whole step: the normalised copy the encoder
+            reads (normalize_patches makes fp32 whatever the recipe; DEP: parallel/dep.py,
+            colocated: every microbatch's model inputs; one process: one microbatch's)
+
 Known limits of the memory model: routing is taken as perfectly balanced (see
 model/activation_bytes.py); the transient working set of one backward (about one layer's
 activations again), allocator fragmentation and the optimizer step's temporary buckets are
 not counted (`RESERVED_BYTES` stands in for them and for the CUDA context on a GPU);
 under a memory policy, the colocated encoder's offloaded bytes are not added to the
 host figure (its device bytes are counted), and a recomputed region's working set in the
-backward is part of the reserve; pixels are fp32 rows on every rank of a replica, as
-the loader hands them over today (issue 17 moves them to uint8 and to the encoding rank
-only).
+backward is part of the reserve. Pixels: the uint8 bytes are host memory, reported apart
+like offloaded bytes and not in the peak (on a CPU job too, where host and device are the
+same memory); while the step loop reads the next batch it still holds the last one's (one
+step more, between steps); the workers' decode working set and the memory LRU of encoded
+shard bytes (data.memory_cache_mb) are not counted; colocated in fp32 the encoder saves its
+input patches without a copy, counted again in the activations; the synthetic source (tests,
+demo), where every rank makes the whole global batch's pixels in fp32, is not modelled.
 """
 from __future__ import annotations
 
@@ -83,7 +104,7 @@ from trainer.config import JobConfig
 from trainer.hardware import GPU
 
 GIB = 1 << 30
-FP32, INT64 = 4, 8
+UINT8, FP32, INT64 = 1, 4, 8
 # On a GPU: the CUDA context, NCCL and cuBLAS workspaces, the transient working set of a
 # backward and allocator fragmentation, which the model does not count one by one (crude)
 RESERVED_BYTES = 4 * GIB
@@ -281,7 +302,8 @@ class RankPlan:
     dep_embeddings: int  # stage 0 under DEP: the replica's media embeddings and their grads
     dep_recompute: int  # the encoder's saved tensors for this rank's share of the media
     dep_recompute_beside: int  # pipeline activations + buffers still held while they live
-    pixels: int
+    pixels: int  # fp32 normalised patches of the items this rank encodes, on the device
+    pixels_host: int  # their uint8 pixels in host memory: this step's and those decoded ahead
     offloaded: int = 0  # host bytes the memory policy parked at that moment
     prefetched: int = 0  # the largest chunk-microbatch's offloaded bytes, back on the device
     flops: float = 0.0  # model FLOPs per step
@@ -405,6 +427,19 @@ def _media_tokens(items: list[Grid]) -> int:
     return sum((h // 2) * (w // 2) for _, h, w in items)
 
 
+def _pixel_rows(job: _Job, pp_rank: int) -> tuple[float, float]:
+    """Patch rows this rank decodes per step (uint8, host) and holds normalised on the device:
+    DEP, its share of the group's media (taken as perfectly balanced); colocated, stage 0
+    those of its replica (the single-process engine normalises one microbatch at a time);
+    the other stages none."""
+    per_mb = [sum(t * h * w for t, h, w in items) for items in job.mb_media]
+    if job.mode == "dep":
+        return sum(per_mb) * job.share, sum(per_mb) * job.share
+    if pp_rank > 0:
+        return 0, 0
+    return sum(per_mb), max(per_mb) if _single_process(job.cfg) else sum(per_mb)
+
+
 def _memory(job: _Job, bucket_numel: int, cache: dict, pp_ranks: list[int] | None = None
             ) -> list[RankPlan]:
     model, B, S, c = job.model, job.B, job.S, job.spec.compute_bytes
@@ -428,8 +463,8 @@ def _memory(job: _Job, bucket_numel: int, cache: dict, pp_ranks: list[int] | Non
     for count, grid in job.media.kinds:  # the encoder's entries for a mean microbatch
         mean_media += [Saved(e.name, round(e.numel * count * B), e.itemsize)
                        for e in vision_encoder(model, [grid], job.spec)]
-    replica_patches = sum(t * h * w for t, h, w in job.replica_items)
     dep = job.mode == "dep"
+    pixel_steps = 1 + job.cfg.data.steps_decoded_ahead  # uint8 steps held in host memory
     # the encoder's recomputation of this rank's share: saved bytes are sums over items
     recompute = round(apply_policy(vision_encoder(model, job.replica_items, job.spec),
                                    job.policy).device * job.share) if dep else 0
@@ -443,9 +478,7 @@ def _memory(job: _Job, bucket_numel: int, cache: dict, pp_ranks: list[int] | Non
             entries = lm_chunk(model.lm, job.layout.chunks[s], B, S, job.spec,
                                media_tokens=mean_tokens)
             stage_activations[s] = entries + (mean_media if s == 0 and not dep else [])
-        # pixels: the loader's fp32 rows of the replica on every rank, plus DEP's share kept
-        # for the recomputation (colocated: the per-microbatch copy the model takes)
-        pixel_rows = replica_patches * (1 + (job.share if dep else 1))
+        decoded, normalised = _pixel_rows(job, r)
         ranks.append(RankPlan(
             pp_rank=r, stages=job.stages_of(r),
             chunks=[job.layout.symbols()[s] for s in job.stages_of(r)],
@@ -455,7 +488,8 @@ def _memory(job: _Job, bucket_numel: int, cache: dict, pp_ranks: list[int] | Non
             dep_embeddings=(2 * _media_tokens(job.replica_items) * D * c
                             if dep and r == 0 else 0),
             dep_recompute=recompute, dep_recompute_beside=round(beside) if recompute else 0,
-            pixels=round(pixel_rows * model.vision.patch_dim * FP32),
+            pixels=round(normalised * model.vision.patch_dim * FP32),
+            pixels_host=round(decoded * model.vision.patch_dim * UINT8 * pixel_steps),
             offloaded=sum(n * placed[s].host for s, n in in_flight.items()),
             prefetched=max(placed[s].host for s in job.stages_of(r))))
     return ranks
@@ -586,12 +620,9 @@ def _step(job: _Job, ranks: list[RankPlan], gpu: GPU, efficiency: float,
     replica_media_fwd = sum(media_fwd)
     share_fwd = replica_media_fwd * job.share
     replica_tokens = _media_tokens(job.replica_items)
-    replica_pixels = sum(t * h * w for t, h, w in job.replica_items) \
-        * model.vision.patch_dim * FP32
     dep_s = 0.0
-    if not colocated and job.replica_items:
-        moves = (place.all_to_all_s(replica_pixels, world_ranks, 0)  # owners -> encoders
-                 + 2 * place.all_to_all_s(replica_tokens * D * c, world_ranks, 0))
+    if not colocated and job.replica_items:  # each rank decodes its own items: no pixels move
+        moves = 2 * place.all_to_all_s(replica_tokens * D * c, world_ranks, 0)
         dep_s = 4 * share_fwd / rate + moves  # no-grad forward, recompute, backward (2x)
     optimizer_s = 0.0
     slots = 3 if job.recipe.optimizer == "adamw" else 2  # master + moments, read and written
@@ -621,8 +652,6 @@ def _step(job: _Job, ranks: list[RankPlan], gpu: GPU, efficiency: float,
             # a rank sends the embeddings it encodes; stage 0 sends its replica's grads back
             rank.comm["DEP embeddings + grads"] = moved * D * c * replica_tokens * (
                 job.share + (r == 0))
-            if r == 0:
-                rank.comm["DEP pixels"] = moved * replica_pixels
         rank.flops = 3 * m * sum(fwd[s] for s in rank.stages)
         if colocated:
             rank.flops += 3 * replica_media_fwd if r == 0 else 0.0

@@ -8,6 +8,10 @@
                  its hooks shadow any outer ones; else parallel/activation_memory.py) plus
                  the chunk output the pipeline keeps
     media        the (t, h, w) items of each microbatch stage 0 ran (colocated encoder)
+    pixels_host  bytes of the pixels in the step's batch (the loader's uint8 patches: DEP,
+                 the items the plan gave the rank; colocated, stage 0's own items)
+    pixels_device  bytes of the normalised patches the encoder reads (DEP: the rank's items,
+                 parallel/dep.py; colocated: every microbatch's model inputs)
     peak         the largest sum of `held` over forwards whose backward has not run, walking
                  the rank's actions in the order the runtime ran them
 """
@@ -20,6 +24,12 @@ from parallel.activation_memory import SavedTensorBytes
 
 def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def distinct_bytes(tensors) -> int:
+    """Bytes of tensors, each counted once (a DEP rank may encode an item of its own rows:
+    the batch then holds its pixels twice)."""
+    return tensor_bytes({t.data_ptr(): t for t in tensors}.values())
 
 
 def peak_held(order: list[tuple[str, int, int]], held: dict[tuple[int, int], int]) -> int:
@@ -35,7 +45,22 @@ def probe_distributed(dist_engine) -> dict:
     """Patch a trainer.train.DistributedEngine so one step records what the rank holds."""
     engine = dist_engine.engine
     last = engine.runtime.num_stages - 1
-    out: dict = {"held": {}, "grads": None, "recompute": [], "media": []}
+    out: dict = {"held": {}, "grads": None, "recompute": [], "media": [], "pixels_host": 0,
+                 "pixels_device": 0}
+    dist_step, engine_step = dist_engine.step, engine.step
+
+    def measured_dist_step(batch, lr):
+        pixels = [m.patches for m in batch.media if m.patches is not None]
+        out["pixels_host"] = distinct_bytes(pixels + (list(batch.group.pixels.values())
+                                                      if batch.group is not None else []))
+        return dist_step(batch, lr)
+
+    def measured_engine_step(microbatches, lr, *args, **kwargs):
+        out["pixels_device"] = distinct_bytes(m.patches for m in microbatches
+                                              if m.patches is not None)
+        return engine_step(microbatches, lr, *args, **kwargs)
+
+    dist_engine.step, engine.step = measured_dist_step, measured_engine_step
 
     run = engine.runtime.run
 
@@ -83,7 +108,12 @@ def probe_distributed(dist_engine) -> dict:
 
     engine.optimizer.step = measured_step
     if engine.dep is not None:
-        dep, encode = engine.dep, engine.dep._encode
+        dep, encode, dep_forward = engine.dep, engine.dep._encode, engine.dep.forward
+
+        def measured_dep_forward(media):
+            leaves = dep_forward(media)
+            out["pixels_device"] += distinct_bytes(dep._patches.values())
+            return leaves
 
         def measured_encode():
             if not torch.is_grad_enabled():
@@ -100,7 +130,7 @@ def probe_distributed(dist_engine) -> dict:
             out["recompute"].append((saved_bytes, [dep._grids[m.item_id] for m in dep._mine]))
             return rows
 
-        dep._encode = measured_encode
+        dep._encode, dep.forward = measured_encode, measured_dep_forward
     return out
 
 
@@ -113,4 +143,5 @@ def finish_distributed(dist_engine, out: dict) -> dict:
             "weights": engine.optimizer.memory_bytes()["weights"], "grads": out["grads"],
             "state": engine.optimizer.state_bytes(),
             "peak": peak_held(order, out["held"]), "recompute": out["recompute"],
-            "media": out["media"]}
+            "media": out["media"], "pixels_host": out["pixels_host"],
+            "pixels_device": out["pixels_device"]}

@@ -22,6 +22,7 @@ from parallel.schedule_sim import simulate
 from tests.trainer import memory_probe
 from trainer import planner
 from trainer.config import load_config
+from trainer.hardware import GPUS
 from trainer.train import SingleProcessEngine, train
 
 torch.set_num_threads(1)
@@ -176,3 +177,28 @@ def test_dep_recompute_counts_what_the_pipeline_holds_in_the_cool_down():
         ["--data.uri", "synthetic", "--parallel.pp", "2", "--parallel.encoder", "colocated"]),
         media=mix)
     assert all(r.dep_recompute == r.dep_recompute_beside == 0 for r in colocated)
+
+
+def test_pixels_sit_on_the_ranks_that_encode_them():
+    """uint8 pixels of the items a rank decodes in host memory (the step's and those the
+    loader decodes ahead), their fp32 normalised copy on the device; DEP: an equal share on
+    every rank, colocated: stage 0 its replica's, later stages none; no pixels sent (the
+    running job's figures: tests/distributed/test_planner_memory.py)."""
+    media = [[(1, 8, 8)], [(1, 8, 8), (4, 4, 4)], [], [(1, 2, 2)]]
+    rows, largest_mb, P = 196, 128, load_config([]).model.vision.patch_dim
+    args = ["--data.uri", "synthetic", "--parallel.pp", "2", "--parallel.dp", "2",
+            "--train.global_batch", "8"]
+    workers = ["--data.workers", "2", "--data.prefetch", "3"]  # 3 more steps decode meanwhile
+    expected = {("dep", 0): [(rows / 2, rows / 2)] * 2, ("dep", 4): [(4 * rows / 2, rows / 2)] * 2,
+                ("colocated", 0): [(rows, rows), (0, 0)],
+                ("colocated", 4): [(4 * rows, rows), (0, 0)]}
+    for (encoder, steps), want in expected.items():
+        cfg = load_config(args + ["--parallel.encoder", encoder] + (workers if steps else []))
+        ranks = planner.plan_memory(cfg, microbatch_media=media)
+        assert [(r.pixels_host, r.pixels) for r in ranks] == \
+            [(host * P, device * P * 4) for host, device in want], (encoder, steps)
+        result = planner.plan(cfg, media=planner.MediaMix.parse("2*1x8x8"), gpu=GPUS["h800"])
+        assert not [kind for r in result.ranks for kind in r.comm if "pixel" in kind]
+    one = load_config(["--data.uri", "synthetic", "--train.global_batch", "4"])
+    (rank,) = planner.plan_memory(one, microbatch_media=media)  # one microbatch at a time
+    assert (rank.pixels_host, rank.pixels) == (rows * P, largest_mb * P * 4)
